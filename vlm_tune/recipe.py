@@ -1,0 +1,404 @@
+"""Typed training recipe: a YAML file plus dotted `a.b=value` overrides, validated in one pass.
+
+Every problem (unknown key, wrong type, bad value, bad combination) is collected with its dotted
+path and reported together in one `RecipeError`, so a user fixes a recipe in one round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem found, one per line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema. One help line per field; `_check` returns messages about combinations of fields.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizationConfig:
+    bits: Literal[4] = 4  # weight bits of the quantized components (bitsandbytes 4-bit)
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type
+    double_quant: bool = True  # also quantize the quantization constants (saves ~0.4 bit/param)
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # matmul dtype of 4-bit layers
+    keep_16bit: list[str] = field(default_factory=lambda: ["vision", "projector"])  # components left unquantized
+
+    def _check(self) -> list[str]:
+        return [
+            f"keep_16bit: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
+            for name in self.keep_16bit
+            if name not in COMPONENT_NAMES
+        ]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "vlm_tune:smolvlm-demo"  # hub id, local folder, or a built-in `vlm_tune:NAME`
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the 16-bit weights
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    quantization: Optional[QuantizationConfig] = None  # omit for 16-bit weights; set for QLoRA
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    trust_remote_code: bool = False  # allow model code from the checkpoint folder
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+
+
+@dataclass
+class ComponentConfig:
+    mode: Literal["frozen", "lora", "full"] = "frozen"  # how this component trains
+    rank: int = 8  # LoRA rank (mode lora)
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank
+    dropout: float = 0.0  # LoRA dropout
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # kinds (attention, mlp) or leaf names / regexes
+    variant: Literal["lora", "dora", "rslora"] = "lora"  # LoRA flavour
+    lr: Optional[float] = None  # learning rate of this component's parameter group (default train.lr)
+    weight_decay: Optional[float] = None  # weight decay of this group (default train.weight_decay)
+    modules: Optional[list[str]] = None  # regexes over module names that define this component (overrides detection)
+
+    def _check(self) -> list[str]:
+        errors = []
+        if self.rank <= 0:
+            errors.append(f"rank: must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            errors.append(f"alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.lr is not None and self.lr <= 0:
+            errors.append(f"lr: must be positive, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            errors.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.mode == "lora" and not self.targets:
+            errors.append("targets: must name at least one kind or module when mode is lora")
+        if self.modules is not None and not self.modules:
+            errors.append("modules: must hold at least one regex, or be omitted")
+        return errors
+
+
+@dataclass
+class DataSourceConfig:
+    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = "coco"  # layout of the set
+    path: str = ""  # annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)
+    images: Optional[str] = None  # folder that image paths are relative to (default: next to `path`)
+    split: Optional[str] = None  # split to keep (karpathy: train/val/test/restval; hf: split name)
+    image_column: str = "image"  # column or field holding the image (path or image)
+    caption_column: str = "caption"  # column or field holding the caption (string or list of strings)
+    limit: Optional[int] = None  # keep only the first N images
+
+    def _check(self) -> list[str]:
+        errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
+        if self.limit is not None and self.limit <= 0:
+            errors.append(f"limit: must be a positive integer, got {self.limit}")
+        return errors
+
+
+@dataclass
+class DataConfig:
+    train: Optional[DataSourceConfig] = None  # training set
+    eval: Optional[DataSourceConfig] = None  # evaluation set (eval loss and caption metrics)
+    prompt: Union[str, list[str]] = "Describe the image."  # user turn; a list is sampled per example
+    on_error: Literal["skip", "raise"] = "skip"  # bad image or caption: skip and count, or stop
+    image_size: Optional[int] = None  # longest image edge in pixels given to the processor
+    max_pixels: Optional[int] = None  # pixel budget per image (Qwen-VL style processors)
+    max_length: int = 512  # longest token sequence; captions are shortened, image tokens never cut
+    group_by_length: bool = False  # batch samples of similar length to cut padding
+    num_workers: int = 0  # DataLoader worker processes
+
+    def _check(self) -> list[str]:
+        errors = []
+        if isinstance(self.prompt, list) and not self.prompt:
+            errors.append("prompt: the list of prompts is empty")
+        if self.max_length <= 0:
+            errors.append(f"max_length: must be a positive integer, got {self.max_length}")
+        if self.num_workers < 0:
+            errors.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        return errors
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"  # run folder: recipe, report, logs, checkpoints
+    epochs: int = 1  # passes over data.train (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # optimizer steps to run; overrides epochs
+    batch_size: int = 8  # samples per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1.0e-4  # learning rate of components without their own lr
+    weight_decay: float = 0.0  # weight decay of components without their own
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # lr schedule after warmup
+    warmup_steps: int = 0  # linear warmup steps
+    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
+    seed: int = 0  # seed for weights of new modules, sampling and data order
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (accelerate)
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
+    eval_every: int = 0  # eval loss every N steps (0: only at the end)
+    eval_generate_every: int = 0  # caption metrics on eval.generate_limit samples every N steps (0: off)
+    log_every: int = 1  # log a line every N steps
+    resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) or a checkpoint path
+
+    def _check(self) -> list[str]:
+        errors = []
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every}
+        errors += [f"{name}: must be a positive integer, got {value}" for name, value in positive.items() if value <= 0]
+        if self.max_steps is not None and self.max_steps <= 0:
+            errors.append(f"max_steps: must be a positive integer, got {self.max_steps}")
+        non_negative = {"warmup_steps": self.warmup_steps, "save_every": self.save_every,
+                        "eval_every": self.eval_every, "eval_generate_every": self.eval_generate_every,
+                        "keep_checkpoints": self.keep_checkpoints, "max_grad_norm": self.max_grad_norm,
+                        "weight_decay": self.weight_decay}
+        errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
+        if self.lr <= 0:
+            errors.append(f"lr: must be positive, got {self.lr}")
+        return errors
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8  # images per generation batch
+    num_beams: int = 1  # 1: greedy decoding; >1: beam search
+    max_new_tokens: int = 32  # longest generated caption
+    limit: Optional[int] = None  # evaluate only the first N images
+    generate_limit: int = 32  # images scored by train.eval_generate_every
+    output_dir: Optional[str] = None  # evaluation folder (default: <checkpoint or output_dir>/eval-<split>)
+
+    def _check(self) -> list[str]:
+        values = {"batch_size": self.batch_size, "num_beams": self.num_beams,
+                  "max_new_tokens": self.max_new_tokens, "generate_limit": self.generate_limit}
+        errors = [f"{name}: must be a positive integer, got {value}" for name, value in values.items() if value <= 0]
+        if self.limit is not None and self.limit <= 0:
+            errors.append(f"limit: must be a positive integer, got {self.limit}")
+        return errors
+
+
+@dataclass
+class RelevanceConfig:
+    enabled: bool = False  # insert knowing/balancing/attending between projector and language model
+    keep: Union[int, float] = 1.0  # visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]
+    method: Literal["relevance", "random", "pool"] = "relevance"  # relevance modules, or a baseline at the same K
+    summary_token: bool = False  # fold the dropped tokens into one extra summary token
+    lr: Optional[float] = None  # learning rate of the relevance modules (default train.lr)
+    hidden_size: int = 64  # width of the relevance modules' internal projections
+    temperature: float = 1.0  # softness of the differentiable selection in training
+
+    def _check(self) -> list[str]:
+        errors = []
+        if isinstance(self.keep, bool) or (isinstance(self.keep, int) and self.keep < 1):
+            errors.append(f"keep: a count must be an integer >= 1, got {self.keep}")
+        elif isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
+            errors.append(f"keep: a fraction must be in (0, 1], got {self.keep}")
+        if self.lr is not None and self.lr <= 0:
+            errors.append(f"lr: must be positive, got {self.lr}")
+        if self.hidden_size <= 0:
+            errors.append(f"hidden_size: must be a positive integer, got {self.hidden_size}")
+        if self.temperature <= 0:
+            errors.append(f"temperature: must be positive, got {self.temperature}")
+        return errors
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)  # what to load and how
+    components: dict[str, ComponentConfig] = field(default_factory=dict)  # per-component policy
+    data: DataConfig = field(default_factory=DataConfig)  # training and evaluation sets
+    train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
+    eval: EvalConfig = field(default_factory=EvalConfig)  # caption generation and metrics
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)  # visual token selection
+
+    def _check(self) -> list[str]:
+        errors = [
+            f"components.{name}: unknown component, expected one of {list(COMPONENT_NAMES)}"
+            for name in self.components
+            if name not in COMPONENT_NAMES
+        ]
+        if not any(c.mode != "frozen" for c in self.components.values()) and not self.relevance.enabled \
+                and all(name in COMPONENT_NAMES for name in self.components):
+            errors.append("components: every component is frozen, nothing would train; "
+                          "set components.<name>.mode to lora or full")
+        return errors
+
+    def component(self, name: str) -> ComponentConfig:
+        """The policy of one component; components not named in the recipe are frozen."""
+        return self.components.get(name, ComponentConfig())
+
+    def to_dict(self) -> dict:
+        """Plain-data form of the recipe (for YAML dumps and run folders)."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a typed recipe from plain data, collecting every error.
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the typed value (or None after an error)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):  # first member that accepts the value
+            trial: list[str] = []
+            converted = _convert(value, arg, path, trial)
+            if not trial:
+                return converted
+        errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            return None
+        return [_convert(item, typing.get_args(tp)[0], f"{path}[{i}]", errors) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        value_type = typing.get_args(tp)[1]
+        return {key: _convert(item if item is not None else {}, value_type, f"{path}.{key}", errors)
+                for key, item in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"recipe schema: unsupported annotation {tp!r} at {path}")  # a bug in the schema
+
+
+def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    prefix = f"{path}." if path else ""
+    if not isinstance(raw, dict):
+        errors.append(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(known)}"
+            errors.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name in known:
+        if name in raw:
+            n_before = len(errors)
+            value = _convert(raw[name], hints[name], prefix + name, errors)
+            if len(errors) == n_before or isinstance(value, dict) or dataclasses.is_dataclass(value):
+                kwargs[name] = value  # nested sections stay, so their siblings' checks still run
+    instance = cls(**kwargs)
+    if hasattr(instance, "_check"):
+        errors.extend(prefix + message for message in instance._check())
+    return instance
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and YAML-parsed value.
+
+    Raises:
+        RecipeError: the text has no `=` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override '{text}': expected key.path=value, e.g. train.lr=1e-4")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `a.b=value` override in the plain recipe mapping `raw` (in place) and return it."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override '{text}': {'.'.join(keys[:depth + 1])} is {child!r}, not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate plain data into a `Recipe`.
+
+    Raises:
+        RecipeError: listing every problem, each with its dotted path.
+    """
+    errors: list[str] = []
+    recipe = _build(Recipe, raw if raw is not None else {}, "", errors)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise RecipeError(f"{source}: {len(errors)} problem(s) in the recipe:\n{lines}")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, and validate it.
+
+    Args:
+        path: the YAML file.
+        overrides: strings such as `components.vision.rank=16`; values are parsed as YAML.
+    Returns:
+        The typed, validated `Recipe`.
+    Raises:
+        RecipeError: the file is missing or not YAML, or the recipe has problems (all listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, components, data, train...)")
+    return recipe_from_dict(apply_overrides(raw, list(overrides or [])), source=str(path))
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (the run folder's record of what ran)."""
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
