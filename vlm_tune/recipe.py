@@ -16,10 +16,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from vlm_tune.errors import VlmTuneError
+
 COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
 
 
-class RecipeError(ValueError):
+class RecipeError(VlmTuneError, ValueError):
     """A recipe that cannot be used; the message lists every problem found, one per line."""
 
 
