@@ -174,11 +174,15 @@ class EvalConfig:
     limit: Optional[int] = None  # evaluate only the first N images
     generate_limit: int = 32  # images scored by train.eval_generate_every
     output_dir: Optional[str] = None  # evaluation folder (default: <checkpoint or output_dir>/eval-<split>)
+    use_java: Optional[bool] = None  # Java PTB tokenizer + METEOR: null detects Java, false never, true requires it
+    contact_sheet_images: int = 16  # images drawn on contact_sheet.png (0: no contact sheet)
 
     def _check(self) -> list[str]:
         values = {"batch_size": self.batch_size, "num_beams": self.num_beams,
                   "max_new_tokens": self.max_new_tokens, "generate_limit": self.generate_limit}
         errors = [f"{name}: must be a positive integer, got {value}" for name, value in values.items() if value <= 0]
+        if self.contact_sheet_images < 0:
+            errors.append(f"contact_sheet_images: must be >= 0, got {self.contact_sheet_images}")
         if self.limit is not None and self.limit <= 0:
             errors.append(f"limit: must be a positive integer, got {self.limit}")
         return errors
