@@ -1,0 +1,262 @@
+"""`python -m vlm_tune.evaluate`: batched generation, the evaluation folder, --compare, and clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from tiny import tiny_vlm, tiny_vlm_folder
+from vlm_tune.data import build_dataset
+from vlm_tune.evaluate import (EvaluationError, compare_evaluations, eval_source, evaluate_run, generate_captions,
+                               main)
+from vlm_tune.metrics import score_captions
+from vlm_tune.recipe import DataConfig, DataSourceConfig, EvalConfig, recipe_from_dict
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+# --- TEMPORARY stand-ins until vlm_tune.data.collate and vlm_tune.model.load land (remove then) ---
+import sys
+import types
+
+try:
+    import vlm_tune.data.collate  # noqa: F401
+except ImportError:
+    class _GenerateCollator:
+        def __init__(self, processor, data_cfg):
+            self.processor = processor
+
+        def __call__(self, items):
+            items = [i for i in items if i is not None]
+            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i["prompt"]}]}]
+                        for i in items]
+            texts = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+            self.processor.tokenizer.padding_side = "left"
+            inputs = self.processor(text=texts, images=[[i["image"]] for i in items], return_tensors="pt",
+                                    padding=True)
+            return dict(inputs), {"image_ids": [i["image_id"] for i in items],
+                                  "references": [i["captions"] for i in items]}
+
+    sys.modules["vlm_tune.data.collate"] = types.SimpleNamespace(GenerateCollator=_GenerateCollator)
+try:
+    import vlm_tune.model.load  # noqa: F401
+except ImportError:
+    def _load_model(model_cfg):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained(model_cfg.name_or_path, dtype=torch.float32)
+        return model, AutoProcessor.from_pretrained(model_cfg.name_or_path)
+
+    sys.modules["vlm_tune.model.load"] = types.SimpleNamespace(load_model=_load_model)
+# --- end of temporary stand-ins ---
+
+METRIC_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
+
+
+def _coco_set(folder: Path, name: str = "captions_val.json", empty_captions: bool = False,
+              broken_image: int | None = None) -> Path:
+    """Four images (a coloured square each) with two captions each, in COCO captions layout."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).rectangle([6, 6, 24, 24], fill=COLOURS[colour])
+        image.save(folder / "images" / f"{index}.png")
+        if index == broken_image:
+            (folder / "images" / f"{index}.png").write_bytes(b"not a png at all")
+        images.append({"id": 100 + index, "file_name": f"{index}.png"})
+        for number, text in enumerate([f"a {colour} square", f"one {colour} box on white"]):
+            annotations.append({"id": 10 * index + number, "image_id": 100 + index,
+                                "caption": "" if empty_captions else text})
+    path = folder / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    return {"model": tiny_vlm_folder("idefics3", root / "model"), "data": _coco_set(root / "data")}
+
+
+def _raw_recipe(files, output_dir: Path, **eval_cfg) -> dict:
+    return {
+        "model": {"name_or_path": str(files["model"]), "dtype": "float32", "attn_implementation": "eager"},
+        "components": {"language": {"mode": "lora", "rank": 4, "alpha": 8}},
+        "data": {"eval": {"format": "coco", "path": str(files["data"])}},
+        "train": {"output_dir": str(output_dir), "mixed_precision": "no"},
+        "eval": {"batch_size": 3, "max_new_tokens": 6, "use_java": False, **eval_cfg},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# generate_captions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_captions_decodes_only_new_tokens_and_skips_unreadable_images(tmp_path):
+    model, processor = tiny_vlm("idefics3")
+    model.train()
+    data_path = _coco_set(tmp_path, broken_image=2)
+    data_cfg = DataConfig(eval=DataSourceConfig(format="coco", path=str(data_path)))
+    dataset = build_dataset(data_cfg.eval, data_cfg, train=False)
+    calls = []
+    original_generate = model.generate
+
+    def recording_generate(**kwargs):
+        output = original_generate(**kwargs)
+        calls.append({"input_ids": kwargs["input_ids"].clone(), "output": output.clone(),
+                      **{k: kwargs[k] for k in ("max_new_tokens", "num_beams", "do_sample")}})
+        return output
+
+    model.generate = recording_generate
+    eval_cfg = EvalConfig(batch_size=2, max_new_tokens=5, num_beams=2)
+    rows = generate_captions(model, processor, dataset, data_cfg, eval_cfg, show_progress=False)
+
+    # Image 2 is unreadable: skipped; the others keep dataset order and all their references.
+    assert [r["image_id"] for r in rows] == ["100", "101", "103"]
+    assert rows[1]["references"] == ["a green square", "one green box on white"]
+    assert model.training  # the caller's mode is restored
+    assert [c["num_beams"] for c in calls] == [2, 2] and all(c["max_new_tokens"] == 5 for c in calls)
+    assert not any(c["do_sample"] for c in calls)
+    decoded = []
+    for call in calls:  # the prediction is the part after the (left-padded) prompt, nothing else
+        prompt_length = call["input_ids"].shape[1]
+        assert torch.equal(call["output"][:, :prompt_length], call["input_ids"])
+        decoded += processor.tokenizer.batch_decode(call["output"][:, prompt_length:], skip_special_tokens=True)
+    assert [r["prediction"] for r in rows] == [" ".join(text.split()) for text in decoded]
+
+    again = generate_captions(model, processor, dataset, data_cfg, eval_cfg, show_progress=False)
+    assert again == rows  # greedy / beam search is deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate_run and the CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_the_evaluation_folder_and_compares_two(files, tmp_path, capsys):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(_raw_recipe(files, tmp_path / "run")))
+    assert main([str(recipe_path), "--no-progress", "eval.contact_sheet_images=3"]) == 0
+    folder = tmp_path / "run" / "eval-base-val"  # captions_val.json -> split "val"
+    assert f"to {folder}" in capsys.readouterr().out
+
+    info = json.loads((folder / "metrics.json").read_text())
+    assert set(info["metrics"]) == METRIC_KEYS  # no METEOR: eval.use_java is false
+    assert info["num_images"] == 4 and info["checkpoint"] is None and info["split"] == "val"
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image_id"] for r in rows] == ["100", "101", "102", "103"]
+    assert all(isinstance(r["prediction"], str) and len(r["references"]) == 2 for r in rows)
+    rescored = score_captions({r["image_id"]: r["prediction"] for r in rows},
+                              {r["image_id"]: r["references"] for r in rows}, use_java=False)
+    assert rescored == pytest.approx(info["metrics"])
+    summary = (folder / "summary.md").read_text()
+    assert "| CIDEr-D |" in summary and "| 100 |" in summary and "base model" in summary
+    with Image.open(folder / "contact_sheet.png") as sheet:
+        assert sheet.width > 3 * 192 and sheet.height > 192  # three images side by side, captions below
+
+    # A second evaluation with beam search, then the two side by side.
+    assert main([str(recipe_path), "--no-progress", "eval.num_beams=2", f"eval.output_dir={tmp_path / 'beam'}"]) == 0
+    capsys.readouterr()
+    assert main(["--compare", str(folder), str(tmp_path / "beam"), "--out", str(tmp_path / "compare.md")]) == 0
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "compare.md").read_text()
+    beam = json.loads((tmp_path / "beam" / "metrics.json").read_text())["metrics"]
+    delta = beam["BLEU-1"] - info["metrics"]["BLEU-1"]
+    assert f"| BLEU-1 | {info['metrics']['BLEU-1']:.4f} | {beam['BLEU-1']:.4f} | {delta:+.4f} |" in table
+    assert "| 100 |" in table  # example predictions side by side
+
+
+def test_evaluate_run_with_a_checkpoint_writes_next_to_it(files, tmp_path):
+    from vlm_tune.checkpoint import save_checkpoint
+    from vlm_tune.model.load import load_model
+    from vlm_tune.model.targeting import apply_targeting
+
+    recipe = recipe_from_dict(_raw_recipe(files, tmp_path / "run", limit=2, contact_sheet_images=0))
+    model, _ = load_model(recipe.model)
+    model, _ = apply_targeting(model, recipe.components)
+    with torch.no_grad():  # a trained adapter: LoRA B is zero at init, so give it weight
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0)
+    (tmp_path / "run").mkdir()
+    checkpoint = save_checkpoint(tmp_path / "run", 3, model, {"epoch": 0, "batches_done": 0})
+
+    result = evaluate_run(recipe, checkpoint=checkpoint, show_progress=False)
+    assert result["output_dir"] == checkpoint / "eval-val"
+    info = json.loads((checkpoint / "eval-val" / "metrics.json").read_text())
+    assert info["checkpoint"] == str(checkpoint) and info["num_images"] == 2
+    assert not (checkpoint / "eval-val" / "contact_sheet.png").exists()  # contact_sheet_images=0
+    base = evaluate_run(recipe, show_progress=False)
+    base_rows = (base["output_dir"] / "predictions.jsonl").read_text()
+    assert base_rows != (checkpoint / "eval-val" / "predictions.jsonl").read_text()  # the adapter was loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_names_the_path_and_lists_checkpoints(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "COMPLETE").write_text("ok\n")
+    recipe = recipe_from_dict(_raw_recipe(files, run))
+    with pytest.raises(EvaluationError, match=r"checkpoint-9 does not exist.*checkpoint-4"):
+        evaluate_run(recipe, checkpoint=run / "checkpoint-9")
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(_raw_recipe(files, run)))
+    assert main([str(recipe_path), "--checkpoint", str(run / "checkpoint-9")]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint-9 does not exist" in error and "Traceback" not in error
+
+
+def test_evaluation_set_without_references_is_a_clear_error(files, tmp_path):
+    raw = _raw_recipe(files, tmp_path / "run")
+    raw["data"]["eval"]["path"] = str(_coco_set(tmp_path / "empty", empty_captions=True))
+    with pytest.raises(EvaluationError, match="at least one non-empty caption"):
+        evaluate_run(recipe_from_dict(raw))
+
+
+def test_recipe_without_eval_set_and_bad_recipe_are_clear_errors(files, tmp_path, capsys):
+    raw = _raw_recipe(files, tmp_path / "run")
+    del raw["data"]["eval"]
+    with pytest.raises(EvaluationError, match=r"data\.eval\.path="):
+        evaluate_run(recipe_from_dict(raw))
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    assert main(["--compare", str(tmp_path), str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_split_selection(files, tmp_path):
+    _coco_set(tmp_path / "coco", name="captions_val.json")
+    _coco_set(tmp_path / "coco", name="captions_test.json")
+    raw = _raw_recipe(files, tmp_path / "run")
+    raw["data"]["eval"]["path"] = str(tmp_path / "coco" / "captions_val.json")
+    recipe = recipe_from_dict(raw)
+    source, name = eval_source(recipe, "test")
+    assert (Path(source.path).name, name) == ("captions_test.json", "test")
+    assert recipe.data.eval.path.endswith("captions_val.json")  # the recipe itself is untouched
+    with pytest.raises(EvaluationError, match=r"captions_train\.json not found.*captions_test\.json, captions_val\.json"):
+        eval_source(recipe, "train")
+
+    raw["data"]["eval"] = {"format": "karpathy", "path": "dataset_coco.json", "split": "val"}
+    source, name = eval_source(recipe_from_dict(raw), "test")
+    assert (source.split, name) == ("test", "test")
+    raw["data"]["eval"] = {"format": "jsonl", "path": "captions.jsonl"}
+    assert eval_source(recipe_from_dict(raw))[1] == "captions"
+    with pytest.raises(EvaluationError, match="cannot select a split"):
+        eval_source(recipe_from_dict(raw), "test")
+
+
+def test_compare_reports_missing_metrics_in_either_folder(tmp_path):
+    for name, metrics in (("a", {"BLEU-1": 0.5, "METEOR": 0.2}), ("b", {"BLEU-1": 0.75})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"metrics": metrics, "model": "m", "checkpoint": None, "num_images": 2, "data": "d", "split": "val"}))
+    table = compare_evaluations(tmp_path / "a", tmp_path / "b")
+    assert "| BLEU-1 | 0.5000 | 0.7500 | +0.2500 |" in table
+    assert "| METEOR | 0.2000 | n/a | n/a |" in table
