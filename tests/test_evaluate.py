@@ -157,7 +157,7 @@ def test_cli_writes_the_evaluation_folder_and_compares_two(files, tmp_path, caps
         assert sheet.width > 3 * 192 and sheet.height > 192  # three images side by side, captions below
 
     # A second evaluation with beam search, then the two side by side.
-    assert main([str(recipe_path), "--no-progress", "eval.num_beams=2", f"eval.output_dir={tmp_path / 'beam'}"]) == 0
+    assert main([str(recipe_path), "--no-progress", "eval.num_beams=2", "--output-dir", str(tmp_path / "beam")]) == 0
     capsys.readouterr()
     assert main(["--compare", str(folder), str(tmp_path / "beam"), "--out", str(tmp_path / "compare.md")]) == 0
     table = capsys.readouterr().out
@@ -183,7 +183,7 @@ def test_evaluate_run_with_a_checkpoint_writes_next_to_it(files, tmp_path):
     (tmp_path / "run").mkdir()
     checkpoint = save_checkpoint(tmp_path / "run", 3, model, {"epoch": 0, "batches_done": 0})
 
-    result = evaluate_run(recipe, checkpoint=checkpoint, show_progress=False)
+    result = evaluate_run(recipe, checkpoint=tmp_path / "run", show_progress=False)  # a run folder: its newest
     assert result["output_dir"] == checkpoint / "eval-val"
     info = json.loads((checkpoint / "eval-val" / "metrics.json").read_text())
     assert info["checkpoint"] == str(checkpoint) and info["num_images"] == 2

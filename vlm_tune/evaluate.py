@@ -165,20 +165,23 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
 
 
 def resolve_eval_checkpoint(recipe: Recipe, checkpoint: Optional[str | Path]) -> Optional[Path]:
-    """The checkpoint folder to load: a path, "latest" (newest complete one of train.output_dir), or None.
+    """The checkpoint folder to load: a `checkpoint-N` folder, a run folder (its newest complete
+    checkpoint), "latest" (the newest of train.output_dir), or None for the base model.
 
     Raises:
         EvaluationError: the folder is missing or incomplete (naming it and listing the checkpoints found).
     """
-    from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+    from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, resolve_checkpoint
 
     if checkpoint is None:
         return None
-    if str(checkpoint) == "latest":
-        found = latest_checkpoint(recipe.train.output_dir)
+    run_dir = Path(recipe.train.output_dir) if str(checkpoint) == "latest" else Path(checkpoint)
+    if str(checkpoint) == "latest" or (run_dir.is_dir() and list_checkpoints(run_dir)):
+        found = latest_checkpoint(run_dir)
         if found is None:
-            raise EvaluationError(f"--checkpoint latest: no complete checkpoint in {recipe.train.output_dir} "
-                                  f"(train.output_dir); train first or give the checkpoint folder")
+            raise EvaluationError(f"--checkpoint latest: no complete checkpoint in {run_dir} (train.output_dir); "
+                                  f"train first or give the checkpoint folder")
+        logger.info("Using the newest complete checkpoint of %s: %s", run_dir, found)
         return found
     try:
         return resolve_checkpoint(checkpoint)
@@ -354,7 +357,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      epilog="or: python -m vlm_tune.evaluate --compare DIR_A DIR_B [--out FILE]")
     parser.add_argument("recipe", nargs="?", help="YAML recipe of the run, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as eval.num_beams=3 eval.limit=100")
-    parser.add_argument("--checkpoint", help="RUN_DIR/checkpoint-N, or 'latest' (default: the base model)")
+    parser.add_argument("--checkpoint", help="RUN_DIR/checkpoint-N, a run folder or 'latest' for the newest "
+                        "checkpoint (default: the base model)")
+    parser.add_argument("--output-dir", help="evaluation folder (same as eval.output_dir=...)")
     parser.add_argument("--split", help="another split of data.eval (karpathy/hf split, or captions_<split>.json)")
     parser.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two evaluation folders")
     parser.add_argument("--out", help="with --compare: also write the comparison to this markdown file")
@@ -372,7 +377,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if not args.recipe:
             parser.error("give a recipe (python -m vlm_tune.evaluate RECIPE.yaml) or --compare DIR_A DIR_B")
-        result = evaluate_run(load_recipe(args.recipe, args.overrides), args.checkpoint, args.split,
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.output_dir:
+            recipe.eval.output_dir = args.output_dir
+        result = evaluate_run(recipe, args.checkpoint, args.split,
                               show_progress=not args.no_progress)
     except (VlmTuneError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
