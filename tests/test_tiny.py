@@ -148,3 +148,28 @@ def test_models_are_seeded_and_fresh():
 def test_unknown_arch_lists_valid_names():
     with pytest.raises(ValueError, match="valid: .*llava.*idefics3"):
         tiny_vlm("llava3000")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_padded_batch_of_differently_sized_images(arch):
+    model, processor = tiny_vlm(arch)
+    images = [[_image(40, 28)], [_image(24, 64)]]
+    captions = ["A red box.", "Two green circles on the top left of the image."]
+    texts = [
+        processor.apply_chat_template(
+            [_chat(with_answer=False)[0], {"role": "assistant", "content": caption}], tokenize=False)
+        for caption in captions
+    ]
+    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    batch.pop("labels", None)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths[0] < lengths[1] == batch["input_ids"].shape[1]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    assert torch.isfinite(model(**batch, labels=labels).loss)
+
+    processor.tokenizer.padding_side = "left"
+    prompt = processor.apply_chat_template(_chat(with_answer=False), tokenize=False, add_generation_prompt=True)
+    inputs = dict(processor(images=images, text=[prompt, prompt], return_tensors="pt", padding=True))
+    inputs.pop("labels", None)
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[0] == 2 and output.shape[1] > inputs["input_ids"].shape[1]
