@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from tiny import tiny_vlm, tiny_vlm_folder
+from tiny import TINY_ARCHS, tiny_vlm, tiny_vlm_folder
 from vlm_tune.data import build_dataset
 from vlm_tune.evaluate import (EvaluationError, compare_evaluations, eval_source, evaluate_run, generate_captions,
                                main)
@@ -94,12 +94,8 @@ def _raw_recipe(files, output_dir: Path, **eval_cfg) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_generate_captions_decodes_only_new_tokens_and_skips_unreadable_images(tmp_path):
-    model, processor = tiny_vlm("idefics3")
-    model.train()
-    data_path = _coco_set(tmp_path, broken_image=2)
-    data_cfg = DataConfig(eval=DataSourceConfig(format="coco", path=str(data_path)))
-    dataset = build_dataset(data_cfg.eval, data_cfg, train=False)
+def _record_generate(model) -> list[dict]:
+    """Make `model.generate` record its prompt, output and decoding arguments in the returned list."""
     calls = []
     original_generate = model.generate
 
@@ -110,6 +106,16 @@ def test_generate_captions_decodes_only_new_tokens_and_skips_unreadable_images(t
         return output
 
     model.generate = recording_generate
+    return calls
+
+
+def test_generate_captions_decodes_only_new_tokens_and_skips_unreadable_images(tmp_path):
+    model, processor = tiny_vlm("idefics3")
+    model.train()
+    data_path = _coco_set(tmp_path, broken_image=2)
+    data_cfg = DataConfig(eval=DataSourceConfig(format="coco", path=str(data_path)))
+    dataset = build_dataset(data_cfg.eval, data_cfg, train=False)
+    calls = _record_generate(model)
     eval_cfg = EvalConfig(batch_size=2, max_new_tokens=5, num_beams=2)
     rows = generate_captions(model, processor, dataset, data_cfg, eval_cfg, show_progress=False)
 
@@ -128,6 +134,21 @@ def test_generate_captions_decodes_only_new_tokens_and_skips_unreadable_images(t
 
     again = generate_captions(model, processor, dataset, data_cfg, eval_cfg, show_progress=False)
     assert again == rows  # greedy / beam search is deterministic
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_generate_captions_works_for_every_family(arch, files):
+    model, processor = tiny_vlm(arch)
+    data_cfg = DataConfig(eval=DataSourceConfig(format="coco", path=str(files["data"])))
+    dataset = build_dataset(data_cfg.eval, data_cfg, train=False)
+    calls = _record_generate(model)
+    rows = generate_captions(model, processor, dataset, data_cfg, EvalConfig(batch_size=3, max_new_tokens=4),
+                             show_progress=False)
+    assert [r["image_id"] for r in rows] == ["100", "101", "102", "103"]
+    new_tokens = [seq[call["input_ids"].shape[1]:] for call in calls for seq in call["output"]]
+    assert all(len(tokens) <= 4 for tokens in new_tokens)
+    assert [r["prediction"] for r in rows] == \
+        [" ".join(processor.tokenizer.decode(t, skip_special_tokens=True).split()) for t in new_tokens]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
         eval_cfg: batch size, number of beams, max new tokens, limit.
         show_progress: draw a tqdm progress bar.
     Returns:
-        `[{"image_id", "prediction", "references"}]` in dataset order, without skipped images.
+        `[{"image_id", "prediction", "references"}]` in dataset order, without skipped images (logged).
     """
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -110,7 +110,9 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
                 if collated is None:
                     continue
                 inputs, meta = collated
-                skipped += n_usable - len(meta["image_ids"])  # the collator may drop more
+                skipped += n_usable - len(meta["image_ids"])  # the collator may drop more (e.g. too long)
+                for record in meta.get("skipped", []):
+                    logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
                 inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
                           for k, v in inputs.items()}
                 output = model.generate(**inputs, max_new_tokens=eval_cfg.max_new_tokens,
@@ -122,7 +124,7 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
     finally:
         model.train(was_training)
     if skipped:
-        logger.warning("%d image(s) could not be read and were not captioned", skipped)
+        logger.warning("%d image(s) were not captioned (unreadable, or dropped by the collator)", skipped)
     return rows
 
 
