@@ -153,6 +153,7 @@ def _direct_scores(gts: dict, res: dict) -> dict:
 def test_scores_without_java_match_pycocoevalcap_and_skip_meteor(caplog):
     gts = {k: [" ".join(python_ptb_tokenize(r)) for r in refs] for k, refs in RAW_REFERENCES.items()}
     res = {k: [" ".join(python_ptb_tokenize(p))] for k, p in RAW_PREDICTIONS.items()}
+    metrics._warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="vlm_tune.metrics"):
         scores = score_captions(RAW_PREDICTIONS, RAW_REFERENCES, use_java=False)
     assert "METEOR" not in scores
@@ -179,6 +180,18 @@ def test_scores_with_java_match_the_coco_pipeline():
     # Same tokens from both tokenizers on these captions, so the Java-free scores agree too.
     no_java = score_captions(RAW_PREDICTIONS, RAW_REFERENCES, use_java=False)
     assert no_java == pytest.approx({k: v for k, v in scores.items() if k != "METEOR"}, rel=1e-12)
+
+
+@needs_java
+def test_failing_java_tokenizer_falls_back_to_python(monkeypatch):
+    def broken(self, captions):
+        raise PermissionError("read-only pycocoevalcap folder")
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", broken)
+    scores = score_captions(RAW_PREDICTIONS, RAW_REFERENCES)
+    assert scores == score_captions(RAW_PREDICTIONS, RAW_REFERENCES, use_java=False)
+    with pytest.raises(PermissionError):
+        score_captions(RAW_PREDICTIONS, RAW_REFERENCES, use_java=True)
 
 
 def test_missing_java_is_detected_and_falls_back(monkeypatch):

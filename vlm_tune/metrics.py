@@ -215,6 +215,11 @@ def _check_inputs(predictions: dict[str, str], references: dict[str, list[str]])
         raise ValueError(f"score_captions: predictions must be strings; not for image(s) {listed(not_text)}")
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> Optional[float]:
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -250,8 +255,15 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     _check_inputs(predictions, references)
     java = _resolve_use_java(use_java)
     ids = list(predictions)
-    gts = tokenize_captions({i: [r for r in references[i] if r.strip()] for i in ids}, java)
-    res = tokenize_captions({i: [predictions[i]] for i in ids}, java)
+    refs = {i: [r for r in references[i] if isinstance(r, str) and r.strip()] for i in ids}
+    try:
+        gts, res = tokenize_captions(refs, java), tokenize_captions({i: [predictions[i]] for i in ids}, java)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:  # e.g. read-only pycocoevalcap folder
+        if use_java:
+            raise
+        logger.warning("Java PTB tokenizer failed (%s); using the Python tokenizer and skipping METEOR", exc)
+        java = False
+        gts, res = tokenize_captions(refs, False), tokenize_captions({i: [predictions[i]] for i in ids}, False)
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     metrics = {f"BLEU-{n}": float(value) for n, value in enumerate(bleu, start=1)}
@@ -260,8 +272,8 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
         if meteor is not None:
             metrics["METEOR"] = meteor
     else:
-        logger.warning("Java not used: METEOR skipped (install a Java runtime to get it); "
-                       "captions tokenized with the Python PTB tokenizer")
+        _warn_once("Java not used: METEOR skipped (install a Java runtime to get it); "
+                   "captions tokenized with the Python PTB tokenizer")
     metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     # pycocoevalcap's `Cider` is CIDEr-D: tf-idf n-grams (n=1..4) with clipped counts and a Gaussian length
     # penalty (sigma=6), x10; document frequencies come from the references of the images scored here.
