@@ -106,7 +106,7 @@ def test_report_table_and_dict():
     assert any(line.split()[:2] == ["projector", "full"] and "modules_to_save" in line for line in lines)
     assert lines[-1].startswith("all") and f"{report.trainable_params:,}" in lines[-1]
     data = report.to_dict()
-    assert data["model_type"] == "llava" and data["uses_peft"] is True
+    assert data["model_type"] == "llava" and data["total_params"] == report.total_params
     assert [r["component"] for r in data["rows"]] == ["vision", "projector", "language"]
     assert data["rows"][0]["lr"] == 1e-5 and data["trainable_params"] == report.trainable_params
 
@@ -209,11 +209,23 @@ def test_dropout_is_per_component():
     assert rates == {"vision": 0.0, "language": 0.25}
 
 
-def test_only_full_components_returns_the_model_itself():
-    model, _ = tiny_vlm("llava")
-    result, report = apply_targeting(model, {"projector": ComponentConfig(mode="full")})
-    assert result is model and report.uses_peft is False
-    assert all(p.requires_grad == n.startswith("model.multi_modal_projector.") for n, p in model.named_parameters())
+def test_only_full_components_still_give_a_standard_peft_folder(tmp_path):
+    model, processor = tiny_vlm("llava")
+    peft_model, report = apply_targeting(model, {"projector": ComponentConfig(mode="full")})
+    assert isinstance(peft_model, PeftModel) and report.rows[1].saved_as == "modules_to_save"
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".multi_modal_projector.modules_to_save." in n for n in trainable)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05)
+    batch = make_batch("llava", processor)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_vlm("llava")[0], tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch,policy,needles", [

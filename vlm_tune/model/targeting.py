@@ -54,7 +54,6 @@ class TargetingReport:
     rows: list[ComponentRow] = field(default_factory=list)
     total_params: int = 0
     param_names: dict[str, list[str]] = field(default_factory=dict)
-    uses_peft: bool = True  # False when no component uses LoRA: the model is returned unwrapped
 
     def add_row(self, row: ComponentRow, param_names: list[str]) -> None:
         """Append a row (e.g. relevance modules) and the names of its trainable parameters."""
@@ -83,7 +82,7 @@ class TargetingReport:
     def to_dict(self) -> dict:
         """Plain data (for JSON run records)."""
         return {"model_type": self.model_type, "total_params": self.total_params,
-                "trainable_params": self.trainable_params, "uses_peft": self.uses_peft,
+                "trainable_params": self.trainable_params,
                 "rows": [dataclasses.asdict(r) for r in self.rows],
                 "param_names": {k: list(v) for k, v in self.param_names.items()}}
 
@@ -247,14 +246,15 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
         model: a transformers VLM (not yet PEFT-wrapped); bnb Linear4bit leaves are LoRA candidates.
         components: component name -> ComponentConfig (components not listed stay frozen).
     Returns:
-        (model, report): a PeftModel when any component uses LoRA (else the model itself, with
-        requires_grad set), and the TargetingReport (also printable with `report.table()`).
+        (peft_model, report): a PeftModel (without LoRA layers when no component uses LoRA) and the
+        TargetingReport (also printable with `report.table()`).
     Raises:
         TargetingError: unknown component, a non-frozen component this model lacks, targets matching no
             Linear leaf, disagreeing LoRA variants, or `full` on 4-bit weights.
         ComponentError: components cannot be found, or a `modules` regex matches nothing.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
     if isinstance(model, PeftModel):
         raise TargetingError("apply_targeting expects the base model from load_model, got a PeftModel; "
@@ -267,30 +267,26 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
     for param in model.parameters():
         param.requires_grad_(False)
 
-    if wrapped:
-        lora = [policy[c] for c in wrapped]
-        config = LoraConfig(
-            r=lora[0].rank, lora_alpha=lora[0].alpha, lora_dropout=lora[0].dropout, bias="none",
-            target_modules=[leaf for c in wrapped for leaf in wrapped[c]],
-            rank_pattern={_component_regex(cmap, c): policy[c].rank for c in wrapped},
-            alpha_pattern={_component_regex(cmap, c): policy[c].alpha for c in wrapped},
-            use_dora=lora[0].variant == "dora", use_rslora=lora[0].variant == "rslora",
-            modules_to_save=[m for c in full if full_plan[c] for m in full_plan[c]] or None)
-        with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
-            warnings.simplefilter("ignore", FutureWarning)
-            result = get_peft_model(model, config, adapter_name=ADAPTER)
-        _check_wrapping(result, cmap, policy, wrapped, full_plan)
-        _set_dropout(result, cmap, policy)
-    else:
-        result, full_plan = model, {c: None for c in full}  # PEFT needs a LoRA target; full parts train in place
+    lora = [policy[c] for c in wrapped] or [ComponentConfig()]
+    config = LoraConfig(
+        r=lora[0].rank, lora_alpha=lora[0].alpha, lora_dropout=lora[0].dropout, bias="none",
+        # no LoRA component: PEFT's own "no target" marker keeps a standard PeftModel for modules_to_save
+        target_modules=[leaf for c in wrapped for leaf in wrapped[c]] or DUMMY_TARGET_MODULES,
+        rank_pattern={_component_regex(cmap, c): policy[c].rank for c in wrapped},
+        alpha_pattern={_component_regex(cmap, c): policy[c].alpha for c in wrapped},
+        use_dora=lora[0].variant == "dora", use_rslora=lora[0].variant == "rslora",
+        modules_to_save=[m for c in full if full_plan[c] for m in full_plan[c]] or None)
+    with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        result = get_peft_model(model, config, adapter_name=ADAPTER)
+    _check_wrapping(result, cmap, policy, wrapped, full_plan)
+    _set_dropout(result, cmap, policy)
     for name, param in result.named_parameters():
         comp = cmap.component_of(base_name(name))
         if comp in full_plan and full_plan[comp] is None:
             param.requires_grad_(True)
     _configure_runtime(model, cmap, policy)
-    report = _build_report(result, cmap, policy, wrapped, full_plan)
-    report.uses_peft = bool(wrapped)
-    return result, report
+    return result, _build_report(result, cmap, policy, wrapped, full_plan)
 
 
 def _check_wrapping(peft_model, cmap, policy, wrapped, full_plan) -> None:
