@@ -1,0 +1,245 @@
+"""The relevance wrapper: knowing -> balancing -> attending between the projector and the language model.
+
+`attach_relevance` wraps a (PEFT) vision-language model; the wrapper's `forward(**batch)` and
+`generate(**inputs)` behave like the model's, but the language model receives only the selected visual
+tokens. Layout of the wrapper (what checkpoints rely on):
+
+- `wrapper.model`: the wrapped model as given (a `peft.PeftModel` or a transformers model); save the
+  adapter with `wrapper.model.save_pretrained(...)`;
+- `wrapper.relevance`: the relevance modules (`knowing`, `balancing`, `attending`); their state-dict
+  keys start with `relevance.`; `save_relevance` / `load_relevance` write and read them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlm_tune.recipe import RelevanceConfig
+from vlm_tune.relevance.attending import Attending, Selection, keep_count, select_pool, select_random
+from vlm_tune.relevance.balancing import Balancing
+from vlm_tune.relevance.integrate import wiring_for
+from vlm_tune.relevance.knowing import Knowing
+from vlm_tune.relevance.sequence import VisualTokens
+
+RELEVANCE_FILE = "relevance.safetensors"
+RELEVANCE_CONFIG_FILE = "relevance.json"
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class RelevanceModules(nn.Module):
+    """The selection step as one module: scores (knowing), combination (balancing), budget (attending).
+
+    With `method` random or pool the module holds no scoring parameters (only the summary marker when
+    `summary_token` is set) and applies that baseline at the same budget.
+    """
+
+    def __init__(self, cfg: RelevanceConfig, visual_size: int, text_size: int):
+        """Args: cfg: the recipe's relevance section; visual_size / text_size: widths of the visual
+        tokens and prompt embeddings (both the language model's width in supported families)."""
+        super().__init__()
+        self.keep = cfg.keep
+        self.method = cfg.method
+        self.summary_token = cfg.summary_token
+        if cfg.method == "relevance":
+            self.knowing = Knowing(visual_size, text_size, cfg.hidden_size)
+            self.balancing = Balancing(cfg.hidden_size)
+            self.attending = Attending(visual_size, cfg.temperature, cfg.summary_token)
+        elif cfg.summary_token and cfg.method == "random":
+            self.summary_embedding = nn.Parameter(torch.zeros(visual_size))  # same marker as `Attending`
+
+    def counts(self, valid: torch.Tensor) -> torch.Tensor:
+        """Tokens kept by each image: [U] long, from `keep` and the image's token count."""
+        sizes = valid.sum(-1).tolist()
+        return torch.tensor([keep_count(self.keep, int(n)) for n in sizes], device=valid.device)
+
+    def forward(self, tokens: VisualTokens, prompt: torch.Tensor, prompt_valid: torch.Tensor) -> Selection:
+        """Select the visual tokens of every image.
+
+        Args:
+            tokens: the batch's visual tokens per image ([U, N, D]).
+            prompt: [U, L, E] prompt embeddings of each image's sample. prompt_valid: [U, L] bool.
+        Returns:
+            The `Selection` the wiring applies to the sequence.
+        """
+        counts = self.counts(tokens.valid)  # [U]
+        if self.method == "random":
+            selection = select_random(tokens.features, tokens.valid, counts, self.summary_token)
+            if self.summary_token:
+                marker = self.summary_embedding.to(selection.values.dtype)
+                at_summary = selection.slots == selection.summary_slot[:, None]  # [U, S]
+                selection.values = selection.values + (at_summary & selection.slot_valid)[..., None] * marker
+            return selection
+        if self.method == "pool":
+            return select_pool(tokens.features, tokens.valid, counts, tokens.grids)
+        # The scores read the features without pushing gradients into the vision side.
+        scores = self.knowing(tokens.features.detach(), tokens.valid, prompt, prompt_valid, tokens.grids)
+        relevance = self.balancing(scores, tokens.valid)  # [U, N]
+        return self.attending(relevance, tokens.features, tokens.valid, counts)
+
+
+class RelevanceWrapper(nn.Module):
+    """A vision-language model whose language model reads only the selected visual tokens.
+
+    Attributes:
+        model: the wrapped model (PEFT or transformers); `model.save_pretrained` saves its adapter.
+        relevance: the `RelevanceModules`.
+        last_selection: the `Selection` of the last call (with `last_unit_sample`, the sample of each image).
+    """
+
+    def __init__(self, model: nn.Module, relevance: RelevanceModules, wiring):
+        super().__init__()
+        self.model = model
+        self.relevance = relevance
+        self.wiring = wiring
+        self.last_selection: Optional[Selection] = None
+        self.last_unit_sample: Optional[torch.Tensor] = None
+
+    @property
+    def config(self):
+        """The wrapped transformers model's config."""
+        return _base_model(self.model).config
+
+    @property
+    def generation_config(self):
+        """The wrapped transformers model's generation config."""
+        return _base_model(self.model).generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prepare(self, batch: dict, generating: bool):
+        prepared = self.wiring.prepare(batch, self.relevance, generating)
+        self.last_selection, self.last_unit_sample = prepared.selection, prepared.unit_sample
+        return prepared
+
+    def forward(self, **batch):
+        """The wrapped model's forward on the selected visual tokens.
+
+        Args:
+            batch: processor outputs (+ `labels`), as the data collator produces them.
+        Returns:
+            The model's output (`.loss`, `.logits`). Logits cover the shortened sequence (placeholder
+            families); they equal the unwrapped model's when every token is kept.
+        """
+        if not self.wiring.has_images(batch):
+            return self.model(**batch)
+        prepared = self._prepare(batch, generating=False)
+        with prepared.context():
+            return self.model(**prepared.model_inputs)
+
+    @torch.no_grad()
+    def generate(self, **inputs):
+        """The wrapped model's `generate` on the selected visual tokens.
+
+        Args:
+            inputs: processor outputs plus generation keyword arguments (max_new_tokens, num_beams...).
+        Returns:
+            Like `model.generate`: the original `input_ids` followed by the new tokens (or an output
+            object whose `.sequences` are so built, with `return_dict_in_generate=True`).
+        """
+        if not self.wiring.has_images(inputs):
+            return self.model.generate(**inputs)
+        prepared = self._prepare(inputs, generating=True)
+        with prepared.context():
+            output = self.model.generate(**prepared.model_inputs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        seen = prepared.model_inputs["input_ids"].shape[1]  # prompt length the model saw
+        full = torch.cat([inputs["input_ids"].to(sequences.device), sequences[:, seen:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return full
+        output.sequences = full
+        return output
+
+
+def attach_relevance(model: nn.Module, relevance_cfg: RelevanceConfig, component_map) -> RelevanceWrapper:
+    """Wrap `model` so its language model reads only the visual tokens the relevance modules keep.
+
+    Args:
+        model: what `apply_targeting` returns (a `peft.PeftModel`) or a bare transformers VLM.
+        relevance_cfg: the recipe's `relevance` section (keep, method, summary_token, hidden_size...).
+        component_map: from `find_components`; its `model_type` picks the wiring.
+    Returns:
+        The `RelevanceWrapper` (modules float32, on the model's device, in the model's train/eval mode).
+    Raises:
+        ValueError: the model family has no relevance wiring (the message lists the supported ones).
+    """
+    base = _base_model(model)
+    wiring = wiring_for(component_map.model_type, base)
+    embedding = base.get_input_embeddings()
+    width = embedding.weight.shape[-1]
+    modules = RelevanceModules(relevance_cfg, visual_size=width, text_size=width)
+    modules.to(device=embedding.weight.device, dtype=torch.float32)
+    wrapper = RelevanceWrapper(model, modules, wiring)
+    wrapper.train(model.training)
+    return wrapper
+
+
+def relevance_row(wrapper: RelevanceWrapper, cfg: RelevanceConfig, default_lr: float):
+    """The component-report row of the relevance modules and the names of their parameters.
+
+    Args:
+        wrapper: from `attach_relevance`. cfg: the recipe's relevance section.
+        default_lr: train.lr, used when `cfg.lr` is unset.
+    Returns:
+        (ComponentRow, parameter names as in `wrapper.named_parameters()`).
+    """
+    from vlm_tune.model.targeting import ComponentRow
+
+    names = [name for name, _ in wrapper.named_parameters() if name.startswith("relevance.")]
+    trainable = sum(p.numel() for _, p in wrapper.relevance.named_parameters())
+    total = sum(p.numel() for p in wrapper.parameters())
+    row = ComponentRow(
+        component="relevance", mode="full", rank=None, alpha=None,
+        modules_wrapped=len(list(wrapper.relevance.children())), trainable_params=trainable,
+        total_params=trainable, share=trainable / max(total, 1), detected=True,
+        lr=cfg.lr if cfg.lr is not None else default_lr, weight_decay=None,
+    )
+    return row, names
+
+
+def save_relevance(wrapper: RelevanceWrapper, folder: str | Path, cfg: RelevanceConfig) -> Path:
+    """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
+
+    Returns:
+        The weights file.
+    """
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in wrapper.relevance.state_dict().items()}
+    save_file(state, str(folder / RELEVANCE_FILE))
+    (folder / RELEVANCE_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+    return folder / RELEVANCE_FILE
+
+
+def load_relevance(wrapper: RelevanceWrapper, folder: str | Path) -> None:
+    """Load weights written by `save_relevance` into `wrapper.relevance`.
+
+    Raises:
+        FileNotFoundError: the folder has no relevance weights (the run trained without relevance).
+        ValueError: the weights do not fit the modules (different method, summary_token or hidden_size).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(folder) / RELEVANCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no relevance weights; was this checkpoint trained with relevance.enabled?")
+    state = load_file(str(path), device=str(next(wrapper.relevance.parameters(), torch.empty(0)).device))
+    missing, unexpected = wrapper.relevance.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: relevance weights do not fit the recipe's relevance section (missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}); use the recipe the run was trained with "
+                         f"(see {Path(folder) / RELEVANCE_CONFIG_FILE}).")
