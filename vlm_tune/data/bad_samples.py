@@ -13,12 +13,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
+from vlm_tune.errors import VlmTuneError
+
 logger = logging.getLogger("vlm_tune.data")
 
 SHOWN_IN_LOG = 5  # offenders named in the warning; the JSONL file holds all of them
 
 
-class DataError(ValueError):
+class DataError(VlmTuneError, ValueError):
     """A data set or sample that cannot be used; the message names the file, the record and the fix."""
 
 
