@@ -238,8 +238,13 @@ def load_relevance(wrapper: RelevanceWrapper, folder: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no relevance weights; was this checkpoint trained with relevance.enabled?")
     state = load_file(str(path), device=str(next(wrapper.relevance.parameters(), torch.empty(0)).device))
-    missing, unexpected = wrapper.relevance.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: relevance weights do not fit the recipe's relevance section (missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}); use the recipe the run was trained with "
+    expected = wrapper.relevance.state_dict()
+    problems = [f"missing {key}" for key in expected if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    problems += [f"{key}: saved {tuple(state[key].shape)}, modules {tuple(value.shape)}"
+                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    if problems:
+        raise ValueError(f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
+                         f"{'...' if len(problems) > 4 else ''}); use the relevance settings the run was trained with "
                          f"(see {Path(folder) / RELEVANCE_CONFIG_FILE}).")
+    wrapper.relevance.load_state_dict(state)
