@@ -1,0 +1,165 @@
+"""Relevance sweep: CIDEr and training tokens/s of visual-token selection against two baselines.
+
+Trains and evaluates the demo recipe once per setting, each in its own run folder, through the
+toolkit's own commands:
+
+    python -m vlm_tune.train RECIPE relevance.enabled=true relevance.keep=K relevance.method=M train.output_dir=RUN
+    python -m vlm_tune.evaluate RECIPE (same overrides) --checkpoint RUN --output-dir RUN/eval
+
+Settings: keep 1.0 once (every token; the reference speed), then keep 0.5 and 0.25 with the relevance
+modules and with the two parameter-free baselines at the same K (random K tokens, average pooling to K).
+It then reads `RUN/log.jsonl` (last "tokens_per_s") and `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
+writes a markdown table (ROOT/relevance_sweep.md) and the raw numbers (ROOT/relevance_sweep.json).
+
+Usage:
+    python benchmarks/relevance_sweep.py [--recipe recipes/demo.yaml] [--root runs/relevance_sweep]
+        [--keeps 1.0 0.5 0.25] [--methods relevance random pool] [--seeds 0 1] [--with-off]
+        [--reuse] [--dry-run] [-- extra.override=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def settings(keeps: list[float], methods: list[str], with_off: bool) -> list[tuple[str, float, str]]:
+    """(label, keep, method) of every run: keep 1.0 once, every method at every smaller keep."""
+    runs = [("off", 1.0, "none")] if with_off else []
+    for keep in keeps:
+        for method in (["relevance"] if keep >= 1.0 else methods):
+            runs.append((f"keep{keep:g}-{method}", keep, method))
+    return runs
+
+
+def overrides_for(keep: float, method: str, run_dir: Path, seed: int, extra: list[str]) -> list[str]:
+    """Recipe overrides of one run."""
+    relevance = (["relevance.enabled=false"] if method == "none" else
+                 ["relevance.enabled=true", f"relevance.keep={keep!r}", f"relevance.method={method}"])
+    return relevance + [f"train.output_dir={run_dir}", f"train.seed={seed}", *extra]
+
+
+def run(command: list[str], log_file: Path, dry_run: bool) -> bool:
+    """Run one command, its output appended to `log_file`; True on success."""
+    print("$ " + " ".join(command), flush=True)
+    if dry_run:
+        return True
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as sink:
+        result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        print(f"  failed (exit {result.returncode}); see {log_file}", flush=True)
+    return result.returncode == 0
+
+
+def read_tokens_per_s(run_dir: Path) -> float | None:
+    """The last tokens/s the training loop logged (its running average over the run)."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return None
+    values = [json.loads(line).get("tokens_per_s") for line in log.read_text().splitlines() if line.strip()]
+    values = [value for value in values if value is not None]
+    return float(values[-1]) if values else None
+
+
+def read_metrics(eval_dir: Path) -> dict[str, float]:
+    """CIDEr-D and BLEU-4 of an evaluation folder (empty if it has none)."""
+    metrics_file = eval_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return {}
+    metrics = json.loads(metrics_file.read_text()).get("metrics", {})
+    cider = next((value for name, value in metrics.items() if name.startswith("CIDEr")), None)
+    found = {"CIDEr-D": cider, "BLEU-4": metrics.get("BLEU-4")}
+    return {name: float(value) for name, value in found.items() if value is not None}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table (mean ± std over seeds) and the keep-0.25 verdict."""
+    by_setting: dict[tuple, list[dict]] = {}
+    for result in results:
+        by_setting.setdefault((result["keep"], result["method"]), []).append(result)
+    reference = [r["tokens_per_s"] for r in by_setting.get((1.0, "relevance"), []) if r["tokens_per_s"]]
+    lines = ["| keep | method | CIDEr-D | BLEU-4 | train tokens/s | speed vs keep 1.0 |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for (keep, method), rows in by_setting.items():
+        cider = [r["CIDEr-D"] for r in rows if r.get("CIDEr-D") is not None]
+        bleu = [r["BLEU-4"] for r in rows if r.get("BLEU-4") is not None]
+        speed = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+        ratio = f"{statistics.mean(speed) / statistics.mean(reference):.2f}x" if speed and reference else "-"
+        lines.append(f"| {keep:g} | {method} | {_mean_std(cider)} | {_mean_std(bleu)} | "
+                     f"{statistics.mean(speed):.0f} | {ratio} |" if speed else
+                     f"| {keep:g} | {method} | {_mean_std(cider)} | {_mean_std(bleu)} | failed | - |")
+
+    def mean_cider(keep, method):
+        values = [r["CIDEr-D"] for r in by_setting.get((keep, method), []) if r.get("CIDEr-D") is not None]
+        return statistics.mean(values) if values else None
+
+    smallest = min((keep for keep, _ in by_setting), default=None)
+    scores = {method: mean_cider(smallest, method) for method in ("relevance", "random", "pool")}
+    if smallest is not None and all(value is not None for value in scores.values()):
+        wins = scores["relevance"] > max(scores["random"], scores["pool"])
+        lines += ["", f"At keep {smallest:g}: relevance CIDEr-D {scores['relevance']:.3f} vs random "
+                      f"{scores['random']:.3f}, pool {scores['pool']:.3f} -> "
+                      f"{'relevance beats both baselines' if wins else 'relevance does NOT beat both baselines'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; returns 0 when every run trained and evaluated."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/demo.yaml", help="recipe to sweep (default recipes/demo.yaml)")
+    parser.add_argument("--root", default="runs/relevance_sweep", help="folder of the run folders and the table")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="fractions of tokens kept")
+    parser.add_argument("--methods", nargs="+", default=["relevance", "random", "pool"],
+                        choices=["relevance", "random", "pool"], help="selection methods below keep 1.0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values (one run each)")
+    parser.add_argument("--with-off", action="store_true", help="also run without relevance modules at all")
+    parser.add_argument("--reuse", action="store_true", help="skip runs whose eval/metrics.json already exists")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args, extra = parser.parse_known_args(argv)
+    extra = [item for item in extra if item != "--"]
+    if not Path(args.recipe).is_file():
+        print(f"error: {args.recipe}: recipe not found (run from the repository root, or pass --recipe)",
+              file=sys.stderr)
+        return 2
+
+    root = Path(args.root)
+    results, failures = [], 0
+    for seed in args.seeds:
+        for label, keep, method in settings(args.keeps, args.methods, args.with_off):
+            run_dir = root / f"{label}-seed{seed}"
+            eval_dir = run_dir / "eval"
+            overrides = overrides_for(keep, method, run_dir, seed, extra)
+            if not (args.reuse and (eval_dir / "metrics.json").is_file()):
+                trained = run([sys.executable, "-m", "vlm_tune.train", args.recipe, *overrides],
+                              run_dir / "sweep.log", args.dry_run)
+                evaluated = trained and run(
+                    [sys.executable, "-m", "vlm_tune.evaluate", args.recipe, *overrides, "--checkpoint", str(run_dir),
+                     "--output-dir", str(eval_dir), "--no-progress"], run_dir / "sweep.log", args.dry_run)
+                failures += not evaluated
+            results.append({"label": label, "seed": seed, "keep": keep, "method": method,
+                            "tokens_per_s": read_tokens_per_s(run_dir), **read_metrics(eval_dir)})
+    if args.dry_run:
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "relevance_sweep.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = table(results)
+    (root / "relevance_sweep.md").write_text(markdown)
+    print(markdown)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
