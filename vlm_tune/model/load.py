@@ -1,0 +1,282 @@
+"""Load a transformers VLM and its processor in 16-bit or 4-bit (QLoRA), ready for targeting.
+
+What `peft.prepare_model_for_kbit_training` is for, without its pitfalls: it upcasts every
+non-quantized parameter to fp32 (a whole 16-bit vision tower) and defaults to re-entrant
+checkpointing (which fails on mllama). Here only the norms of quantized components compute in fp32,
+checkpointing is non-reentrant, and the vision tower / projector stay 16-bit (`keep_16bit`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlm_tune.errors import VlmTuneError
+from vlm_tune.model.components import ComponentError, ComponentMap, find_components
+from vlm_tune.model.targeting import param_count
+from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig, ModelConfig, QuantizationConfig
+
+BUILTIN_PREFIX = "vlm_tune:"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class LoadError(VlmTuneError, ValueError):
+    """A model that cannot be loaded: bad path, not a VLM, missing dependency (the message says the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the weights are, and which class reads them
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_source(name_or_path: str) -> str:
+    """A local folder or a hub id for `name_or_path` (`vlm_tune:NAME` built-ins become their folder).
+
+    Raises:
+        LoadError: a local path that does not exist or holds no config.json.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        from vlm_tune.model.builtin import resolve_builtin
+
+        return str(resolve_builtin(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"model.name_or_path: {path} is a file; name the model folder (written by save_pretrained)")
+        if not (path / "config.json").is_file():
+            raise LoadError(f"model.name_or_path: {path} is not a model folder (no config.json); name a folder "
+                            f"written by save_pretrained, a hub id such as HuggingFaceTB/SmolVLM-256M-Instruct, "
+                            f"or a built-in such as vlm_tune:smolvlm-demo")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise LoadError(f"model.name_or_path: no such folder: {path}")
+    return name_or_path  # a hub id such as org/name
+
+
+def _load_config(source: str, cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "folder" if Path(source).is_dir() else "hub id"
+        raise LoadError(f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. "
+                        f"Check the name (and network / HF_TOKEN for hub ids), or set model.trust_remote_code: "
+                        f"true for models with their own code") from None
+
+
+def vlm_class(config, source: str = "") -> type:
+    """The transformers class that loads this config as an image-text-to-text model.
+
+    Raises:
+        LoadError: the config describes a model without a vision part (e.g. a text-only LLM).
+    """
+    import transformers
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "?")
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or (
+            getattr(config, "auto_map", None) and "AutoModelForImageTextToText" in config.auto_map):
+        return AutoModelForImageTextToText
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:  # a VLM class transformers knows but the auto mapping does not list
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(config, "vision_config") and "CausalLM" not in name:
+            return cls
+    classes = ", ".join(architectures) or "no architectures listed"
+    raise LoadError(f"model.name_or_path: '{source}' holds a {model_type} model ({classes}), not a "
+                    f"vision-language model. vlm_tune fine-tunes image-text models "
+                    f"(e.g. llava, idefics3 / SmolVLM, qwen2_5_vl, mllama, paligemma, blip-2, gemma3)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit quantization
+# ----------------------------------------------------------------------------------------------
+
+
+def _skeleton_components(model_class: type, config, components) -> tuple[ComponentMap, list[str]]:
+    """Components (and output head names) of the model, found on an empty (meta-device) instance."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = model_class.from_config(config) if hasattr(model_class, "from_config") \
+            else model_class._from_config(config)
+    named = {id(m): n for n, m in skeleton.named_modules()}
+    heads = [named[id(skeleton.get_output_embeddings())]] if skeleton.get_output_embeddings() is not None else []
+    return find_components(skeleton, components), heads
+
+
+def bnb_config(quant: QuantizationConfig, model_class: type, config,
+               components: Optional[dict[str, ComponentConfig]] = None):
+    """A BitsAndBytesConfig for 4-bit weights; `keep_16bit` components and the output head stay unquantized.
+
+    Raises:
+        LoadError: bitsandbytes is not installed.
+        ComponentError: the components to keep in 16-bit cannot be found.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoadError("model.quantization: 4-bit loading needs bitsandbytes, which is not installed: "
+                        "pip install bitsandbytes (or pip install 'vlm_tune[quant]'), or remove model.quantization "
+                        "to load 16-bit weights") from None
+    from transformers import BitsAndBytesConfig
+
+    cmap, heads = _skeleton_components(model_class, config, components)
+    keep = [m for comp in quant.keep_16bit for m in cmap.modules.get(comp, [])] + heads
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        # anchored at a module boundary: transformers matches these as regex prefixes
+        llm_int8_skip_modules=[re.escape(name) + r"(?:\.|$)" for name in keep])
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith(("RMSNorm", "LayerNorm", "Norm"))
+
+
+def _norm_input_to_fp32(module: nn.Module, args):
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        module._vlm_tune_input_dtype = args[0].dtype
+        return (args[0].float(), *args[1:])
+    return None
+
+
+def _norm_output_to_input_dtype(module: nn.Module, args, output):
+    dtype = getattr(module, "_vlm_tune_input_dtype", None)
+    if isinstance(output, torch.Tensor) and dtype is not None and output.dtype != dtype:
+        return output.to(dtype)
+    return None
+
+
+def stabilize_norms(model: nn.Module, cmap: ComponentMap, components: list[str]) -> int:
+    """Norms of these components keep fp32 weights and compute in fp32, returning their input dtype
+    (so the residual stream keeps its 16-bit dtype). Returns the number of norms changed."""
+    changed = 0
+    for name, module in model.named_modules():
+        if _is_norm(module) and cmap.component_of(name) in components and any(True for _ in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_norm_input_to_fp32)
+            module.register_forward_hook(_norm_output_to_input_dtype)
+            changed += 1
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory report and the public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_memory(model: nn.Module, cmap: Optional[ComponentMap]) -> dict[str, dict]:
+    """Per component: parameter count, bytes held (4-bit: packed weights + quantization constants), dtypes."""
+    usage: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        comp = (cmap.component_of(name) if cmap else None) or "other"
+        entry = usage.setdefault(comp, {"params": 0, "bytes": 0, "dtypes": set()})
+        entry["params"] += param_count(param)
+        entry["bytes"] += param.numel() * param.element_size()
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None:
+            entry["bytes"] += quant_state.absmax.numel() * quant_state.absmax.element_size()
+            entry["dtypes"].add(f"4-bit {quant_state.quant_type}")
+        else:
+            entry["dtypes"].add(str(param.dtype).removeprefix("torch."))
+    order = [*COMPONENT_NAMES, "other"]
+    return {comp: usage[comp] for comp in order if comp in usage}
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} B"
+
+
+def weight_memory_table(usage: dict[str, dict]) -> str:
+    """`weight_memory` as text lines."""
+    rows = [(comp, f"{u['params']:,}", _bytes(u["bytes"]), ", ".join(sorted(u["dtypes"])))
+            for comp, u in usage.items()]
+    rows.append(("all", f"{sum(u['params'] for u in usage.values()):,}",
+                 _bytes(sum(u["bytes"] for u in usage.values())), ""))
+    widths = [max(len(r[i]) for r in rows + [("component", "params", "weights", "dtypes")]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+             for r in [("component", "params", "weights", "dtypes"), *rows]]
+    return "\n".join(lines)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}  # re-entrant checkpointing fails on mllama's cross-attention
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
+
+
+def _device_map(quantized: bool):
+    if not quantized or not torch.cuda.is_available():
+        return None  # 16-bit weights load on CPU; the training loop moves them
+    return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}  # 4-bit: place at load
+
+
+def load_model(model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None,
+               verbose: bool = True) -> tuple[nn.Module, object]:
+    """Load a VLM and its processor as the recipe's `model` section says.
+
+    Args:
+        model_cfg: name_or_path (hub id, folder or `vlm_tune:NAME`), dtype, attention, quantization,
+            gradient checkpointing.
+        components: the recipe's components; their `modules` regexes help find what `keep_16bit` means.
+        verbose: print weight memory by component.
+    Returns:
+        (model, processor); every parameter frozen (targeting decides what trains).
+    Raises:
+        LoadError: a path that is not a model, a model that is not a VLM, bitsandbytes missing for 4-bit.
+        ComponentError: 4-bit loading cannot tell which modules form the components kept in 16-bit.
+    """
+    from transformers import AutoProcessor
+
+    source = resolve_source(model_cfg.name_or_path)
+    config = _load_config(source, model_cfg)
+    model_class = vlm_class(config, model_cfg.name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
+                                                  revision=model_cfg.revision)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LoadError(f"model.name_or_path: cannot load the processor of '{source}' ({str(exc).splitlines()[0]}); "
+                        f"a model folder needs its processor files (processor.save_pretrained(folder))") from None
+    if not hasattr(processor, "image_processor"):
+        raise LoadError(f"model.name_or_path: '{source}' has a {type(processor).__name__} but no image processor; "
+                        f"save the model's full processor (e.g. AutoProcessor) into the folder")
+    quant = model_cfg.quantization
+    kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
+                  trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+                  device_map=_device_map(quant is not None))
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant, model_class, config, components)
+    model = model_class.from_pretrained(source, **kwargs)
+    model.requires_grad_(False)
+    try:
+        cmap = find_components(model, components)
+    except ComponentError:
+        if quant is not None:
+            raise
+        cmap = None  # reported by apply_targeting, with the fix, when the recipe asks for components
+    if quant is not None:
+        stabilize_norms(model, cmap, [c for c in COMPONENT_NAMES if c not in quant.keep_16bit])
+    if model_cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    if verbose:
+        print(f"Loaded {model.config.model_type} from {source} ({'4-bit ' + quant.quant_type if quant else model_cfg.dtype})")
+        print(weight_memory_table(weight_memory(model, cmap)))
+    return model, processor
