@@ -92,8 +92,8 @@ class ComponentConfig:
 class DataSourceConfig:
     format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = "coco"  # layout of the set
     path: str = ""  # annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)
-    images: Optional[str] = None  # folder that image paths are relative to (default: next to `path`)
-    split: Optional[str] = None  # split to keep (karpathy: train/val/test/restval; hf: split name)
+    images: Optional[str] = None  # folder that image paths are relative to (default: next to `path`; coco also tries its images/)
+    split: Optional[str] = None  # split to keep: karpathy train/val/test/restval (join with +), hf split, imagefolder subfolder, jsonl/csv 'split' column
     image_column: str = "image"  # column or field holding the image (path or image)
     caption_column: str = "caption"  # column or field holding the caption (string or list of strings)
     limit: Optional[int] = None  # keep only the first N images
