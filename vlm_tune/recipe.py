@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -263,6 +264,9 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     """Check `value` against the annotation `tp`; return the typed value (or None after an error)."""
     origin = typing.get_origin(tp)
@@ -270,6 +274,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        for arg in args:  # a mapping for an optional section reports its own problems, with their paths
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(value, arg, path, errors)
         for arg in (a for a in args if a is not type(None)):  # first member that accepts the value
             trial: list[str] = []
             converted = _convert(value, arg, path, trial)
@@ -304,6 +311,8 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
