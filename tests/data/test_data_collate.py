@@ -169,3 +169,15 @@ def test_a_processor_without_chat_template_is_a_clear_error():
     processor.chat_template = None
     with pytest.raises(DataError, match="LlavaProcessor has no chat template"):
         TrainCollator(processor, DataConfig())
+
+
+def test_a_template_without_end_of_turn_token_gets_eos_appended():
+    processor = tiny_processor("llava")  # a turn format like llava-hf's: the answer ends with a space only
+    processor.chat_template = (
+        "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    batch = TrainCollator(processor, DataConfig())([_item(0, "a red circle")])
+    labels = batch["labels"][0]
+    decoded = processor.tokenizer.decode(labels[labels != -100].tolist())
+    assert decoded.endswith("</s>") and decoded[:-len("</s>")].strip() == "a red circle"
