@@ -1,0 +1,154 @@
+"""Recipe: YAML + dotted overrides, typed, every problem reported at once with its dotted path."""
+
+import pytest
+import yaml
+
+from vlm_tune.recipe import (ComponentConfig, QuantizationConfig, Recipe, RecipeError, apply_overrides,
+                             dump_recipe, load_recipe, parse_override, recipe_from_dict)
+
+GOOD = {
+    "model": {"name_or_path": "HuggingFaceTB/SmolVLM-256M-Instruct", "dtype": "bfloat16",
+              "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True,
+                               "compute_dtype": "bfloat16", "keep_16bit": ["vision", "projector"]}},
+    "components": {
+        "vision": {"mode": "lora", "rank": 8, "alpha": 16, "targets": ["attention"], "variant": "lora", "lr": 2e-5},
+        "projector": {"mode": "full", "lr": 1e-4},
+        "language": {"mode": "lora", "rank": 16, "alpha": 32, "dropout": 0.05, "targets": ["attention", "mlp"],
+                     "modules": [r"model\.text_model", "lm_head"]},
+    },
+}
+
+
+def _errors(raw: dict) -> list[str]:
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict(raw)
+    return [line.strip().removeprefix("- ") for line in str(error.value).splitlines()[1:]]
+
+
+def _write(tmp_path, raw, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_good_recipe_is_typed():
+    recipe = recipe_from_dict(GOOD)
+    assert isinstance(recipe.model.quantization, QuantizationConfig)
+    assert recipe.model.quantization.keep_16bit == ["vision", "projector"]
+    vision = recipe.components["vision"]
+    assert isinstance(vision, ComponentConfig) and vision.rank == 8 and vision.alpha == 16.0
+    assert isinstance(vision.alpha, float) and vision.lr == 2e-5
+    assert recipe.components["language"].modules == [r"model\.text_model", "lm_head"]
+    assert recipe.component("cross_attention").mode == "frozen"  # not named: frozen default
+
+
+def test_load_recipe_with_overrides(tmp_path):
+    path = _write(tmp_path, GOOD)
+    recipe = load_recipe(path, overrides=["components.vision.rank=16", "components.cross_attention.mode=lora",
+                                          "model.quantization=null", "components.language.targets=[q_proj, v_proj]"])
+    assert recipe.components["vision"].rank == 16
+    assert recipe.components["cross_attention"].mode == "lora"
+    assert recipe.model.quantization is None
+    assert recipe.components["language"].targets == ["q_proj", "v_proj"]
+
+
+def test_every_problem_is_reported_once_with_its_path():
+    raw = {
+        "model": {"name_or_path": "x", "dtyp": "bfloat16", "quantization": {"bits": 8, "keep_16bit": ["vison"]}},
+        "components": {
+            "vision": {"mode": "lora", "rank": -4},
+            "projector": {"mode": "half"},
+            "language": {"mode": "lora", "rank": 0, "alpha": "big", "targets": "attention", "extra": 1},
+            "audio": {"mode": "lora"},
+        },
+    }
+    errors = _errors(raw)
+    expected = [
+        "model.dtyp: unknown key (did you mean 'dtype'?)",
+        "model.quantization.bits: expected one of 4, got 8",
+        "model.quantization.keep_16bit: unknown component 'vison', expected one of "
+        "['vision', 'projector', 'cross_attention', 'language']",
+        "components.vision.rank: must be a positive integer, got -4",
+        "components.projector.mode: expected one of 'frozen', 'lora', 'full', got 'half'",
+        "components.language.extra: unknown key",
+        "components.language.rank: must be a positive integer, got 0",
+        "components.language.alpha: expected a number, got 'big'",
+        "components.language.targets: expected a list of a string, got 'attention'",
+        "components.audio: unknown component, expected one of ['vision', 'projector', 'cross_attention', 'language']",
+    ]
+    for needle in expected:
+        assert any(line.startswith(needle) for line in errors), (needle, errors)
+    assert len(errors) == len(expected)
+
+
+@pytest.mark.parametrize("section,value,message", [
+    ("rank", 0, "components.vision.rank: must be a positive integer, got 0"),
+    ("rank", 2.5, "components.vision.rank: expected an integer, got 2.5"),
+    ("rank", True, "components.vision.rank: expected an integer, got True"),
+    ("alpha", 0, "components.vision.alpha: must be positive, got 0.0"),
+    ("dropout", 1.0, "components.vision.dropout: must be in [0, 1), got 1.0"),
+    ("variant", "qlora", "components.vision.variant: expected one of 'lora', 'dora', 'rslora', got 'qlora'"),
+    ("lr", -1e-4, "components.vision.lr: must be positive, got -0.0001"),
+    ("targets", [], "components.vision.targets: must name at least one kind or module when mode is lora"),
+    ("modules", [], "components.vision.modules: must hold at least one regex, or be omitted"),
+])
+def test_component_values(section, value, message):
+    raw = {"components": {"vision": {"mode": "lora", section: value}}}
+    assert _errors(raw) == [message]
+
+
+def test_all_frozen_is_refused_with_the_fix():
+    errors = _errors({"components": {"vision": {"mode": "frozen"}}})
+    assert errors == ["components: every component is frozen, nothing would train; "
+                      "set components.<name>.mode to lora or full"]
+
+
+def test_wrong_section_types():
+    errors = _errors({"model": "smolvlm", "components": ["vision"]})
+    assert "model: expected a mapping, got 'smolvlm'" in errors
+    assert "components: expected a mapping, got ['vision']" in errors
+
+
+def test_override_errors():
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        parse_override("components.vision.rank")
+    with pytest.raises(RecipeError, match="components.vision is 'lora', not a mapping"):
+        apply_overrides({"components": {"vision": "lora"}}, ["components.vision.rank=4"])
+    assert parse_override("components.vision.rank=16") == (["components", "vision", "rank"], 16)
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 as a string; the recipe must still see a learning rate
+    path = tmp_path / "recipe.yaml"
+    path.write_text("components:\n  vision: {mode: lora, lr: 1e-4}\n")
+    recipe = load_recipe(path, overrides=["train.lr=2e-5", "components.vision.weight_decay=1E-2"])
+    assert recipe.components["vision"].lr == 1e-4 and recipe.train.lr == 2e-5
+    assert recipe.components["vision"].weight_decay == 0.01
+    assert _errors({"components": {"vision": {"mode": "lora", "lr": "fast"}}}) == [
+        "components.vision.lr: expected a number, got 'fast'"]
+
+
+def test_override_values_are_validated_like_the_file(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(RecipeError, match=r"components\.vision\.rank: must be a positive integer, got -4"):
+        load_recipe(path, overrides=["components.vision.rank=-4"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- model\n- components\n")
+    with pytest.raises(RecipeError, match="a recipe is a mapping of sections"):
+        load_recipe(listing)
+
+
+def test_dump_and_reload_round_trip(tmp_path):
+    recipe = recipe_from_dict(GOOD)
+    dump_recipe(recipe, tmp_path / "resolved.yaml")
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert again == recipe and isinstance(again, Recipe)
