@@ -160,3 +160,14 @@ def test_limit_keeps_the_first_usable_images(tmp_path):
 def test_unknown_format_lists_the_valid_ones(tmp_path):
     with pytest.raises(DataError, match="expected one of.*coco.*karpathy"):
         build_dataset(source(tmp_path / "x.json", "parquet"), data_cfg(), train=False)
+
+
+def test_hf_folder_of_parquet_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = str(make_image(tmp_path / "a.png", COLOURS[3]))
+    table = datasets.Dataset.from_dict({"image": [path], "caption": ["yellow"]}).cast_column("image", datasets.Image())
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    table.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    dataset = build_dataset(source(tmp_path / "pq", "hf"), data_cfg(), train=False)
+    assert dataset[0]["captions"] == ["yellow"] and near(dataset[0]["image"].getpixel((0, 0)), COLOURS[3])
