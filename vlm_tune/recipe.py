@@ -391,8 +391,40 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
+def _deep_merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`; mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe file, merged on top of the file named by its `base:` key (relative to it)."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found" + (f" (named by base: in {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: base: recipes form a cycle: {' -> '.join(str(p) for p in chain)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, components, data, train...)")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: expected the path of another recipe, got {base!r}")
+    return _deep_merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), raw)
+
+
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, and validate it.
+
+    A recipe may start from another with `base: other.yaml` (a path relative to the recipe); its keys
+    are merged on top of the base's.
 
     Args:
         path: the YAML file.
@@ -402,15 +434,7 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     Raises:
         RecipeError: the file is missing or not YAML, or the recipe has problems (all listed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, components, data, train...)")
+    raw = _read_yaml(Path(path))
     return recipe_from_dict(apply_overrides(raw, list(overrides or [])), source=str(path))
 
 

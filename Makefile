@@ -1,0 +1,20 @@
+# Quick start targets. Each one installs what it needs first, so both work on a fresh machine.
+PYTHON ?= python3
+# torch 2.14.1 + torchvision 0.29.1: the pair whose wheels match here (torchvision is needed by the
+# Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+demo: install
+	$(PYTHON) -m vlm_tune.train recipes/demo.yaml
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo
+	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval
+
+test: install
+	$(PYTHON) -m pytest -q --timeout 900

@@ -1,0 +1,156 @@
+"""The training command: loss falls, exact resume, atomic checkpoints, NaN stop, accelerate launch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from tiny import tiny_vlm_folder
+from vlm_tune.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from vlm_tune.recipe import recipe_from_dict
+from vlm_tune.run_log import read_log
+from vlm_tune.train import TrainingError, main, train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def _coco_set(folder: Path, n_images: int = 8) -> Path:
+    """A small COCO-captions set: one coloured square per image, two captions each."""
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(n_images):
+        name = list(COLOURS)[index % len(COLOURS)]
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).rectangle([4 + index % 3, 4, 24, 24], fill=COLOURS[name])
+        image.save(folder / "images" / f"{index}.png")
+        images.append({"id": index, "file_name": f"{index}.png", "width": 32, "height": 32})
+        annotations += [{"id": 2 * index, "image_id": index, "caption": f"a {name} square"},
+                        {"id": 2 * index + 1, "image_id": index, "caption": f"one {name} box"}]
+    path = folder / "captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"model": str(tiny_vlm_folder("idefics3", root / "model")), "data": str(_coco_set(root / "data"))}
+
+
+def _recipe(setup, output_dir, **train_overrides):
+    raw = {
+        "model": {"name_or_path": setup["model"], "dtype": "float32", "attn_implementation": "eager"},
+        "components": {"projector": {"mode": "full", "lr": 1e-3},
+                       "language": {"mode": "lora", "rank": 4, "alpha": 8, "dropout": 0.1, "lr": 3e-3}},
+        "data": {"train": {"format": "coco", "path": setup["data"]},
+                 "eval": {"format": "coco", "path": setup["data"]}},
+        "train": {"output_dir": str(output_dir), "max_steps": 6, "batch_size": 2, "grad_accum": 2,
+                  "mixed_precision": "no", "save_every": 2, "keep_checkpoints": 0, "seed": 3,
+                  "schedule": "cosine", "warmup_steps": 1, **train_overrides},
+    }
+    return recipe_from_dict(raw)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    """step -> training loss, the last record of a step winning (a resumed run repeats steps)."""
+    return {r["step"]: r["loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r}
+
+
+class SimulatedCrash(Exception):
+    """Stands for the process being killed between two steps."""
+
+
+def test_loss_falls_and_run_folder_is_complete(setup, tmp_path):
+    summary = train(_recipe(setup, tmp_path / "run", max_steps=12, save_every=0))
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 12
+    assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3
+    for name in ("recipe.yaml", "components.txt", "components.json", "log.jsonl", "loss.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "checkpoint-12"
+    assert (checkpoint / "adapter" / "adapter_config.json").is_file()
+    assert "eval_loss" in summary and summary["eval_loss"] > 0
+    record = read_log(tmp_path / "run" / "log.jsonl")[0]
+    assert set(record["lr"]) == {"projector", "language"} and record["tokens_per_s"] > 0
+
+
+def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
+    train(_recipe(setup, tmp_path / "straight"))
+    straight = _losses(tmp_path / "straight")
+
+    def crash_at_three(step):
+        if step == 3:
+            raise SimulatedCrash  # after step 3, before the step-4 save: checkpoint-2 is the last one
+
+    with pytest.raises(SimulatedCrash):
+        train(_recipe(setup, tmp_path / "crashed"), on_step=crash_at_three)
+    assert latest_checkpoint(tmp_path / "crashed").name == "checkpoint-2"
+    train(_recipe(setup, tmp_path / "crashed", resume="auto"))
+    resumed = _losses(tmp_path / "crashed")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+def test_interrupted_save_is_ignored_by_resume(setup, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_recipe(setup, run, max_steps=2, save_every=2))
+    assert latest_checkpoint(run).name == "checkpoint-2"
+    # What a kill during a save leaves: a half-written staging folder, never a checkpoint-N without COMPLETE.
+    import vlm_tune.checkpoint as checkpoint_module
+
+    def killed_halfway(*args, **kwargs):
+        raise SimulatedCrash
+
+    model_stub = type("Stub", (), {})()
+    monkeypatch.setattr(checkpoint_module, "_save_weights", lambda model, folder: (folder / "adapter").mkdir())
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed_halfway)
+    with pytest.raises(SimulatedCrash):
+        save_checkpoint(run, 4, model_stub, {"epoch": 0, "batches_done": 8})
+    assert not (run / "checkpoint-4").exists()
+    (run / "checkpoint-6" / "adapter").mkdir(parents=True)  # a non-atomic writer's leftovers
+    (run / ".checkpoint-8-abc").mkdir()
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    assert latest_checkpoint(run).name == "checkpoint-2"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, tmp_path):
+    recipe = _recipe(setup, tmp_path / "run", max_steps=20, save_every=1, max_grad_norm=0.0, lr=1e12,
+                     warmup_steps=0, schedule="constant")
+    recipe.components["projector"].lr = 1e12
+    recipe.components["language"].lr = 1e12
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint is .*checkpoint-\d+"):
+        train(recipe)
+    last = latest_checkpoint(tmp_path / "run")
+    assert last is not None and (last / "COMPLETE").is_file()
+
+
+def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"components": {"vision": {"mode": "lora", "rank": 0}}, "trian": {}}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "components.vision.rank: must be a positive integer, got 0" in err
+    assert "trian: unknown key (did you mean 'train'?)" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_one_process(setup, tmp_path):
+    recipe = _recipe(setup, tmp_path / "run", max_steps=2, save_every=0)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "vlm_tune.train", str(path)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-2"
