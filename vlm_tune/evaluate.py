@@ -211,6 +211,16 @@ def _build_eval_set(source: DataSourceConfig, recipe: Recipe):
         raise EvaluationError(f"evaluation set (data.eval): {error}{hint}") from None
 
 
+def _on_accelerator(model):
+    """The model on the GPU when there is one (16-bit loads stay on the CPU; 4-bit ones are placed at load)."""
+    import torch
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if torch.cuda.is_available() and on_cpu and not getattr(model, "is_loaded_in_4bit", False):
+        return model.to("cuda")
+    return model
+
+
 def _unique_ids(rows: list[dict]) -> None:
     """Make repeated image ids unique (`id#2`, ...) so no prediction is lost in the id-keyed scoring."""
     seen: dict[str, int] = {}
@@ -286,6 +296,7 @@ def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split:
     logger.info("Evaluating %s%s on %s (%d images) into %s", recipe.model.name_or_path,
                 f" + {checkpoint_dir}" if checkpoint_dir else " (base model)", source.path, len(dataset), output_dir)
     model, processor = load_for_inference(recipe, checkpoint_dir)
+    model = _on_accelerator(model)
     rows = generate_captions(model, processor, dataset, recipe.data, recipe.eval, show_progress=show_progress)
     if not rows:
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")
