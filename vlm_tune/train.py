@@ -243,9 +243,11 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
     batches_done, train_seconds, tokens_seen, skipped = skip, 0.0, 0, []
     try:
         while step < total_steps:
-            data.train_set.set_epoch(epoch)
-            data.sampler.set_epoch(epoch)
+            if skip >= len(data.train_loader):  # the checkpoint was taken at the very end of an epoch
+                epoch, batches_done, skip = epoch + 1, 0, 0
+            data.train_set.set_epoch(epoch)  # caption and prompt draws
             loader = accelerator.skip_first_batches(data.train_loader, skip) if skip else data.train_loader
+            loader.set_epoch(epoch)  # sample order; accelerate would otherwise count its own passes
             skip = 0
             micro_batches = iter(loader)
             mark = time.perf_counter()  # tokens/s counts data loading and steps, not evaluation or saving
