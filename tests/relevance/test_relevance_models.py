@@ -151,3 +151,20 @@ def test_baselines_select_the_same_budget_and_generate(method):
     generated = wrapper.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[0] == 2 and generated.shape[1] > inputs["input_ids"].shape[1]
     assert torch.equal(generated[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_idefics3_split_images_budget_every_crop():
+    model, processor = model_and_processor("idefics3")
+    processor.image_processor.do_image_splitting = True
+    processor.image_processor.size = {"longest_edge": 64}  # 2x2 crops + the global image per picture
+    batch = train_batch(processor)
+    crops = batch["pixel_values"].shape[1]
+    assert crops > 1
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(_attach(model, keep=1.0)(**batch).logits, expected, atol=1e-5, rtol=0)
+        wrapper = _attach(model, keep=0.5)
+        wrapper(**batch)
+    selection = wrapper.last_selection
+    assert wrapper.last_unit_sample.tolist() == [0] * crops + [1] * crops
+    assert selection.kept_counts.tolist() == [keep_count(0.5, int(n)) for n in selection.token_counts]
