@@ -201,9 +201,11 @@ def relevance_row(wrapper: RelevanceWrapper, cfg: RelevanceConfig, default_lr: f
     row = ComponentRow(
         component="relevance", mode="full", rank=None, alpha=None,
         modules_wrapped=len(list(wrapper.relevance.children())), trainable_params=trainable,
-        total_params=trainable, share=trainable / max(total, 1), detected=True,
+        total_params=trainable, share=trainable / max(total, 1), detected=False,  # added, not found in the model
         lr=cfg.lr if cfg.lr is not None else default_lr, weight_decay=None,
     )
+    if hasattr(row, "saved_as"):
+        row.saved_as = RELEVANCE_FILE
     return row, names
 
 
