@@ -42,7 +42,6 @@ def test_recipe_to_trainable_model(tmp_path, capsys):
     assert model.peft_config["default"].use_rslora
     randomize_lora_b(model)
     model.train()
-    batch = make_batch("qwen2_5_vl", processor)
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch = make_batch("qwen2_5_vl", processor, model=model)
     model(**batch).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -65,8 +65,7 @@ def test_4bit_forward_backward_reaches_every_lora_parameter(arch, tmp_path):
     open_visual_path(peft_model)
     randomize_lora_b(peft_model)
     peft_model.train()
-    batch = make_batch(arch, processor)
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch = make_batch(arch, processor, model=peft_model)
     loss = peft_model(**batch).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -85,7 +84,7 @@ def test_4bit_keeps_vision_16bit_and_norms_fp32_in_quantized_parts(tmp_path):
     assert vision and all(p.dtype == torch.bfloat16 for p in vision.values())  # not upcast to fp32
     norm = model.model.language_model.norm
     assert norm.weight.dtype == torch.float32
-    hidden = torch.randn(1, 3, norm.weight.shape[0], dtype=torch.bfloat16)
+    hidden = torch.randn(1, 3, norm.weight.shape[0], dtype=torch.bfloat16, device=norm.weight.device)
     assert norm(hidden).dtype == torch.bfloat16  # residual stream keeps its dtype
 
 
@@ -131,3 +130,22 @@ def test_missing_bitsandbytes_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(LoadError, match="pip install bitsandbytes"):
         load_model(_qlora(folder))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_4bit_on_cuda_places_weights_and_trains(arch, tmp_path):
+    model, processor = load_model(_qlora(tiny_vlm_folder(arch, tmp_path)), verbose=False)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}  # placed at load: 4-bit weights cannot move
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    peft_model, _ = apply_targeting(model, {"vision": ComponentConfig(mode="lora", rank=2),
+                                            "projector": ComponentConfig(mode="full"),
+                                            "language": ComponentConfig(mode="lora", rank=4)})
+    randomize_lora_b(peft_model)
+    peft_model.train()
+    batch = make_batch(arch, processor, model=peft_model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = peft_model(**batch).loss
+    loss.backward()
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert [n for n, p in trainable if p.grad is None or not p.grad.abs().sum()] == []

@@ -18,8 +18,9 @@ def test_image(width: int = 48, height: int = 40) -> Image.Image:
 test_image.__test__ = False  # not a pytest test
 
 
-def make_batch(arch: str, processor, batch_size: int = 1) -> dict:
-    """Processor output for image + prompt + caption, with labels = input_ids (padding masked)."""
+def make_batch(arch: str, processor, batch_size: int = 1, model: torch.nn.Module = None) -> dict:
+    """Processor output for image + prompt + caption, with labels = input_ids (padding masked);
+    on `model`'s device, pixel values in its vision dtype, when a model is given."""
     if arch in NO_CHAT_TEMPLATE:
         text = NO_CHAT_TEMPLATE[arch].format(prompt=PROMPT, caption=CAPTION)
     else:
@@ -31,6 +32,10 @@ def make_batch(arch: str, processor, batch_size: int = 1) -> dict:
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     batch["labels"] = labels
+    if model is not None:
+        weight = next(p for n, p in model.named_parameters() if "vision" in n or "visual" in n)
+        batch = {k: v.to(weight.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(weight.dtype)
     return batch
 
 
