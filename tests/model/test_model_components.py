@@ -156,6 +156,9 @@ def test_unused_llava_vision_layers_are_not_lora_targets():
     cmap = find_components(model)
     vision = cmap.lora_candidates("vision", ["attention", "mlp"])
     assert vision and not any(f"encoder.layers.{layers - 1}." in n for n in vision)
+    model.config.vision_feature_layer = [-2, 0]  # multi-layer features (VipLlava style): the deepest one counts
+    multi = find_components(model).lora_candidates("vision", ["attention", "mlp"])
+    assert multi == vision
     model.config.vision_feature_layer = -1
     assert any(f"encoder.layers.{layers - 1}." in n
                for n in find_components(model).lora_candidates("vision", ["attention", "mlp"]))

@@ -279,8 +279,8 @@ def _unused_vision_layers(model: nn.Module, vision: list[str], named: dict[str, 
     layers = [n for n in named if any(_inside(n, v) for v in vision) and re.search(r"encoder\.layers?\.\d+$", n)]
     if chosen is None or not layers:
         return []
-    deepest = max(chosen) if isinstance(chosen, (list, tuple)) else chosen
-    used = deepest if deepest >= 0 else len(layers) + 1 + deepest  # hidden_states[0] is the embedding output
+    chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
+    used = max(k if k >= 0 else len(layers) + 1 + k for k in chosen)  # hidden_states[0]: the embedding output
     return [name for n in layers[used:] for name in named if _inside(name, n)]
 
 
