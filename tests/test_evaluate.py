@@ -16,40 +16,6 @@ from vlm_tune.metrics import score_captions
 from vlm_tune.recipe import DataConfig, DataSourceConfig, EvalConfig, recipe_from_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-# --- TEMPORARY stand-ins until vlm_tune.data.collate and vlm_tune.model.load land (remove then) ---
-import sys
-import types
-
-try:
-    import vlm_tune.data.collate  # noqa: F401
-except ImportError:
-    class _GenerateCollator:
-        def __init__(self, processor, data_cfg):
-            self.processor = processor
-
-        def __call__(self, items):
-            items = [i for i in items if i is not None]
-            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i["prompt"]}]}]
-                        for i in items]
-            texts = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-            self.processor.tokenizer.padding_side = "left"
-            inputs = self.processor(text=texts, images=[[i["image"]] for i in items], return_tensors="pt",
-                                    padding=True)
-            return dict(inputs), {"image_ids": [i["image_id"] for i in items],
-                                  "references": [i["captions"] for i in items]}
-
-    sys.modules["vlm_tune.data.collate"] = types.SimpleNamespace(GenerateCollator=_GenerateCollator)
-try:
-    import vlm_tune.model.load  # noqa: F401
-except ImportError:
-    def _load_model(model_cfg):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        model = AutoModelForImageTextToText.from_pretrained(model_cfg.name_or_path, dtype=torch.float32)
-        return model, AutoProcessor.from_pretrained(model_cfg.name_or_path)
-
-    sys.modules["vlm_tune.model.load"] = types.SimpleNamespace(load_model=_load_model)
-# --- end of temporary stand-ins ---
-
 METRIC_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
 
 
