@@ -1,7 +1,6 @@
 """The issue's Python API end to end: recipe file + overrides -> load_model -> apply_targeting."""
 
 import pytest
-import torch
 from peft.tuners.lora import LoraLayer
 
 import vlm_tune
