@@ -230,28 +230,13 @@ def _unique_ids(rows: list[dict]) -> None:
         row["image_id"] = key if seen[key] == 1 else f"{key}#{seen[key]}"
 
 
-def _contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
-    """The first `limit` captioned images again (read from the dataset), with their captions."""
-    by_id = {row["image_id"]: row for row in rows}
-    entries = []
-    for index in range(len(dataset)):
-        if len(entries) >= min(limit, len(rows)):
-            break
-        item = dataset[index]
-        row = by_id.pop(str(item["image_id"]), None) if item is not None else None
-        if row is not None:
-            entries.append({"image": item["image"], "image_id": row["image_id"], "prediction": row["prediction"],
-                            "reference": row["references"][0] if row["references"] else ""})
-    return entries
-
-
 def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, sheet_images: int = 16) -> dict:
     """Write metrics.json, predictions.jsonl, summary.md and (with a dataset) contact_sheet.png.
 
     Returns:
         name -> path of every file written.
     """
-    from vlm_tune.report_plots import contact_sheet, summary_markdown
+    from vlm_tune.report_plots import contact_entries, contact_sheet, summary_markdown
 
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics.json": output_dir / "metrics.json", "predictions.jsonl": output_dir / "predictions.jsonl",
@@ -262,7 +247,7 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
     files["summary.md"].write_text(summary_markdown(info, rows))
     if dataset is not None and sheet_images > 0:
-        entries = _contact_entries(dataset, rows, sheet_images)
+        entries = contact_entries(dataset, rows, sheet_images)
         if entries:
             files["contact_sheet.png"] = contact_sheet(entries, output_dir / "contact_sheet.png")
     return files

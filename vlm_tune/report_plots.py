@@ -41,6 +41,21 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
     return lines or [""]
 
 
+def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
+    """The first `limit` captioned images again (read from the dataset), with their captions."""
+    by_id = {row["image_id"]: row for row in rows}
+    entries = []
+    for index in range(len(dataset)):
+        if len(entries) >= min(limit, len(rows)):
+            break
+        item = dataset[index]
+        row = by_id.pop(str(item["image_id"]), None) if item is not None else None
+        if row is not None:
+            entries.append({"image": item["image"], "image_id": row["image_id"], "prediction": row["prediction"],
+                            "reference": row["references"][0] if row["references"] else ""})
+    return entries
+
+
 def contact_sheet(entries: list[dict], path: str | Path, columns: int = 4) -> Path:
     """Draw images in a grid, each with its id, predicted caption (blue) and first reference (green).
 
