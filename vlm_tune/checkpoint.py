@@ -202,7 +202,7 @@ def load_for_inference(recipe, checkpoint: str | Path | None = None):
 
     if checkpoint is not None:
         checkpoint = resolve_checkpoint(checkpoint)
-    model, processor = load_model(recipe.model)
+    model, processor = load_model(recipe.model, recipe.components)
     if checkpoint is None:
         return model.eval(), processor
     model, _ = apply_targeting(model, recipe.components)

@@ -59,7 +59,7 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path):
     from vlm_tune.model.load import load_model
     from vlm_tune.model.targeting import apply_targeting, param_groups
 
-    model, processor = load_model(recipe.model)
+    model, processor = load_model(recipe.model, recipe.components)
     model, report = apply_targeting(model, recipe.components)
     groups = param_groups(model, report, recipe.train.lr, recipe.train.weight_decay)
     if recipe.relevance.enabled:

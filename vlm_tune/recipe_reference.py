@@ -1,0 +1,110 @@
+"""The README's recipe reference, generated from the recipe dataclasses so that it cannot drift.
+
+`python -m vlm_tune.recipe_reference` prints it, `--write` puts it into README.md; a test checks that the
+README holds exactly this text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+
+from vlm_tune import recipe as schema
+
+# section prefix -> dataclass, in README order
+SECTIONS: dict[str, type] = {
+    "model": schema.ModelConfig,
+    "model.quantization": schema.QuantizationConfig,
+    "components.NAME": schema.ComponentConfig,  # NAME: vision, projector, cross_attention, language
+    "data": schema.DataConfig,
+    "data.SET": schema.DataSourceConfig,  # SET: train, eval
+    "train": schema.TrainConfig,
+    "eval": schema.EvalConfig,
+    "relevance": schema.RelevanceConfig,
+}
+
+_FIELD_LINE = re.compile(r"^\s{4}(\w+): .*?#\s(.+)$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> the help comment written after the field in the source of `cls`."""
+    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
+            if (m := _FIELD_LINE.match(line))}
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        value = field.default
+    if dataclasses.is_dataclass(value):
+        return "(section)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _type(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in args)
+    if origin is typing.Union:
+        return " or ".join(_type(a) for a in args if a is not type(None)) + \
+            (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type(args[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def reference_markdown() -> str:
+    """One markdown table per recipe section: key, type, default, meaning."""
+    blocks = []
+    for prefix, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        helps = field_help(cls)
+        rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(_strip_optional(hints[field.name])):
+                continue  # nested sections get their own table
+            rows.append(f"| `{prefix}.{field.name}` | {_type(hints[field.name])} | `{_default(field)}` | "
+                        f"{helps.get(field.name, '').replace('|', '/')} |")
+        blocks.append(f"**`{prefix}`**\n\n" + "\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _strip_optional(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) in (typing.Union,) and len(args) == 1 else annotation
+
+
+START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+
+
+def readme_section(readme_text: str) -> str:
+    """The text between the reference markers of the README."""
+    return readme_text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def write_into_readme(path: str = "README.md") -> None:
+    """Replace the README's reference section with the generated one."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    Path(path).write_text(f"{head}{START}\n{reference_markdown()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        write_into_readme()
+    else:
+        print(reference_markdown(), end="")
