@@ -349,7 +349,7 @@ def compare_evaluations(folder_a: str | Path, folder_b: str | Path, examples: in
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry point; returns the process exit code."""
     from vlm_tune.checkpoint import CheckpointError
-    from vlm_tune.data import DataError
+    from vlm_tune.model.builtin import BuiltinError
 
     parser = argparse.ArgumentParser(prog="python -m vlm_tune.evaluate", description=__doc__.splitlines()[0],
                                      epilog="or: python -m vlm_tune.evaluate --compare DIR_A DIR_B [--out FILE]")
@@ -380,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             recipe.eval.output_dir = args.output_dir
         result = evaluate_run(recipe, args.checkpoint, args.split,
                               show_progress=not args.no_progress)
-    except (VlmTuneError, CheckpointError, DataError) as error:
+    except (VlmTuneError, CheckpointError, BuiltinError) as error:  # input problems: a message, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(f"{name:8s} {value:.4f}" for name, value in result["metrics"].items()))
