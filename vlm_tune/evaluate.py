@@ -278,8 +278,10 @@ def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split:
         raise EvaluationError("eval.use_java is true but no working `java` is on PATH: install a Java runtime "
                               "(e.g. apt-get install default-jre-headless) or set eval.use_java=null")
     dataset = _build_eval_set(source, recipe)
-    logger.info("Evaluating %s%s on %s (%d images) into %s", recipe.model.name_or_path,
-                f" + {checkpoint_dir}" if checkpoint_dir else " (base model)", source.path, len(dataset), output_dir)
+    attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
+    logger.info("Evaluating %s%s on %d of the %d images of %s into %s", recipe.model.name_or_path,
+                f" + {checkpoint_dir}" if checkpoint_dir else " (base model)", attempted, len(dataset), source.path,
+                output_dir)
     model, processor = load_for_inference(recipe, checkpoint_dir)
     model = _on_accelerator(model)
     rows = generate_captions(model, processor, dataset, recipe.data, recipe.eval, show_progress=show_progress)
@@ -289,7 +291,6 @@ def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split:
     use_java = java_available() if recipe.eval.use_java is None else recipe.eval.use_java
     metrics = score_captions({r["image_id"]: r["prediction"] for r in rows},
                              {r["image_id"]: r["references"] for r in rows}, use_java=use_java)
-    attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
     info = {"metrics": metrics, "model": recipe.model.name_or_path,
             "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
             "data": str(source.path), "format": source.format, "split": split_name,
