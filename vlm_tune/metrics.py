@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from typing import Optional
 
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
 logger = logging.getLogger("vlm_tune.metrics")
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -53,8 +55,7 @@ def _resolve_use_java(use_java: Optional[bool]) -> bool:
 
 # Tokens pycocoevalcap removes after tokenizing. Its list spells brackets in upper case ("-LRB-") while
 # the lower-cased tokenizer emits "-lrb-", so bracket tokens survive in the official scores too.
-PTB_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                             ".", "?", "!", ",", ":", "-", "--", "...", ";"})
+PTB_PUNCTUATION = frozenset(PUNCTUATIONS)
 
 # Words whose trailing period the Java tokenizer keeps (titles, street/company abbreviations, months).
 _ABBREVIATIONS = frozenset("""
