@@ -126,8 +126,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
     real_load_model = load_module.load_model
     calls = {"forward": 0}
 
-    def load_model_whose_logits_turn_nan(model_cfg):  # fault injection: NaN logits from the 5th forward on
-        model, processor = real_load_model(model_cfg)
+    def load_model_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
+        model, processor = real_load_model(*args, **kwargs)
 
         def poison(module, inputs, output):
             calls["forward"] += 1
@@ -152,16 +152,45 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_accelerate_launch_with_one_process(setup, tmp_path):
-    recipe = _recipe(setup, tmp_path / "run", max_steps=2, save_every=0)
-    path = tmp_path / "recipe.yaml"
+def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
+    """Run the training command as `accelerate launch` would (torchrun for several CPU processes, since
+    accelerate launch starts multi-CPU jobs through mpirun; Accelerator then picks the gloo backend)."""
+    path = tmp_path / f"recipe-{num_processes}.yaml"
     path.write_text(yaml.safe_dump(recipe.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "-m", "vlm_tune.train", str(path)],
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    if cpu and num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(num_processes)]
+    else:
+        launcher = ["accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no",
+                    *(["--cpu"] if cpu else []), *(["--multi_gpu"] if num_processes > 1 else [])]
+    result = subprocess.run([sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_one_process(setup, tmp_path):
+    _launch(_recipe(setup, tmp_path / "run", max_steps=2, save_every=0), tmp_path, 1, cpu=True)
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    one = _recipe(setup, tmp_path / "one", max_steps=4, batch_size=4, grad_accum=1, save_every=0)
+    two = _recipe(setup, tmp_path / "two", max_steps=4, batch_size=2, grad_accum=1, save_every=0)
+    for recipe in (one, two):
+        recipe.components["language"].dropout = 0.0
+    _launch(one, tmp_path, 1, cpu=device == "cpu")
+    _launch(two, tmp_path, 2, cpu=device == "cpu")
+    single, data_parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(single) == sorted(data_parallel) == [1, 2, 3, 4]
+    for step in single:  # same samples per step, loss normalised by the tokens of all processes
+        assert data_parallel[step] == pytest.approx(single[step], abs=1e-4), step

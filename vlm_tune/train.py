@@ -146,25 +146,33 @@ def _train_step(model, group: list[dict], optimizer, scheduler, accelerator, max
 
     The loss is normalised by label tokens over the whole step (all micro-batches, all processes), so a
     micro-batch with more caption tokens weighs more, as if the step were one large batch.
+
+    Returns:
+        (loss per label token over all processes, gradient norm or None, input tokens over all processes)
+    Raises:
+        TrainingError: the loss is NaN or infinite (checked on every process alike, before the update).
     """
-    tokens = [_label_tokens(batch) for batch in group]
-    step_tokens = accelerator.reduce(torch.tensor(sum(tokens), device=accelerator.device), "sum").item()
-    loss_sum = 0.0
-    for index, (batch, n_tokens) in enumerate(zip(group, tokens)):
+    label_tokens = [_label_tokens(batch) for batch in group]
+    input_tokens = sum(int(batch["attention_mask"].sum()) for batch in group)
+    counts = accelerator.reduce(torch.tensor([sum(label_tokens), input_tokens], device=accelerator.device), "sum")
+    step_label_tokens, step_input_tokens = (int(c) for c in counts.tolist())
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for index, (batch, n_tokens) in enumerate(zip(group, label_tokens)):
         last = index == len(group) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss = model(**batch).loss  # mean over this micro-batch's label tokens
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}")
             # DDP averages gradients over processes, hence the factor num_processes.
-            accelerator.backward(loss * n_tokens * accelerator.num_processes / max(step_tokens, 1))
-        loss_sum += loss.item() * n_tokens
+            accelerator.backward(loss * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
+        loss_sum += loss.detach().float() * n_tokens
+    step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"the loss became {step_loss} at step {step + 1}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(sum(tokens), 1), grad_norm
+    return step_loss, grad_norm, step_input_tokens
 
 
 @torch.no_grad()
@@ -258,13 +266,14 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
                     skipped += batch.pop("skipped", [])
                 if not group:
                     continue
-                tokens_seen += sum(int(b["attention_mask"].sum()) for b in group)
-                loss, grad_norm = _train_step(model, group, optimizer, scheduler, accelerator, cfg.max_grad_norm, step)
+                loss, grad_norm, step_tokens = _train_step(model, group, optimizer, scheduler, accelerator,
+                                                           cfg.max_grad_norm, step)
+                tokens_seen += step_tokens
                 step += 1
                 train_seconds += time.perf_counter() - mark
                 record = {"step": step, "epoch": epoch, "loss": loss,
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                          "tokens_per_s": tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9)}
+                          "tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}  # all processes
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 progress.update(1)
