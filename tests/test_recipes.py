@@ -56,6 +56,7 @@ def test_recipe_applies_to_a_tiny_model_of_its_architecture(name, tmp_path, monk
     dataset = build_dataset(data_cfg.train, data_cfg, train=True)
     batch = TrainCollator(processor, data_cfg)([dataset[0], dataset[1]])
     batch.pop("skipped")
+    batch = {key: value.to(model.device) for key, value in batch.items()}  # 4-bit models load onto the GPU if any
     model.train()
     loss = model(**batch).loss
     loss.backward()

@@ -160,7 +160,7 @@ def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     if cpu and num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "1"
-        launcher = ["torch.distributed.run", "--nproc_per_node", str(num_processes)]
+        launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
     else:
         launcher = ["accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no",

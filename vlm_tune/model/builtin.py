@@ -118,6 +118,10 @@ def _build_smolvlm_demo(folder: Path) -> None:
     embeddings = model.resize_token_embeddings(len(tokenizer), mean_resizing=True).weight  # new rows: the mean
     with torch.no_grad():  # the new end-of-turn token starts as SmolLM2's own end-of-turn, <|im_end|>
         embeddings[end_of_turn] = embeddings[tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        # Visual tokens start at the scale of the text embeddings (the default init makes them ~4x larger,
+        # and the decoder then learns the caption prior while ignoring the image).
+        projection = model.model.connector.modality_projection.proj.weight  # [D_text, D_vision * scale^2]
+        projection.normal_(0.0, embeddings.std().item() / projection.shape[1] ** 0.5)
     model.tie_weights()
     model.generation_config.eos_token_id = [end_of_turn, tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -126,6 +130,7 @@ def _build_smolvlm_demo(folder: Path) -> None:
 
 
 BUILTINS: dict[str, Callable[[Path], None]] = {"smolvlm-demo": _build_smolvlm_demo}
+BUILD_VERSION = 2  # bump when a builder changes, so cached builds are remade
 
 
 def resolve_builtin(name: str) -> Path:
@@ -140,7 +145,7 @@ def resolve_builtin(name: str) -> Path:
     key = name.removeprefix("vlm_tune:")
     if key not in BUILTINS:
         raise BuiltinError(f"unknown built-in model '{name}'; valid: {', '.join('vlm_tune:' + k for k in BUILTINS)}")
-    folder = cache_root() / "models" / key
+    folder = cache_root() / "models" / f"{key}-v{BUILD_VERSION}"
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
