@@ -1,9 +1,9 @@
 """Per-architecture wiring: compute the image features once, let the relevance modules select, and
 hand the language model a sequence that really holds fewer visual tokens.
 
-Placeholder families (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL) put one placeholder token per
-visual token in `input_ids`; here the placeholders of dropped tokens are removed from `inputs_embeds`,
-`attention_mask`, `labels` and the position ids. Every remaining token keeps the position id it has in
+Placeholder families (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, PaliGemma, Gemma 3) put one
+placeholder token per visual token in `input_ids`; here the placeholders of dropped tokens are removed
+from `inputs_embeds`, `attention_mask`, `labels`, the position ids (and `token_type_ids`). Every remaining token keeps the position id it has in
 the full sequence (Qwen: its M-RoPE (t, h, w) ids from the model's own `get_rope_index`), so with
 every token kept the model computes exactly what it computes without the relevance modules.
 Cross-attention families (mllama) are in `cross_attention.py`.
