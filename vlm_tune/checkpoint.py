@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm_tune.errors import VlmTuneError
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VlmTuneError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
 
 

