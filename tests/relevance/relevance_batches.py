@@ -5,7 +5,6 @@ from __future__ import annotations
 import types
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tiny import tiny_vlm

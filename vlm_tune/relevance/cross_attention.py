@@ -84,7 +84,6 @@ class MllamaWiring:
         selection = select(tokens, prompt, prompt_valid)
 
         # Gather every sample's slots (over its images, in order) into [B, S].
-        slot_count = selection.slots.shape[1]
         owner = tokens.unit_sample[:, None, None] == torch.arange(batch_size, device=states.device)  # [U, 1, B]
         per_sample = (selection.slot_valid[..., None] & owner).permute(2, 0, 1).reshape(batch_size, -1)  # [B, U*S]
         index, valid = compact(per_sample)  # [B, S']
