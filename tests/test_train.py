@@ -194,3 +194,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     assert sorted(single) == sorted(data_parallel) == [1, 2, 3, 4]
     for step in single:  # same samples per step, loss normalised by the tokens of all processes
         assert data_parallel[step] == pytest.approx(single[step], abs=1e-4), step
+
+
+def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from vlm_tune.checkpoint import load_for_inference
+
+    recipe = _recipe(setup, tmp_path / "run", max_steps=3, save_every=0)
+    recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
+    train(recipe)
+    report = json.loads((tmp_path / "run" / "components.json").read_text())
+    assert "relevance" in json.dumps(report)
+    assert "relevance" in read_log(tmp_path / "run" / "log.jsonl")[0]["lr"]
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    saved = load_file(checkpoint / "relevance.safetensors")
+    model, _ = load_for_inference(recipe, checkpoint)
+    loaded = model.relevance.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[key], loaded[key].cpu()) for key in saved)

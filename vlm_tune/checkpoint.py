@@ -164,11 +164,15 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
             raise CheckpointError(f"{extra_file}: weights with no place in the model: "
                                   f"{missing_unexpected.unexpected_keys[:5]}")
     relevance_file = checkpoint / "relevance.safetensors"
-    relevance = getattr(model, "relevance", None)
     if relevance_file.is_file():
-        if relevance is None:
+        if getattr(model, "relevance", None) is None:
             raise CheckpointError(f"{checkpoint} holds relevance modules: set relevance.enabled=true to load it")
-        relevance.load_state_dict(load_file(relevance_file))
+        from vlm_tune.relevance import load_relevance
+
+        try:
+            load_relevance(model, checkpoint)
+        except ValueError as error:  # weights of another relevance method / size
+            raise CheckpointError(f"{relevance_file}: {error}") from None
 
 
 def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None) -> dict:
