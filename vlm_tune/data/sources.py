@@ -207,26 +207,25 @@ def _group_table(path: Path, rows, image_column: str, caption_column: str, root:
     return list(by_image.values())
 
 
+def _read_table(source: DataSourceConfig, log: BadSampleLog, kind: str, rows) -> SourceData:
+    path = Path(source.path)
+    if not path.is_file():
+        raise DataError(f"{path}: {kind} file not found (check data.<train|eval>.path)")
+    records = _group_table(path, rows(path, log), source.image_column, source.caption_column,
+                           _images_root(source, path.parent), log, _wanted_splits(source), "data.<train|eval>")
+    return SourceData(records)
+
+
 def read_jsonl(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     """JSON Lines, one object per line with `image_column` (a path) and `caption_column`
     (a string or a list of strings); rows of the same image are merged."""
-    path = Path(source.path)
-    if not path.is_file():
-        raise DataError(f"{path}: JSONL file not found (check data.<train|eval>.path)")
-    records = _group_table(path, _jsonl_rows(path, log), source.image_column, source.caption_column,
-                           _images_root(source, path.parent), log, _wanted_splits(source), "data.<train|eval>")
-    return SourceData(records)
+    return _read_table(source, log, "JSONL", _jsonl_rows)
 
 
 def read_csv(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     """CSV with a header row, an `image_column` (a path) and a `caption_column`; rows of the same
     image are merged."""
-    path = Path(source.path)
-    if not path.is_file():
-        raise DataError(f"{path}: CSV file not found (check data.<train|eval>.path)")
-    records = _group_table(path, _csv_rows(path, log), source.image_column, source.caption_column,
-                           _images_root(source, path.parent), log, _wanted_splits(source), "data.<train|eval>")
-    return SourceData(records)
+    return _read_table(source, log, "CSV", _csv_rows)
 
 
 def read_imagefolder(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
