@@ -214,3 +214,25 @@ def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tm
     loaded = model.relevance.state_dict()
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[key], loaded[key].cpu()) for key in saved)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):
+    def press_ctrl_c(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    summary = train(_recipe(setup, tmp_path / "run", save_every=0), on_step=press_ctrl_c)
+    assert summary["interrupted"] and summary["step"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "state.json").read_text())
+    # 8 images, micro-batches of 2, 2 per step: an epoch is 2 steps, so step 3 ends 2 batches into epoch 1
+    assert (state["step"], state["epoch"], state["batches_done"]) == (3, 1, 2)
+
+
+def test_caption_metrics_are_logged_during_training(setup, tmp_path):
+    recipe = _recipe(setup, tmp_path / "run", max_steps=2, save_every=0, eval_generate_every=2)
+    recipe.eval.use_java, recipe.eval.generate_limit, recipe.eval.max_new_tokens = False, 4, 4
+    train(recipe)
+    scored = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "eval/CIDEr-D" in r]
+    assert [r["step"] for r in scored] == [0, 2]  # before training, then every eval_generate_every steps
+    assert all("eval/BLEU-4" in r and "eval/METEOR" not in r for r in scored)
