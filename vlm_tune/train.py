@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import sys
@@ -80,7 +81,6 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path):
     if accelerator.is_main_process:
         print(report.table())
         (run_dir / "components.txt").write_text(report.table() + "\n")
-        import json
         (run_dir / "components.json").write_text(json.dumps(report.to_dict(), indent=1))
     return model, processor, groups
 
