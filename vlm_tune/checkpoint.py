@@ -61,8 +61,10 @@ def _save_weights(model: torch.nn.Module, folder: Path) -> None:
         save_file(extra, folder / "trained.safetensors")
     relevance = getattr(model, "relevance", None)
     if relevance is not None:
+        from vlm_tune.relevance import RELEVANCE_FILE
+
         save_file({k: v.detach().contiguous().cpu() for k, v in relevance.state_dict().items()},
-                  folder / "relevance.safetensors")
+                  folder / RELEVANCE_FILE)  # the file load_relevance reads
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],

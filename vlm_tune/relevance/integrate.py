@@ -227,21 +227,6 @@ class QwenVLWiring(PlaceholderWiring):
         return positions  # [3, B, T]
 
 
-class PaliGemmaWiring(PlaceholderWiring):
-    """PaliGemma: image + prompt form a bidirectional prefix (`token_type_ids`); positions count from 1."""
-
-    consumed = PlaceholderWiring.consumed + ("token_type_ids",)
-    shortened_keys = ("token_type_ids",)
-    generate_takes_embeds = False
-
-    def image_features(self, batch: dict) -> list[torch.Tensor]:
-        return _as_image_list(self.base.get_image_features(pixel_values=batch["pixel_values"]))
-
-    def full_position_ids(self, batch: dict, attention_mask: torch.Tensor, generating: bool) -> torch.Tensor:
-        positions = full_positions(attention_mask, generating)
-        return positions if generating else positions + 1  # generate adds the 1 itself
-
-
 class Gemma3Wiring(PlaceholderWiring):
     """Gemma 3: pooled image tokens attend to each other bidirectionally (`token_type_ids`)."""
 
@@ -251,6 +236,14 @@ class Gemma3Wiring(PlaceholderWiring):
 
     def image_features(self, batch: dict) -> list[torch.Tensor]:
         return _as_image_list(self.base.get_image_features(pixel_values=batch["pixel_values"]))
+
+
+class PaliGemmaWiring(Gemma3Wiring):
+    """PaliGemma: image + prompt form a bidirectional prefix (`token_type_ids`); positions count from 1."""
+
+    def full_position_ids(self, batch: dict, attention_mask: torch.Tensor, generating: bool) -> torch.Tensor:
+        positions = full_positions(attention_mask, generating)
+        return positions if generating else positions + 1  # generate adds the 1 itself
 
 
 def _cross_attention_wiring(base_model: torch.nn.Module):
