@@ -207,7 +207,8 @@ def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tm
     train(recipe)
     report = json.loads((tmp_path / "run" / "components.json").read_text())
     assert "relevance" in json.dumps(report)
-    assert "relevance" in read_log(tmp_path / "run" / "log.jsonl")[0]["lr"]
+    first = read_log(tmp_path / "run" / "log.jsonl")[0]
+    assert "relevance" in first["lr"] and first["relevance_grad_norm"] >= 0.0
     checkpoint = latest_checkpoint(tmp_path / "run")
     saved = load_file(checkpoint / "relevance.safetensors")
     model, _ = load_for_inference(recipe, checkpoint)
@@ -254,3 +255,21 @@ def test_relevance_checkpoint_needs_relevance_enabled(setup, tmp_path):
     recipe.relevance.enabled = False
     with pytest.raises(CheckpointError, match=r"holds relevance modules: set relevance.enabled=true"):
         load_for_inference(recipe, latest_checkpoint(tmp_path / "run"))
+
+
+def test_relevance_gradients_are_clipped_apart_from_the_model():
+    """A spike in the scoring modules' gradients must not scale down the model's update."""
+    import torch
+    from accelerate import Accelerator
+
+    from vlm_tune.train import _clip_gradients
+
+    model_weight, scorer_weight = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([{"name": "language", "params": [model_weight]},
+                                   {"name": "relevance", "params": [scorer_weight]}])
+    model_weight.grad = torch.tensor([0.3, 0.0, 0.4])  # norm 0.5, under the limit
+    scorer_weight.grad = torch.tensor([300.0, 0.0, 400.0])  # norm 500
+    norms = _clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
+    assert norms["model"] == pytest.approx(0.5) and norms["relevance"] == pytest.approx(500.0)
+    assert torch.allclose(model_weight.grad, torch.tensor([0.3, 0.0, 0.4]))  # untouched
+    assert scorer_weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)

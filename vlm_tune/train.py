@@ -141,6 +141,21 @@ def _label_tokens(batch: dict) -> int:
     return int((batch["labels"][..., 1:] != -100).sum())
 
 
+def _clip_gradients(optimizer, accelerator, max_grad_norm: float) -> Optional[dict[str, float]]:
+    """Clip the model's gradients and the relevance modules' gradients, each to `max_grad_norm`.
+
+    Clipped apart so that spiky gradients of the small scoring modules never scale down the model's update.
+
+    Returns:
+        {"model": norm before clipping, "relevance": ...} (relevance only when it trains), or None if disabled.
+    """
+    if max_grad_norm <= 0:
+        return None
+    parts = {"model": [p for g in optimizer.param_groups if g.get("name") != "relevance" for p in g["params"]],
+             "relevance": [p for g in optimizer.param_groups if g.get("name") == "relevance" for p in g["params"]]}
+    return {part: float(accelerator.clip_grad_norm_(params, max_grad_norm)) for part, params in parts.items() if params}
+
+
 def _train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_grad_norm: float, step: int):
     """Forward/backward over the micro-batches of one optimizer step, then clip and step.
 
@@ -148,7 +163,7 @@ def _train_step(model, group: list[dict], optimizer, scheduler, accelerator, max
     micro-batch with more caption tokens weighs more, as if the step were one large batch.
 
     Returns:
-        (loss per label token over all processes, gradient norm or None, input tokens over all processes)
+        (loss per label token over all processes, gradient norms (see _clip_gradients) or None, input tokens over all processes)
     Raises:
         TrainingError: the loss is NaN or infinite (checked on every process alike, before the update).
     """
@@ -167,8 +182,7 @@ def _train_step(model, group: list[dict], optimizer, scheduler, accelerator, max
     step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
     if not math.isfinite(step_loss):
         raise TrainingError(f"the loss became {step_loss} at step {step + 1}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    grad_norm = _clip_gradients(optimizer, accelerator, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -275,7 +289,9 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                           "tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}  # all processes
                 if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                    record["grad_norm"] = grad_norm["model"]
+                    if "relevance" in grad_norm:
+                        record["relevance_grad_norm"] = grad_norm["relevance"]
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")

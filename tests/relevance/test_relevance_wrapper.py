@@ -101,3 +101,20 @@ def test_truncated_image_tokens_give_a_clear_error():
     wrapper = attach_relevance(model, RelevanceConfig(enabled=True, keep=0.5), component_map(model))
     with pytest.raises(ValueError, match="image placeholder tokens but the vision side produced"):
         wrapper(**batch)
+
+
+def test_scores_are_computed_in_float32_under_bf16_autocast():
+    """bf16 rounds away the small differences between an image's tokens; the scorer must not run in it."""
+    from vlm_tune.relevance.sequence import VisualTokens
+    from vlm_tune.relevance.wrapper import RelevanceModules
+
+    torch.manual_seed(0)
+    modules = RelevanceModules(RelevanceConfig(enabled=True, keep=0.5), visual_size=32, text_size=32)
+    features = 5.0 + 0.01 * torch.randn(2, 16, 32)  # close tokens, as a vision tower's often are
+    tokens = VisualTokens(features, torch.ones(2, 16, dtype=torch.bool), torch.tensor([0, 1]), [(4, 4)] * 2)
+    prompt, prompt_valid = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    plain = modules(tokens, prompt, prompt_valid).relevance
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = modules(tokens, prompt, prompt_valid).relevance
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, atol=1e-5, rtol=0)

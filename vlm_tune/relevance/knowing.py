@@ -41,12 +41,17 @@ class KnowingScores:
     gist: torch.Tensor
 
 
+SPREAD_FLOOR = 1e-2  # spread below which a score is treated as flat (see standardise)
+
+
 def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Zero-mean, unit-spread `scores` [U, N] over each row's valid entries (padding set to 0)."""
+    """Zero-mean, unit-spread `scores` [U, N] over each row's valid entries (padding set to 0; flat rows stay near 0)."""
     count = valid.sum(-1, keepdim=True).clamp_min(1)
     mean = (scores * valid).sum(-1, keepdim=True) / count
     centred = (scores - mean) * valid
-    spread = (centred.pow(2).sum(-1, keepdim=True) / count).add(1e-12).sqrt()  # tiny eps: scores may be small
+    # The variance floor bounds d(out)/d(scores) by 1 / SPREAD_FLOOR: a score that is (nearly) constant over an
+    # image carries no ranking, and dividing by its vanishing spread sent gradients of 1e2-1e3 into the scorer.
+    spread = (centred.pow(2).sum(-1, keepdim=True) / count).add(SPREAD_FLOOR ** 2).sqrt()
     return centred / spread
 
 
