@@ -14,7 +14,10 @@ writes a markdown table (ROOT/relevance_sweep.md) and the raw numbers (ROOT/rele
 Usage:
     python benchmarks/relevance_sweep.py [--recipe recipes/demo.yaml] [--root runs/relevance_sweep]
         [--keeps 1.0 0.5 0.25] [--methods relevance random pool] [--seeds 0 1] [--with-off]
-        [--reuse] [--dry-run] [-- extra.override=value ...]
+        [--reuse] [--report-only] [--dry-run] [-- extra.override=value ...]
+
+`--report-only` trains nothing: it tabulates the runs of ROOT that have finished (e.g. keep 1.0 with
+one seed next to keep 0.25 with three).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values (one run each)")
     parser.add_argument("--with-off", action="store_true", help="also run without relevance modules at all")
     parser.add_argument("--reuse", action="store_true", help="skip runs whose eval/metrics.json already exists")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args, extra = parser.parse_known_args(argv)
     extra = [item for item in extra if item != "--"]
@@ -142,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = root / f"{label}-seed{seed}"
             eval_dir = run_dir / "eval"
             overrides = overrides_for(keep, method, run_dir, seed, extra)
-            if not (args.reuse and (eval_dir / "metrics.json").is_file()):
+            finished = (eval_dir / "metrics.json").is_file()
+            if args.report_only and not finished:
+                continue
+            if not (args.reuse or args.report_only) or not finished:
                 trained = run([sys.executable, "-m", "vlm_tune.train", args.recipe, *overrides],
                               run_dir / "sweep.log", args.dry_run)
                 evaluated = trained and run(

@@ -273,3 +273,18 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     assert norms["model"] == pytest.approx(0.5) and norms["relevance"] == pytest.approx(500.0)
     assert torch.allclose(model_weight.grad, torch.tensor([0.3, 0.0, 0.4]))  # untouched
     assert scorer_weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_training_stops_when_no_sample_can_be_used(setup, tmp_path, monkeypatch):
+    """Every sample failing alike (here: a processor that cannot pad) must stop the run, not spin at step 0."""
+    from vlm_tune.data.bad_samples import DataError
+    from vlm_tune.data.collate import CaptionEncoder
+
+    def encode_without_padding(self, *args, **kwargs):
+        raise ValueError("Asking to pad but the tokenizer does not have a padding token.")
+
+    monkeypatch.setattr(CaptionEncoder, "encode", encode_without_padding)
+    with pytest.raises(DataError, match=r"last 8 batches in a row had no usable sample .*padding token"):
+        train(_recipe(setup, tmp_path / "run", max_steps=3, save_every=0))
+    bad = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert len(bad) >= 16 and all("padding token" in record["reason"] for record in bad)

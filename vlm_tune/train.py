@@ -21,11 +21,13 @@ from typing import Callable, Optional
 import torch
 
 from vlm_tune.checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from vlm_tune.data.bad_samples import DataError
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
 from vlm_tune.run_log import RunLog
 
 logger = logging.getLogger("vlm_tune.train")
+EMPTY_BATCH_LIMIT = 8  # micro-batches in a row without one usable sample before training stops
 
 
 class TrainingError(VlmTuneError):
@@ -136,6 +138,23 @@ def _resume(recipe: Recipe, run_dir: Path, model, optimizer, scheduler) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _every_process_has_data(group: list[dict], accelerator) -> bool:
+    """True when every process has a usable micro-batch for this step (all processes skip a step alike)."""
+    if accelerator.num_processes == 1:
+        return bool(group)
+    flag = torch.tensor(int(bool(group)), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "min").item())
+
+
+def _nothing_usable_message(batches: int, skipped: list[dict], run_dir: Path) -> str:
+    """Why training stopped after `batches` micro-batches in a row without one usable sample."""
+    first = skipped[0] if skipped else {"image_id": None, "reason": "unknown"}
+    return (f"the last {batches} batches in a row had no usable sample (first: image {first['image_id']}: "
+            f"{first['reason']}). When every sample fails alike, the processor or the model does not fit the data "
+            f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
+            f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}")
+
+
 def _label_tokens(batch: dict) -> int:
     """Tokens that carry loss: labels other than -100, after the one-token shift."""
     return int((batch["labels"][..., 1:] != -100).sum())
@@ -195,9 +214,9 @@ def _eval_loss(model, loader, accelerator) -> float:
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)  # [loss sum, label tokens]
     for batch in loader:
-        if batch is None:
-            continue
         batch.pop("skipped", None)
+        if "input_ids" not in batch:  # every sample of it was bad
+            continue
         n_tokens = _label_tokens(batch)
         totals += torch.tensor([model(**batch).loss.item() * n_tokens, n_tokens], device=accelerator.device)
     model.train()
@@ -262,7 +281,7 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
     if cfg.eval_generate_every and step == 0 and data.eval_set is not None and main:
         log.write({"step": 0, **{f"eval/{k}": v for k, v in _eval_generate(model, processor, data, recipe, accelerator).items()}})
     model.train()
-    batches_done, train_seconds, tokens_seen, skipped = skip, 0.0, 0, []
+    batches_done, train_seconds, tokens_seen, skipped, empty_batches = skip, 0.0, 0, [], 0
     try:
         while step < total_steps:
             if skip >= len(data.train_loader):  # the checkpoint was taken at the very end of an epoch
@@ -274,12 +293,16 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
             micro_batches = iter(loader)
             mark = time.perf_counter()  # tokens/s counts data loading and steps, not evaluation or saving
             while group := list(itertools.islice(micro_batches, cfg.grad_accum)):  # one optimizer step
-                batches_done += len(group)
-                group = [batch for batch in group if batch is not None]  # None: every sample of it was bad
+                batches_done, micro_batches_in_step = batches_done + len(group), len(group)
                 for batch in group:
                     skipped += batch.pop("skipped", [])
-                if not group:
+                group = [batch for batch in group if "input_ids" in batch]  # empty: every sample of it was bad
+                if not _every_process_has_data(group, accelerator):
+                    empty_batches += micro_batches_in_step
+                    if empty_batches >= EMPTY_BATCH_LIMIT:
+                        raise DataError(_nothing_usable_message(empty_batches, skipped, run_dir))
                     continue
+                empty_batches = 0
                 loss, grad_norm, step_tokens = _train_step(model, group, optimizer, scheduler, accelerator,
                                                            cfg.max_grad_norm, step)
                 tokens_seen += step_tokens

@@ -109,7 +109,10 @@ def test_a_sample_whose_prompt_does_not_fit_is_dropped_and_reported():
     batch = collator([small, large])
     assert batch["input_ids"].shape[0] == 1 and len(batch["skipped"]) == 1
     assert batch["skipped"][0]["image_id"] == "img1" and batch["skipped"][0]["reason"].startswith("too long")
-    assert collator([large]) is None and TrainCollator(processor, DataConfig())([None, None]) is None
+    nothing_left = collator([large])  # no tensors, only the record of what was dropped
+    assert set(nothing_left) == {"skipped"} and nothing_left["skipped"][0]["image_id"] == "img1"
+    unreadable = TrainCollator(processor, DataConfig())([None, None])
+    assert set(unreadable) == {"skipped"} and len(unreadable["skipped"]) == 2
     inputs, meta = GenerateCollator(processor, DataConfig(max_length=lengths[0]))([small, large])
     assert meta["image_ids"] == ["img0"] and meta["skipped"][0]["image_id"] == "img1"
 

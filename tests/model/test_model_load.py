@@ -106,6 +106,24 @@ def test_builtin_names_resolve_through_the_builtin_registry(tmp_path, monkeypatc
     assert asked == ["vlm_tune:tiny-paligemma"] and model.config.model_type == "paligemma"
 
 
+def test_a_tokenizer_without_padding_pads_with_its_end_of_sequence_token(tmp_path):
+    """transformers 5.17 builds SmolLM2's tokenizer from the GGUF without a padding token; batches need one."""
+    import json
+
+    folder = tiny_vlm_folder("idefics3", tmp_path)
+    config_file = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config.pop("pad_token", None)
+    config_file.write_text(json.dumps(tokenizer_config))
+    _, processor = load_model(ModelConfig(name_or_path=str(folder), dtype="float32"))
+    tokenizer = processor.tokenizer
+    assert tokenizer.eos_token is not None and tokenizer.pad_token == tokenizer.eos_token
+    image = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (32, 32), "red")
+    batch = processor(text=["<image>a", "<image>a longer text"], images=[[image], [image]], padding=True,
+                      return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2
+
+
 def test_not_a_model_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LoadError, match="is not a model folder \\(no config.json\\)"):

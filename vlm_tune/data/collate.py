@@ -163,7 +163,7 @@ class TrainCollator:
         seed: draws a prompt for items that carry none (items of a `CaptionDataset` always do).
     Returns (call):
         `{"input_ids", "attention_mask", "labels", <pixel and family tensors>, "skipped": [{"image_id",
-        "reason"}]}`, or None when every item was dropped.
+        "reason"}]}`, or only `{"skipped": [...]}` when every item was dropped.
     """
 
     def __init__(self, processor: Any, data_cfg: DataConfig, seed: int = 0):
@@ -173,8 +173,8 @@ class TrainCollator:
     def __call__(self, items: list[Optional[dict]]) -> Optional[dict]:
         samples, skipped = _split_none(items)
         batch, dropped = self._collate(samples) if samples else (None, [])
-        if batch is None:
-            return None
+        if batch is None:  # nothing usable: only the records of what was dropped, so the loop can report them
+            return {"skipped": skipped + dropped}
         batch["skipped"] = skipped + dropped
         return batch
 

@@ -90,6 +90,8 @@ def _build_smolvlm_demo(folder: Path) -> None:
 
     gguf = fetch_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.pad_token is None:  # transformers 5.17 does not read SmolLM2's padding token from the GGUF; 5.23 does
+        tokenizer.pad_token = "<|im_end|>"
     tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # one token, as in SmolVLM's tokenizer
     language = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
 

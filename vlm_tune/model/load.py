@@ -8,6 +8,7 @@ checkpointing is non-reentrant, and the vision tower / projector stay 16-bit (`k
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentError, ComponentMap, find_components
 from vlm_tune.model.targeting import param_count
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig, ModelConfig, QuantizationConfig
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "vlm_tune:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -223,6 +226,23 @@ def _enable_checkpointing(model: nn.Module) -> None:
             config.use_cache = False
 
 
+def ensure_pad_token(processor) -> None:
+    """Give a tokenizer without a padding token its end-of-sequence token as padding (batches need one).
+
+    Padding positions are masked and carry no loss, so which token pads does not change training.
+    Raises:
+        LoadError: the tokenizer has neither a padding nor an end-of-sequence token.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise LoadError(f"the tokenizer ({type(tokenizer).__name__}) has no padding and no end-of-sequence token; "
+                        "set tokenizer.pad_token and save the processor into the model folder")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("The tokenizer has no padding token; padding with its end-of-sequence token %r", tokenizer.eos_token)
+
+
 def _device_map(quantized: bool):
     if not quantized or not torch.cuda.is_available():
         return None  # 16-bit weights load on CPU; the training loop moves them
@@ -258,6 +278,7 @@ def load_model(model_cfg: ModelConfig, components: Optional[dict[str, ComponentC
     if not hasattr(processor, "image_processor"):
         raise LoadError(f"model.name_or_path: '{source}' has a {type(processor).__name__} but no image processor; "
                         f"save the model's full processor (e.g. AutoProcessor) into the folder")
+    ensure_pad_token(processor)
     quant = model_cfg.quantization
     kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
