@@ -288,3 +288,27 @@ def test_training_stops_when_no_sample_can_be_used(setup, tmp_path, monkeypatch)
         train(_recipe(setup, tmp_path / "run", max_steps=3, save_every=0))
     bad = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert len(bad) >= 16 and all("padding token" in record["reason"] for record in bad)
+
+
+def test_init_from_starts_a_new_run_from_an_earlier_runs_weights(setup, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from vlm_tune.checkpoint import CheckpointError
+
+    train(_recipe(setup, tmp_path / "first", max_steps=2, save_every=0))
+    first = latest_checkpoint(tmp_path / "first")
+    second = _recipe(setup, tmp_path / "second", max_steps=1, save_every=0, init_from=str(first))
+    for component in second.components.values():
+        component.lr = 1e-12  # one step that changes nothing measurable: the weights must be the first run's
+    train(second)
+    saved = load_file(first / "adapter" / "adapter_model.safetensors")
+    loaded = load_file(latest_checkpoint(tmp_path / "second") / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == loaded.keys()
+    assert any(key.endswith("lora_B.weight") and saved[key].abs().max() > 1e-4 for key in saved)  # trained, not init
+    assert all(torch.allclose(saved[key], loaded[key], atol=1e-6) for key in saved)
+    assert [r["step"] for r in read_log(tmp_path / "second" / "log.jsonl") if "loss" in r] == [1]  # a fresh count
+
+    missing = _recipe(setup, tmp_path / "third", max_steps=1, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match=r"train.init_from: checkpoint .*nowhere does not exist"):
+        train(missing)

@@ -146,6 +146,7 @@ class TrainConfig:
     eval_generate_every: int = 0  # caption metrics on eval.generate_limit samples every N steps (0: off)
     log_every: int = 1  # log a line every N steps
     resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) or a checkpoint path
+    init_from: Optional[str] = None  # start from a checkpoint's trained weights, fresh optimizer and schedule (same components)
 
     def _check(self) -> list[str]:
         errors = []

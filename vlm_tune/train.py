@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlm_tune.checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_training_state, load_weights, save_checkpoint
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
@@ -76,6 +76,13 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path):
         named = dict(model.named_parameters())
         groups.append({"name": "relevance", "params": [named[n] for n in names], "lr": row.lr,
                        "weight_decay": row.weight_decay if row.weight_decay is not None else recipe.train.weight_decay})
+    if recipe.train.init_from:  # a second stage: the weights of an earlier run (relevance modules fresh if it had none)
+        try:
+            load_weights(model, recipe.train.init_from)
+        except CheckpointError as error:
+            raise CheckpointError(f"train.init_from: {error} (the recipe's components must match the run that "
+                                  f"saved it)") from None
+        logger.info("Started from the weights of %s", recipe.train.init_from)
     if recipe.train.mixed_precision != "no":  # autocast computes in 16 bit; trained weights stay fp32 masters
         for group in groups:
             for param in group["params"]:
