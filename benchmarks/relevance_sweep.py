@@ -11,6 +11,14 @@ modules and with the two parameter-free baselines at the same K (random K tokens
 It then reads `RUN/log.jsonl` (last "tokens_per_s") and `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
 writes a markdown table (ROOT/relevance_sweep.md) and the raw numbers (ROOT/relevance_sweep.json).
 
+Two protocols:
+- from scratch (`--recipe recipes/demo.yaml`): the vision side is trained from random weights under the
+  token budget, so it can learn to spread what it sees over whichever tokens survive; 220 steps are
+  noisy between seeds (CIDEr-D spreads over about 0.3), so use several seeds;
+- adapting a trained model (`--recipe benchmarks/relevance_adapt.yaml`, after `make demo`): every run
+  starts from the demo's weights (trained with every token) and adapts to the budget for 100 steps with
+  the vision encoder all but frozen, as one adapts a pretrained VLM.
+
 Usage:
     python benchmarks/relevance_sweep.py [--recipe recipes/demo.yaml] [--root runs/relevance_sweep]
         [--keeps 1.0 0.5 0.25] [--methods relevance random pool] [--seeds 0 1] [--with-off]
