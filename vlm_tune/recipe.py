@@ -192,7 +192,7 @@ class RelevanceConfig:
     enabled: bool = False  # insert knowing/balancing/attending between projector and language model
     keep: Union[int, float] = 1.0  # visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]
     method: Literal["relevance", "random", "pool"] = "relevance"  # relevance modules, or a baseline at the same K
-    summary_token: bool = False  # fold the dropped tokens into one extra summary token
+    summary_token: bool = False  # fold the dropped tokens into one summary token, one of the K slots
     lr: Optional[float] = None  # learning rate of the relevance modules (default train.lr)
     hidden_size: int = 64  # width of the relevance modules' internal projections
     temperature: float = 1.0  # softness of the differentiable selection in training

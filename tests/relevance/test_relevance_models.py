@@ -92,6 +92,22 @@ def test_every_image_keeps_its_budget_and_the_language_model_reads_fewer_tokens(
         assert output.logits.shape[1] == seen
 
 
+@pytest.mark.parametrize("method", ["relevance", "random"])
+def test_the_summary_token_takes_one_of_the_budgets_slots(method):
+    model, processor = model_and_processor("llava")
+    batch = train_batch(processor, count=3)
+    wrapper = _attach(model, keep=0.25, method=method, summary_token=True)
+    with torch.no_grad():
+        wrapper(**batch)
+    sizes = _tokens_per_image(model, batch)
+    budgets = [keep_count(0.25, n) for n in sizes]
+    assert min(budgets) >= 2  # room for the summary
+    selection = wrapper.last_selection
+    assert selection.kept_counts.tolist() == [k - 1 for k in budgets]  # K - 1 kept tokens...
+    assert selection.slot_valid.sum(-1).tolist() == budgets  # ...plus the summary: K slots, as without it
+    assert (selection.summary_slot >= 0).all()
+
+
 @pytest.mark.parametrize("arch", WIRED_ARCHS)
 def test_gradients_reach_every_relevance_parameter(arch):
     model, processor = model_and_processor(arch)

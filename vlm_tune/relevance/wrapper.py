@@ -57,9 +57,16 @@ class RelevanceModules(nn.Module):
             self.summary_embedding = nn.Parameter(torch.zeros(visual_size))  # same marker as `Attending`
 
     def counts(self, valid: torch.Tensor) -> torch.Tensor:
-        """Tokens kept by each image: [U] long, from `keep` and the image's token count."""
-        sizes = valid.sum(-1).tolist()
-        return torch.tensor([keep_count(self.keep, int(n)) for n in sizes], device=valid.device)
+        """Tokens kept by each image: [U] long, from `keep` and the image's token count.
+
+        With `summary_token`, the summary takes one of the budget's slots (K - 1 kept + 1 summary) when the
+        budget has room for it (K >= 2 and tokens dropped), so the language model still reads K tokens.
+        """
+        sizes = [int(n) for n in valid.sum(-1).tolist()]
+        budgets = [keep_count(self.keep, n) for n in sizes]
+        if self.summary_token:
+            budgets = [k - 1 if 2 <= k < n else k for k, n in zip(budgets, sizes)]
+        return torch.tensor(budgets, device=valid.device)
 
     def forward(self, tokens: VisualTokens, prompt: torch.Tensor, prompt_valid: torch.Tensor) -> Selection:
         """Select the visual tokens of every image.
