@@ -196,6 +196,7 @@ class RelevanceConfig:
     lr: Optional[float] = None  # learning rate of the relevance modules (default train.lr)
     hidden_size: int = 64  # width of the relevance modules' internal projections
     temperature: float = 1.0  # softness of the differentiable selection in training
+    exploration: float = 1.0  # Gumbel noise added to the relevance when choosing in training (0: none)
 
     def _check(self) -> list[str]:
         errors = []
@@ -209,6 +210,8 @@ class RelevanceConfig:
             errors.append(f"hidden_size: must be a positive integer, got {self.hidden_size}")
         if self.temperature <= 0:
             errors.append(f"temperature: must be positive, got {self.temperature}")
+        if self.exploration < 0:
+            errors.append(f"exploration: must be >= 0, got {self.exploration}")
         return errors
 
 

@@ -178,3 +178,18 @@ def test_novelty_marks_a_duplicate_of_a_higher_ranked_token():
     assert scores[0, 3] == pytest.approx(0.0, abs=1e-5)
     assert scores[0, 1] == pytest.approx(1.0)  # the top token has nothing above it
     assert standardise(scores, torch.ones(1, 4, dtype=torch.bool)).argmin() == 3
+
+
+def test_exploration_tries_every_token_in_training_and_none_at_inference():
+    torch.manual_seed(0)
+    relevance = standardise(torch.linspace(2, -2, 8)[None], torch.ones(1, 8, dtype=torch.bool))  # token 7 last
+    features, valid, counts = torch.randn(1, 8, 4), torch.ones(1, 8, dtype=torch.bool), torch.tensor([2])
+    attending = Attending(4, exploration=1.0).train()
+    tried = set()
+    for _ in range(400):
+        tried |= set(attending(relevance, features, valid, counts).slots[0].tolist())
+    assert tried == set(range(8))  # dropped tokens get chosen now and then, so they can get gradient
+    attending.eval()
+    assert all(attending(relevance, features, valid, counts).slots[0].tolist() == [0, 1] for _ in range(20))
+    quiet = Attending(4, exploration=0.0).train()
+    assert all(quiet(relevance, features, valid, counts).slots[0].tolist() == [0, 1] for _ in range(20))

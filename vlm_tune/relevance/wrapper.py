@@ -52,7 +52,7 @@ class RelevanceModules(nn.Module):
         if cfg.method == "relevance":
             self.knowing = Knowing(visual_size, text_size, cfg.hidden_size)
             self.balancing = Balancing(cfg.hidden_size)
-            self.attending = Attending(visual_size, cfg.temperature, cfg.summary_token)
+            self.attending = Attending(visual_size, cfg.temperature, cfg.summary_token, cfg.exploration)
         elif cfg.summary_token and cfg.method == "random":
             self.summary_embedding = nn.Parameter(torch.zeros(visual_size))  # same marker as `Attending`
 
