@@ -312,3 +312,14 @@ def test_init_from_starts_a_new_run_from_an_earlier_runs_weights(setup, tmp_path
     missing = _recipe(setup, tmp_path / "third", max_steps=1, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match=r"train.init_from: checkpoint .*nowhere does not exist"):
         train(missing)
+
+
+def test_relevance_start_step_holds_the_modules_then_follows_the_schedule(setup, tmp_path):
+    recipe = _recipe(setup, tmp_path / "run", max_steps=4, save_every=0, log_every=1, warmup_steps=0,
+                     schedule="constant")
+    recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
+    recipe.relevance.start_step = 2
+    train(recipe)
+    rates = [r["lr"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]  # lr of the next step
+    assert [r["relevance"] for r in rates] == [0.0, 1e-2, 1e-2, 1e-2]  # steps 0 and 1 wait, then lr 1e-2
+    assert all(r["language"] == 3e-3 for r in rates)  # the model learns from the first step

@@ -196,7 +196,8 @@ class RelevanceConfig:
     lr: Optional[float] = None  # learning rate of the relevance modules (default train.lr)
     hidden_size: int = 64  # width of the relevance modules' internal projections
     temperature: float = 1.0  # softness of the differentiable selection in training
-    exploration: float = 1.0  # Gumbel noise added to the relevance when choosing in training (0: none)
+    exploration: float = 0.0  # Gumbel noise added to the relevance when choosing in training (0: none)
+    start_step: int = 0  # optimizer step from which the modules learn; before it they choose by their initial scores
 
     def _check(self) -> list[str]:
         errors = []
@@ -212,6 +213,8 @@ class RelevanceConfig:
             errors.append(f"temperature: must be positive, got {self.temperature}")
         if self.exploration < 0:
             errors.append(f"exploration: must be >= 0, got {self.exploration}")
+        if self.start_step < 0:
+            errors.append(f"start_step: must be >= 0, got {self.start_step}")
         return errors
 
 

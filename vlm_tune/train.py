@@ -122,6 +122,12 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup_steps,
                               num_training_steps=total_steps)
+    start = recipe.relevance.start_step if recipe.relevance.enabled else 0
+    if start > 0:  # the relevance group waits (lr 0) until the model reads the visual tokens it is given
+        schedule = scheduler.lr_lambdas[0]
+        waits = [g.get("name") == "relevance" for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            (lambda step, f=schedule: 0.0 if step < start else f(step)) if wait else schedule for wait in waits])
     return optimizer, scheduler
 
 
