@@ -122,10 +122,12 @@ class Attending(nn.Module):
     K-th and (K+1)-th relevance. The LM loss thus sends every kept token d(loss)/d(scale of token) back
     to its relevance, strongest for tokens near the cut, which are the ones whose rank can change; the
     summary token (a relevance-weighted mean of the dropped tokens) carries gradient to dropped tokens.
-    A dropped token gets no gradient of its own, so in training the choice is made on relevance plus
-    Gumbel noise (`exploration`; a Gumbel top-k sample): without it, a scorer that drifts onto useless
-    tokens early never tries the useful ones again (measured: a run that kept only background tokens).
-    Inference chooses on relevance alone. Soft gating was not used: it keeps all N tokens in the sequence.
+    A dropped token gets no gradient of its own, so a scorer that drifts onto useless tokens early may
+    never try the useful ones again (measured: a run that kept only background tokens). Remedies:
+    `relevance.start_step` (the scorer waits until the model reads visual tokens; used by the benchmark)
+    and `exploration`, Gumbel noise on the choice in training (a Gumbel top-k sample; at 1.0 it cost more
+    than it gave in our measurement, so it is off by default). Inference chooses on relevance alone.
+    Soft gating was not used: it keeps all N tokens in the sequence.
     """
 
     def __init__(self, feature_size: int, temperature: float = 1.0, summary_token: bool = False,
