@@ -77,6 +77,16 @@ def read_tokens_per_s(run_dir: Path) -> float | None:
     return float(values[-1]) if values else None
 
 
+def read_eval_loss(run_dir: Path) -> float | None:
+    """The last evaluation loss the training loop logged (loss per caption token on data.eval, budget applied)."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return None
+    values = [json.loads(line).get("eval_loss") for line in log.read_text().splitlines() if line.strip()]
+    values = [value for value in values if value is not None]
+    return float(values[-1]) if values else None
+
+
 def read_metrics(eval_dir: Path) -> dict[str, float]:
     """CIDEr-D and BLEU-4 of an evaluation folder (empty if it has none)."""
     metrics_file = eval_dir / "metrics.json"
@@ -102,16 +112,16 @@ def table(results: list[dict]) -> str:
     for result in results:
         by_setting.setdefault((result["keep"], result["method"]), []).append(result)
     reference = [r["tokens_per_s"] for r in by_setting.get((1.0, "relevance"), []) if r["tokens_per_s"]]
-    lines = ["| keep | method | CIDEr-D | BLEU-4 | train tokens/s | speed vs keep 1.0 |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = ["| keep | method | seeds | CIDEr-D | BLEU-4 | eval loss | train tokens/s | speed vs keep 1.0 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (keep, method), rows in by_setting.items():
         cider = [r["CIDEr-D"] for r in rows if r.get("CIDEr-D") is not None]
         bleu = [r["BLEU-4"] for r in rows if r.get("BLEU-4") is not None]
+        losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
         speed = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
         ratio = f"{statistics.mean(speed) / statistics.mean(reference):.2f}x" if speed and reference else "-"
-        lines.append(f"| {keep:g} | {method} | {_mean_std(cider)} | {_mean_std(bleu)} | "
-                     f"{statistics.mean(speed):.0f} | {ratio} |" if speed else
-                     f"| {keep:g} | {method} | {_mean_std(cider)} | {_mean_std(bleu)} | failed | - |")
+        first = f"| {keep:g} | {method} | {len(cider)} | {_mean_std(cider)} | {_mean_std(bleu)} | {_mean_std(losses)} |"
+        lines.append(f"{first} {statistics.mean(speed):.0f} | {ratio} |" if speed else f"{first} failed | - |")
 
     def mean_cider(keep, method):
         values = [r["CIDEr-D"] for r in by_setting.get((keep, method), []) if r.get("CIDEr-D") is not None]
@@ -121,9 +131,15 @@ def table(results: list[dict]) -> str:
     scores = {method: mean_cider(smallest, method) for method in ("relevance", "random", "pool")}
     if smallest is not None and all(value is not None for value in scores.values()):
         wins = scores["relevance"] > max(scores["random"], scores["pool"])
+        by_seed = {(r["seed"], r["method"]): r.get("CIDEr-D") for r in results if r["keep"] == smallest}
+        seeds = sorted({seed for seed, method in by_seed if method == "relevance"})
+        paired = [seed for seed in seeds if all(by_seed.get((seed, m)) is not None for m in ("relevance", "random", "pool"))]
+        seed_wins = sum(by_seed[(seed, "relevance")] > max(by_seed[(seed, "random")], by_seed[(seed, "pool")])
+                        for seed in paired)
         lines += ["", f"At keep {smallest:g}: relevance CIDEr-D {scores['relevance']:.3f} vs random "
                       f"{scores['random']:.3f}, pool {scores['pool']:.3f} -> "
-                      f"{'relevance beats both baselines' if wins else 'relevance does NOT beat both baselines'}."]
+                      f"{'relevance beats both baselines' if wins else 'relevance does NOT beat both baselines'} "
+                      f"on the mean; it beats both in {seed_wins} of {len(paired)} seeds."]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--output-dir", str(eval_dir), "--no-progress"], run_dir / "sweep.log", args.dry_run)
                 failures += not evaluated
             results.append({"label": label, "seed": seed, "keep": keep, "method": method,
-                            "tokens_per_s": read_tokens_per_s(run_dir), **read_metrics(eval_dir)})
+                            "tokens_per_s": read_tokens_per_s(run_dir), "eval_loss": read_eval_loss(run_dir),
+                            **read_metrics(eval_dir)})
     if args.dry_run:
         return 0
     root.mkdir(parents=True, exist_ok=True)
