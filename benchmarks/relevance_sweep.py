@@ -67,22 +67,13 @@ def run(command: list[str], log_file: Path, dry_run: bool) -> bool:
     return result.returncode == 0
 
 
-def read_tokens_per_s(run_dir: Path) -> float | None:
-    """The last tokens/s the training loop logged (its running average over the run)."""
+def read_last_logged(run_dir: Path, key: str) -> float | None:
+    """The last value of `key` in the run's log.jsonl: "tokens_per_s" (the running average over the run)
+    or "eval_loss" (loss per caption token on data.eval, budget applied); None if never logged."""
     log = run_dir / "log.jsonl"
     if not log.is_file():
         return None
-    values = [json.loads(line).get("tokens_per_s") for line in log.read_text().splitlines() if line.strip()]
-    values = [value for value in values if value is not None]
-    return float(values[-1]) if values else None
-
-
-def read_eval_loss(run_dir: Path) -> float | None:
-    """The last evaluation loss the training loop logged (loss per caption token on data.eval, budget applied)."""
-    log = run_dir / "log.jsonl"
-    if not log.is_file():
-        return None
-    values = [json.loads(line).get("eval_loss") for line in log.read_text().splitlines() if line.strip()]
+    values = [json.loads(line).get(key) for line in log.read_text().splitlines() if line.strip()]
     values = [value for value in values if value is not None]
     return float(values[-1]) if values else None
 
@@ -181,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--output-dir", str(eval_dir), "--no-progress"], run_dir / "sweep.log", args.dry_run)
                 failures += not evaluated
             results.append({"label": label, "seed": seed, "keep": keep, "method": method,
-                            "tokens_per_s": read_tokens_per_s(run_dir), "eval_loss": read_eval_loss(run_dir),
+                            "tokens_per_s": read_last_logged(run_dir, "tokens_per_s"),
+                            "eval_loss": read_last_logged(run_dir, "eval_loss"),
                             **read_metrics(eval_dir)})
     if args.dry_run:
         return 0
