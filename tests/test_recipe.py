@@ -152,3 +152,10 @@ def test_dump_and_reload_round_trip(tmp_path):
     dump_recipe(recipe, tmp_path / "resolved.yaml")
     again = load_recipe(tmp_path / "resolved.yaml")
     assert again == recipe and isinstance(again, Recipe)
+
+
+def test_relevance_values_are_checked_together():
+    raw = {"relevance": {"enabled": True, "keep": 0.25, "exploration": -0.5, "start_step": -1, "temperature": 0}}
+    assert sorted(_errors(raw)) == ["relevance.exploration: must be >= 0, got -0.5",
+                                    "relevance.start_step: must be >= 0, got -1",
+                                    "relevance.temperature: must be positive, got 0.0"]

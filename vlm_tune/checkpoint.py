@@ -165,11 +165,12 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
         if missing_unexpected.unexpected_keys:
             raise CheckpointError(f"{extra_file}: weights with no place in the model: "
                                   f"{missing_unexpected.unexpected_keys[:5]}")
-    relevance_file = checkpoint / "relevance.safetensors"
+    from vlm_tune.relevance import RELEVANCE_FILE, load_relevance
+
+    relevance_file = checkpoint / RELEVANCE_FILE
     if relevance_file.is_file():
         if getattr(model, "relevance", None) is None:
             raise CheckpointError(f"{checkpoint} holds relevance modules: set relevance.enabled=true to load it")
-        from vlm_tune.relevance import load_relevance
 
         try:
             load_relevance(model, checkpoint)

@@ -161,9 +161,9 @@ def _every_process_has_data(group: list[dict], accelerator) -> bool:
 
 def _nothing_usable_message(batches: int, skipped: list[dict], run_dir: Path) -> str:
     """Why training stopped after `batches` micro-batches in a row without one usable sample."""
-    first = skipped[0] if skipped else {"image_id": None, "reason": "unknown"}
-    return (f"the last {batches} batches in a row had no usable sample (first: image {first['image_id']}: "
-            f"{first['reason']}). When every sample fails alike, the processor or the model does not fit the data "
+    latest = skipped[-1] if skipped else {"image_id": None, "reason": "unknown"}  # one of this streak's
+    return (f"the last {batches} batches in a row had no usable sample (latest: image {latest['image_id']}: "
+            f"{latest['reason']}). When every sample fails alike, the processor or the model does not fit the data "
             f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
             f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}")
 

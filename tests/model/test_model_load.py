@@ -124,6 +124,16 @@ def test_a_tokenizer_without_padding_pads_with_its_end_of_sequence_token(tmp_pat
     assert batch["input_ids"].shape[0] == 2
 
 
+def test_a_tokenizer_without_padding_or_end_token_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from vlm_tune.model.load import ensure_pad_token
+
+    tokenizer = SimpleNamespace(pad_token=None, eos_token=None)
+    with pytest.raises(LoadError, match=r"no padding and no end-of-sequence token; set tokenizer.pad_token"):
+        ensure_pad_token(SimpleNamespace(tokenizer=tokenizer))
+
+
 def test_not_a_model_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LoadError, match="is not a model folder \\(no config.json\\)"):

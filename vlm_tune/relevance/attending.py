@@ -153,11 +153,11 @@ class Attending(nn.Module):
             The `Selection`; kept values equal the features in the forward pass.
         """
         num_tokens = relevance.shape[1]
-        choice = relevance.detach()  # [U, N] what the top-k is taken on
+        noise = torch.zeros_like(relevance.detach())  # [U, N] 0 at inference
         if self.training and self.exploration > 0:
-            uniform = torch.rand_like(choice).clamp(1e-6, 1 - 1e-6)
-            choice = choice - self.exploration * torch.log(-torch.log(uniform))  # + Gumbel noise
-        ranked = choice.masked_fill(~valid, float("-inf"))  # [U, N]
+            uniform = torch.rand_like(noise).clamp(1e-6, 1 - 1e-6)
+            noise = -self.exploration * torch.log(-torch.log(uniform))  # Gumbel noise
+        ranked = (relevance.detach() + noise).masked_fill(~valid, float("-inf"))  # [U, N] what the top-k takes
         sorted_scores, order = ranked.sort(dim=-1, descending=True)  # [U, N]
         rank_of = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=order.device)
                                                    .expand_as(order))  # [U, N] rank of each token
@@ -169,7 +169,6 @@ class Attending(nn.Module):
         n_valid = valid.sum(-1)
         threshold = torch.where(counts < n_valid, (last_kept + first_dropped) / 2, last_kept - 1.0)  # [U]
 
-        noise = choice - relevance.detach()  # [U, N] 0 at inference
         soft = torch.sigmoid(self.log_sharpness.exp() * (relevance + noise - threshold[:, None]))  # [U, N]
         gate = 1.0 + (soft - soft.detach())  # [U, N], exactly 1 in the forward pass (soft - soft == 0)
         gated = features * gate.to(features.dtype)[..., None]  # [U, N, D]
