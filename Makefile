@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -16,5 +16,9 @@ demo: install
 	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo --output-dir runs/demo/eval-trained
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
 
-test: install
+lint:
+	$(PYTHON) -m ruff check vlm_tune tests benchmarks
+	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks
+
+test: install lint
 	$(PYTHON) -m pytest -q --timeout 900

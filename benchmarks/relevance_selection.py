@@ -58,7 +58,7 @@ def measure(run: Path, limit: int) -> dict:
     kept_share, uniform_share, weights = [], [], {}
     items = [dataset[index] for index in range(min(limit, len(dataset)))]
     for start in range(0, len(items), 25):
-        chunk = [item for item in items[start:start + 25] if item is not None]
+        chunk = [item for item in items[start : start + 25] if item is not None]
         inputs, _ = collator(chunk)
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -74,9 +74,15 @@ def measure(run: Path, limit: int) -> dict:
             uniform_share.append(int(selection.kept_counts[unit]) / count)
         for name, value in getattr(getattr(model.relevance, "balancing", None), "last_weights", {}).items():
             weights.setdefault(name, []).extend(value.float().cpu().tolist())
-    return {"run": str(run), "method": recipe.relevance.method, "keep": recipe.relevance.keep, "images": len(kept_share),
-            "object_share_kept": float(np.mean(kept_share)), "uniform_expectation": float(np.mean(uniform_share)),
-            "pair_weights": {name: float(np.mean(values)) for name, values in weights.items()}}
+    return {
+        "run": str(run),
+        "method": recipe.relevance.method,
+        "keep": recipe.relevance.keep,
+        "images": len(kept_share),
+        "object_share_kept": float(np.mean(kept_share)),
+        "uniform_expectation": float(np.mean(uniform_share)),
+        "pair_weights": {name: float(np.mean(values)) for name, values in weights.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|")
     for run in args.runs:
         result = measure(run, args.limit)
-        print(f"| {run.name} | {result['method']} | {result['keep']:g} | {result['object_share_kept']:.3f} | "
-              f"{result['uniform_expectation']:.3f} |", flush=True)
+        print(
+            f"| {run.name} | {result['method']} | {result['keep']:g} | {result['object_share_kept']:.3f} | "
+            f"{result['uniform_expectation']:.3f} |",
+            flush=True,
+        )
         if result["pair_weights"]:
-            print("  mean pair weights: " + json.dumps({k: round(v, 3) for k, v in result["pair_weights"].items()}),
-                  file=sys.stderr)
+            print(
+                "  mean pair weights: " + json.dumps({k: round(v, 3) for k, v in result["pair_weights"].items()}),
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -42,15 +42,18 @@ def settings(keeps: list[float], methods: list[str], with_off: bool) -> list[tup
     """(label, keep, method) of every run: keep 1.0 once, every method at every smaller keep."""
     runs = [("off", 1.0, "none")] if with_off else []
     for keep in keeps:
-        for method in (["relevance"] if keep >= 1.0 else methods):
+        for method in ["relevance"] if keep >= 1.0 else methods:
             runs.append((f"keep{keep:g}-{method}", keep, method))
     return runs
 
 
 def overrides_for(keep: float, method: str, run_dir: Path, seed: int, extra: list[str]) -> list[str]:
     """Recipe overrides of one run."""
-    relevance = (["relevance.enabled=false"] if method == "none" else
-                 ["relevance.enabled=true", f"relevance.keep={keep!r}", f"relevance.method={method}"])
+    relevance = (
+        ["relevance.enabled=false"]
+        if method == "none"
+        else ["relevance.enabled=true", f"relevance.keep={keep!r}", f"relevance.method={method}"]
+    )
     return relevance + [f"train.output_dir={run_dir}", f"train.seed={seed}", *extra]
 
 
@@ -103,8 +106,10 @@ def table(results: list[dict]) -> str:
     for result in results:
         by_setting.setdefault((result["keep"], result["method"]), []).append(result)
     reference = [r["tokens_per_s"] for r in by_setting.get((1.0, "relevance"), []) if r["tokens_per_s"]]
-    lines = ["| keep | method | seeds | CIDEr-D | BLEU-4 | eval loss | train tokens/s | speed vs keep 1.0 |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| keep | method | seeds | CIDEr-D | BLEU-4 | eval loss | train tokens/s | speed vs keep 1.0 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for (keep, method), rows in by_setting.items():
         cider = [r["CIDEr-D"] for r in rows if r.get("CIDEr-D") is not None]
         bleu = [r["BLEU-4"] for r in rows if r.get("BLEU-4") is not None]
@@ -124,13 +129,19 @@ def table(results: list[dict]) -> str:
         wins = scores["relevance"] > max(scores["random"], scores["pool"])
         by_seed = {(r["seed"], r["method"]): r.get("CIDEr-D") for r in results if r["keep"] == smallest}
         seeds = sorted({seed for seed, method in by_seed if method == "relevance"})
-        paired = [seed for seed in seeds if all(by_seed.get((seed, m)) is not None for m in ("relevance", "random", "pool"))]
-        seed_wins = sum(by_seed[(seed, "relevance")] > max(by_seed[(seed, "random")], by_seed[(seed, "pool")])
-                        for seed in paired)
-        lines += ["", f"At keep {smallest:g}: relevance CIDEr-D {scores['relevance']:.3f} vs random "
-                      f"{scores['random']:.3f}, pool {scores['pool']:.3f} -> "
-                      f"{'relevance beats both baselines' if wins else 'relevance does NOT beat both baselines'} "
-                      f"on the mean; it beats both in {seed_wins} of {len(paired)} seeds."]
+        paired = [
+            seed for seed in seeds if all(by_seed.get((seed, m)) is not None for m in ("relevance", "random", "pool"))
+        ]
+        seed_wins = sum(
+            by_seed[(seed, "relevance")] > max(by_seed[(seed, "random")], by_seed[(seed, "pool")]) for seed in paired
+        )
+        lines += [
+            "",
+            f"At keep {smallest:g}: relevance CIDEr-D {scores['relevance']:.3f} vs random "
+            f"{scores['random']:.3f}, pool {scores['pool']:.3f} -> "
+            f"{'relevance beats both baselines' if wins else 'relevance does NOT beat both baselines'} "
+            f"on the mean; it beats both in {seed_wins} of {len(paired)} seeds.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="recipes/demo.yaml", help="recipe to sweep (default recipes/demo.yaml)")
     parser.add_argument("--root", default="runs/relevance_sweep", help="folder of the run folders and the table")
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="fractions of tokens kept")
-    parser.add_argument("--methods", nargs="+", default=["relevance", "random", "pool"],
-                        choices=["relevance", "random", "pool"], help="selection methods below keep 1.0")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["relevance", "random", "pool"],
+        choices=["relevance", "random", "pool"],
+        help="selection methods below keep 1.0",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values (one run each)")
     parser.add_argument("--with-off", action="store_true", help="also run without relevance modules at all")
     parser.add_argument("--reuse", action="store_true", help="skip runs whose eval/metrics.json already exists")
@@ -150,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = [item for item in extra if item != "--"]
     if not Path(args.recipe).is_file():
-        print(f"error: {args.recipe}: recipe not found (run from the repository root, or pass --recipe)",
-              file=sys.stderr)
+        print(
+            f"error: {args.recipe}: recipe not found (run from the repository root, or pass --recipe)", file=sys.stderr
+        )
         return 2
 
     root = Path(args.root)
@@ -165,16 +182,39 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only and not finished:
                 continue
             if not (args.reuse or args.report_only) or not finished:
-                trained = run([sys.executable, "-m", "vlm_tune.train", args.recipe, *overrides],
-                              run_dir / "sweep.log", args.dry_run)
+                trained = run(
+                    [sys.executable, "-m", "vlm_tune.train", args.recipe, *overrides],
+                    run_dir / "sweep.log",
+                    args.dry_run,
+                )
                 evaluated = trained and run(
-                    [sys.executable, "-m", "vlm_tune.evaluate", args.recipe, *overrides, "--checkpoint", str(run_dir),
-                     "--output-dir", str(eval_dir), "--no-progress"], run_dir / "sweep.log", args.dry_run)
+                    [
+                        sys.executable,
+                        "-m",
+                        "vlm_tune.evaluate",
+                        args.recipe,
+                        *overrides,
+                        "--checkpoint",
+                        str(run_dir),
+                        "--output-dir",
+                        str(eval_dir),
+                        "--no-progress",
+                    ],
+                    run_dir / "sweep.log",
+                    args.dry_run,
+                )
                 failures += not evaluated
-            results.append({"label": label, "seed": seed, "keep": keep, "method": method,
-                            "tokens_per_s": read_last_logged(run_dir, "tokens_per_s"),
-                            "eval_loss": read_last_logged(run_dir, "eval_loss"),
-                            **read_metrics(eval_dir)})
+            results.append(
+                {
+                    "label": label,
+                    "seed": seed,
+                    "keep": keep,
+                    "method": method,
+                    "tokens_per_s": read_last_logged(run_dir, "tokens_per_s"),
+                    "eval_loss": read_last_logged(run_dir, "eval_loss"),
+                    **read_metrics(eval_dir),
+                }
+            )
     if args.dry_run:
         return 0
     root.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageDraw
-
 from tiny import TINY_ARCHS, tiny_vlm, tiny_vlm_folder
+
 from vlm_tune.data import build_dataset
-from vlm_tune.evaluate import (EvaluationError, compare_evaluations, eval_source, evaluate_run, generate_captions,
-                               main)
+from vlm_tune.evaluate import EvaluationError, compare_evaluations, eval_source, evaluate_run, generate_captions, main
 from vlm_tune.metrics import score_captions
 from vlm_tune.recipe import DataConfig, DataSourceConfig, EvalConfig, recipe_from_dict
 
@@ -19,8 +18,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), 
 METRIC_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
 
 
-def _coco_set(folder: Path, name: str = "captions_val.json", empty_captions: bool = False,
-              broken_image: int | None = None) -> Path:
+def _coco_set(
+    folder: Path, name: str = "captions_val.json", empty_captions: bool = False, broken_image: int | None = None
+) -> Path:
     """Four images (a coloured square each) with two captions each, in COCO captions layout."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -32,8 +32,9 @@ def _coco_set(folder: Path, name: str = "captions_val.json", empty_captions: boo
             (folder / "images" / f"{index}.png").write_bytes(b"not a png at all")
         images.append({"id": 100 + index, "file_name": f"{index}.png"})
         for number, text in enumerate([f"a {colour} square", f"one {colour} box on white"]):
-            annotations.append({"id": 10 * index + number, "image_id": 100 + index,
-                                "caption": "" if empty_captions else text})
+            annotations.append(
+                {"id": 10 * index + number, "image_id": 100 + index, "caption": "" if empty_captions else text}
+            )
     path = folder / name
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
@@ -67,8 +68,13 @@ def _record_generate(model) -> list[dict]:
 
     def recording_generate(**kwargs):
         output = original_generate(**kwargs)
-        calls.append({"input_ids": kwargs["input_ids"].clone(), "output": output.clone(),
-                      **{k: kwargs[k] for k in ("max_new_tokens", "num_beams", "do_sample")}})
+        calls.append(
+            {
+                "input_ids": kwargs["input_ids"].clone(),
+                "output": output.clone(),
+                **{k: kwargs[k] for k in ("max_new_tokens", "num_beams", "do_sample")},
+            }
+        )
         return output
 
     model.generate = recording_generate
@@ -108,13 +114,15 @@ def test_generate_captions_works_for_every_family(arch, files):
     data_cfg = DataConfig(eval=DataSourceConfig(format="coco", path=str(files["data"])))
     dataset = build_dataset(data_cfg.eval, data_cfg, train=False)
     calls = _record_generate(model)
-    rows = generate_captions(model, processor, dataset, data_cfg, EvalConfig(batch_size=3, max_new_tokens=4),
-                             show_progress=False)
+    rows = generate_captions(
+        model, processor, dataset, data_cfg, EvalConfig(batch_size=3, max_new_tokens=4), show_progress=False
+    )
     assert [r["image_id"] for r in rows] == ["100", "101", "102", "103"]
-    new_tokens = [seq[call["input_ids"].shape[1]:] for call in calls for seq in call["output"]]
+    new_tokens = [seq[call["input_ids"].shape[1] :] for call in calls for seq in call["output"]]
     assert all(len(tokens) <= 4 for tokens in new_tokens)
-    assert [r["prediction"] for r in rows] == \
-        [" ".join(processor.tokenizer.decode(t, skip_special_tokens=True).split()) for t in new_tokens]
+    assert [r["prediction"] for r in rows] == [
+        " ".join(processor.tokenizer.decode(t, skip_special_tokens=True).split()) for t in new_tokens
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +143,9 @@ def test_cli_writes_the_evaluation_folder_and_compares_two(files, tmp_path, caps
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert [r["image_id"] for r in rows] == ["100", "101", "102", "103"]
     assert all(isinstance(r["prediction"], str) and len(r["references"]) == 2 for r in rows)
-    rescored = score_captions({r["image_id"]: r["prediction"] for r in rows},
-                              {r["image_id"]: r["references"] for r in rows}, use_java=False)
+    rescored = score_captions(
+        {r["image_id"]: r["prediction"] for r in rows}, {r["image_id"]: r["references"] for r in rows}, use_java=False
+    )
     assert rescored == pytest.approx(info["metrics"])
     summary = (folder / "summary.md").read_text()
     assert "| CIDEr-D |" in summary and "| 100 |" in summary and "base model" in summary
@@ -227,7 +236,9 @@ def test_split_selection(files, tmp_path):
     source, name = eval_source(recipe, "test")
     assert (Path(source.path).name, name) == ("captions_test.json", "test")
     assert recipe.data.eval.path.endswith("captions_val.json")  # the recipe itself is untouched
-    with pytest.raises(EvaluationError, match=r"captions_train\.json not found.*captions_test\.json, captions_val\.json"):
+    with pytest.raises(
+        EvaluationError, match=r"captions_train\.json not found.*captions_test\.json, captions_val\.json"
+    ):
         eval_source(recipe, "train")
 
     raw["data"]["eval"] = {"format": "karpathy", "path": "dataset_coco.json", "split": "val"}
@@ -242,8 +253,11 @@ def test_split_selection(files, tmp_path):
 def test_compare_reports_missing_metrics_in_either_folder(tmp_path):
     for name, metrics in (("a", {"BLEU-1": 0.5, "METEOR": 0.2}), ("b", {"BLEU-1": 0.75})):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps(
-            {"metrics": metrics, "model": "m", "checkpoint": None, "num_images": 2, "data": "d", "split": "val"}))
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps(
+                {"metrics": metrics, "model": "m", "checkpoint": None, "num_images": 2, "data": "d", "split": "val"}
+            )
+        )
     table = compare_evaluations(tmp_path / "a", tmp_path / "b")
     assert "| BLEU-1 | 0.5000 | 0.7500 | +0.2500 |" in table
     assert "| METEOR | 0.2000 | n/a | n/a |" in table

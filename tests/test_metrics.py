@@ -67,8 +67,18 @@ def test_python_tokenizer_matches_java_ptb_tokenizer_on_typical_captions():
 def test_python_tokenizer_splits_like_ptb():
     # Contractions and possessives split off, hyphenated words and decimals stay whole, punctuation is
     # dropped, and brackets survive as -lrb-/-rrb- (pycocoevalcap's filter lists them in upper case).
-    assert python_ptb_tokenize("A man's T-shirt (red), isn't it?") == \
-        ["a", "man", "'s", "t-shirt", "-lrb-", "red", "-rrb-", "is", "n't", "it"]
+    assert python_ptb_tokenize("A man's T-shirt (red), isn't it?") == [
+        "a",
+        "man",
+        "'s",
+        "t-shirt",
+        "-lrb-",
+        "red",
+        "-rrb-",
+        "is",
+        "n't",
+        "it",
+    ]
     assert python_ptb_tokenize('He said "3.5 kg" -- I\'m sure.') == ["he", "said", "3.5", "kg", "i", "'m", "sure"]
     assert python_ptb_tokenize("Dr. Who vs. the U.S. team.") == ["dr.", "who", "vs.", "the", "u.s.", "team"]
     assert python_ptb_tokenize("a dog. a cat") == ["a", "dog", "a", "cat"]
@@ -146,8 +156,14 @@ RAW_REFERENCES = {
 
 def _direct_scores(gts: dict, res: dict) -> dict:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3],
-            "ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr-D": Cider().compute_score(gts, res)[0]}
+    return {
+        "BLEU-1": bleu[0],
+        "BLEU-2": bleu[1],
+        "BLEU-3": bleu[2],
+        "BLEU-4": bleu[3],
+        "ROUGE-L": Rouge().compute_score(gts, res)[0],
+        "CIDEr-D": Cider().compute_score(gts, res)[0],
+    }
 
 
 def test_scores_without_java_match_pycocoevalcap_and_skip_meteor(caplog):

@@ -8,8 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipe_reference_matches_the_code():
-    assert readme_section((ROOT / "README.md").read_text()) == reference_markdown(), \
+    assert readme_section((ROOT / "README.md").read_text()) == reference_markdown(), (
         "README recipe reference is stale: run python -m vlm_tune.recipe_reference --write"
+    )
 
 
 def test_reference_documents_every_field_with_a_help_line():

@@ -3,18 +3,41 @@
 import pytest
 import yaml
 
-from vlm_tune.recipe import (ComponentConfig, QuantizationConfig, Recipe, RecipeError, apply_overrides,
-                             dump_recipe, load_recipe, parse_override, recipe_from_dict)
+from vlm_tune.recipe import (
+    ComponentConfig,
+    QuantizationConfig,
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+)
 
 GOOD = {
-    "model": {"name_or_path": "HuggingFaceTB/SmolVLM-256M-Instruct", "dtype": "bfloat16",
-              "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True,
-                               "compute_dtype": "bfloat16", "keep_16bit": ["vision", "projector"]}},
+    "model": {
+        "name_or_path": "HuggingFaceTB/SmolVLM-256M-Instruct",
+        "dtype": "bfloat16",
+        "quantization": {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16",
+            "keep_16bit": ["vision", "projector"],
+        },
+    },
     "components": {
         "vision": {"mode": "lora", "rank": 8, "alpha": 16, "targets": ["attention"], "variant": "lora", "lr": 2e-5},
         "projector": {"mode": "full", "lr": 1e-4},
-        "language": {"mode": "lora", "rank": 16, "alpha": 32, "dropout": 0.05, "targets": ["attention", "mlp"],
-                     "modules": [r"model\.text_model", "lm_head"]},
+        "language": {
+            "mode": "lora",
+            "rank": 16,
+            "alpha": 32,
+            "dropout": 0.05,
+            "targets": ["attention", "mlp"],
+            "modules": [r"model\.text_model", "lm_head"],
+        },
     },
 }
 
@@ -44,8 +67,15 @@ def test_good_recipe_is_typed():
 
 def test_load_recipe_with_overrides(tmp_path):
     path = _write(tmp_path, GOOD)
-    recipe = load_recipe(path, overrides=["components.vision.rank=16", "components.cross_attention.mode=lora",
-                                          "model.quantization=null", "components.language.targets=[q_proj, v_proj]"])
+    recipe = load_recipe(
+        path,
+        overrides=[
+            "components.vision.rank=16",
+            "components.cross_attention.mode=lora",
+            "model.quantization=null",
+            "components.language.targets=[q_proj, v_proj]",
+        ],
+    )
     assert recipe.components["vision"].rank == 16
     assert recipe.components["cross_attention"].mode == "lora"
     assert recipe.model.quantization is None
@@ -81,17 +111,20 @@ def test_every_problem_is_reported_once_with_its_path():
     assert len(errors) == len(expected)
 
 
-@pytest.mark.parametrize("section,value,message", [
-    ("rank", 0, "components.vision.rank: must be a positive integer, got 0"),
-    ("rank", 2.5, "components.vision.rank: expected an integer, got 2.5"),
-    ("rank", True, "components.vision.rank: expected an integer, got True"),
-    ("alpha", 0, "components.vision.alpha: must be positive, got 0.0"),
-    ("dropout", 1.0, "components.vision.dropout: must be in [0, 1), got 1.0"),
-    ("variant", "qlora", "components.vision.variant: expected one of 'lora', 'dora', 'rslora', got 'qlora'"),
-    ("lr", -1e-4, "components.vision.lr: must be positive, got -0.0001"),
-    ("targets", [], "components.vision.targets: must name at least one kind or module when mode is lora"),
-    ("modules", [], "components.vision.modules: must hold at least one regex, or be omitted"),
-])
+@pytest.mark.parametrize(
+    "section,value,message",
+    [
+        ("rank", 0, "components.vision.rank: must be a positive integer, got 0"),
+        ("rank", 2.5, "components.vision.rank: expected an integer, got 2.5"),
+        ("rank", True, "components.vision.rank: expected an integer, got True"),
+        ("alpha", 0, "components.vision.alpha: must be positive, got 0.0"),
+        ("dropout", 1.0, "components.vision.dropout: must be in [0, 1), got 1.0"),
+        ("variant", "qlora", "components.vision.variant: expected one of 'lora', 'dora', 'rslora', got 'qlora'"),
+        ("lr", -1e-4, "components.vision.lr: must be positive, got -0.0001"),
+        ("targets", [], "components.vision.targets: must name at least one kind or module when mode is lora"),
+        ("modules", [], "components.vision.modules: must hold at least one regex, or be omitted"),
+    ],
+)
 def test_component_values(section, value, message):
     raw = {"components": {"vision": {"mode": "lora", section: value}}}
     assert _errors(raw) == [message]
@@ -99,8 +132,9 @@ def test_component_values(section, value, message):
 
 def test_all_frozen_is_refused_with_the_fix():
     errors = _errors({"components": {"vision": {"mode": "frozen"}}})
-    assert errors == ["components: every component is frozen, nothing would train; "
-                      "set components.<name>.mode to lora or full"]
+    assert errors == [
+        "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
+    ]
 
 
 def test_wrong_section_types():
@@ -125,7 +159,8 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     assert recipe.components["vision"].lr == 1e-4 and recipe.train.lr == 2e-5
     assert recipe.components["vision"].weight_decay == 0.01
     assert _errors({"components": {"vision": {"mode": "lora", "lr": "fast"}}}) == [
-        "components.vision.lr: expected a number, got 'fast'"]
+        "components.vision.lr: expected a number, got 'fast'"
+    ]
 
 
 def test_override_values_are_validated_like_the_file(tmp_path):
@@ -156,6 +191,8 @@ def test_dump_and_reload_round_trip(tmp_path):
 
 def test_relevance_values_are_checked_together():
     raw = {"relevance": {"enabled": True, "keep": 0.25, "exploration": -0.5, "start_step": -1, "temperature": 0}}
-    assert sorted(_errors(raw)) == ["relevance.exploration: must be >= 0, got -0.5",
-                                    "relevance.start_step: must be >= 0, got -1",
-                                    "relevance.temperature: must be positive, got 0.0"]
+    assert sorted(_errors(raw)) == [
+        "relevance.exploration: must be >= 0, got -0.5",
+        "relevance.start_step: must be >= 0, got -1",
+        "relevance.temperature: must be positive, got 0.0",
+    ]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import tiny_vlm_folder
+
 from vlm_tune.data import TrainCollator, build_dataset
 from vlm_tune.model.load import load_model
 from vlm_tune.model.targeting import apply_targeting

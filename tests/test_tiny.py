@@ -4,9 +4,8 @@ training and generation run, and a save/load round trip reproduces the logits.""
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
 from tiny import SPECIAL_TOKENS, TINY_ARCHS, tiny_model, tiny_processor, tiny_vlm, tiny_vlm_folder
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 PROMPT = "Describe the image."
 CAPTION = "Two red squares on the left."
@@ -106,7 +105,10 @@ def test_chat_template_prompt_is_prefix_of_training_text(arch):
 def test_processor_chat_template_tokenizes_with_one_bos(arch):
     processor = tiny_processor(arch)
     inputs = processor.apply_chat_template(
-        _chat(image=_image()), tokenize=True, return_dict=True, return_tensors="pt",
+        _chat(image=_image()),
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     input_ids = inputs["input_ids"][0].tolist()
     bos_id = processor.tokenizer.bos_token_id
@@ -157,7 +159,8 @@ def test_padded_batch_of_differently_sized_images(arch):
     captions = ["A red box.", "Two green circles on the top left of the image."]
     texts = [
         processor.apply_chat_template(
-            [_chat(with_answer=False)[0], {"role": "assistant", "content": caption}], tokenize=False)
+            [_chat(with_answer=False)[0], {"role": "assistant", "content": caption}], tokenize=False
+        )
         for caption in captions
     ]
     batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))

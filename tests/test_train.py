@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image, ImageDraw
-
 from tiny import tiny_vlm_folder
+
 from vlm_tune.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from vlm_tune.recipe import recipe_from_dict
 from vlm_tune.run_log import read_log
@@ -29,8 +29,10 @@ def _coco_set(folder: Path, n_images: int = 8) -> Path:
         ImageDraw.Draw(image).rectangle([4 + index % 3, 4, 24, 24], fill=COLOURS[name])
         image.save(folder / "images" / f"{index}.png")
         images.append({"id": index, "file_name": f"{index}.png", "width": 32, "height": 32})
-        annotations += [{"id": 2 * index, "image_id": index, "caption": f"a {name} square"},
-                        {"id": 2 * index + 1, "image_id": index, "caption": f"one {name} box"}]
+        annotations += [
+            {"id": 2 * index, "image_id": index, "caption": f"a {name} square"},
+            {"id": 2 * index + 1, "image_id": index, "caption": f"one {name} box"},
+        ]
     path = folder / "captions.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
@@ -45,13 +47,24 @@ def setup(tmp_path_factory):
 def _recipe(setup, output_dir, **train_overrides):
     raw = {
         "model": {"name_or_path": setup["model"], "dtype": "float32", "attn_implementation": "eager"},
-        "components": {"projector": {"mode": "full", "lr": 1e-3},
-                       "language": {"mode": "lora", "rank": 4, "alpha": 8, "dropout": 0.1, "lr": 3e-3}},
-        "data": {"train": {"format": "coco", "path": setup["data"]},
-                 "eval": {"format": "coco", "path": setup["data"]}},
-        "train": {"output_dir": str(output_dir), "max_steps": 6, "batch_size": 2, "grad_accum": 2,
-                  "mixed_precision": "no", "save_every": 2, "keep_checkpoints": 0, "seed": 3,
-                  "schedule": "cosine", "warmup_steps": 1, **train_overrides},
+        "components": {
+            "projector": {"mode": "full", "lr": 1e-3},
+            "language": {"mode": "lora", "rank": 4, "alpha": 8, "dropout": 0.1, "lr": 3e-3},
+        },
+        "data": {"train": {"format": "coco", "path": setup["data"]}, "eval": {"format": "coco", "path": setup["data"]}},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": 6,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "mixed_precision": "no",
+            "save_every": 2,
+            "keep_checkpoints": 0,
+            "seed": 3,
+            "schedule": "cosine",
+            "warmup_steps": 1,
+            **train_overrides,
+        },
     }
     return recipe_from_dict(raw)
 
@@ -162,11 +175,26 @@ def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
         env["ACCELERATE_USE_CPU"] = "1"
         launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
     else:
-        launcher = ["accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no",
-                    *(["--cpu"] if cpu else []), *(["--multi_gpu"] if num_processes > 1 else [])]
-    result = subprocess.run([sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)],
-                            capture_output=True, text=True, env=env, timeout=600)
+        launcher = [
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *(["--cpu"] if cpu else []),
+            *(["--multi_gpu"] if num_processes > 1 else []),
+        ]
+    result = subprocess.run(
+        [sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -265,8 +293,9 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     from vlm_tune.train import _clip_gradients
 
     model_weight, scorer_weight = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    optimizer = torch.optim.AdamW([{"name": "language", "params": [model_weight]},
-                                   {"name": "relevance", "params": [scorer_weight]}])
+    optimizer = torch.optim.AdamW(
+        [{"name": "language", "params": [model_weight]}, {"name": "relevance", "params": [scorer_weight]}]
+    )
     model_weight.grad = torch.tensor([0.3, 0.0, 0.4])  # norm 0.5, under the limit
     scorer_weight.grad = torch.tensor([300.0, 0.0, 400.0])  # norm 500
     norms = _clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
@@ -315,8 +344,9 @@ def test_init_from_starts_a_new_run_from_an_earlier_runs_weights(setup, tmp_path
 
 
 def test_relevance_start_step_holds_the_modules_then_follows_the_schedule(setup, tmp_path):
-    recipe = _recipe(setup, tmp_path / "run", max_steps=4, save_every=0, log_every=1, warmup_steps=0,
-                     schedule="constant")
+    recipe = _recipe(
+        setup, tmp_path / "run", max_steps=4, save_every=0, log_every=1, warmup_steps=0, schedule="constant"
+    )
     recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
     recipe.relevance.start_step = 2
     train(recipe)

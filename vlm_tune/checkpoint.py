@@ -49,8 +49,11 @@ def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters that the PEFT adapter folder does not hold."""
-    return {name: param.detach().contiguous().cpu() for name, param in peft_model.named_parameters()
-            if param.requires_grad and "lora_" not in name and ".modules_to_save." not in name}
+    return {
+        name: param.detach().contiguous().cpu()
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad and "lora_" not in name and ".modules_to_save." not in name
+    }
 
 
 def _save_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -63,13 +66,20 @@ def _save_weights(model: torch.nn.Module, folder: Path) -> None:
     if relevance is not None:
         from vlm_tune.relevance import RELEVANCE_FILE
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in relevance.state_dict().items()},
-                  folder / RELEVANCE_FILE)  # the file load_relevance reads
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in relevance.state_dict().items()}, folder / RELEVANCE_FILE
+        )  # the file load_relevance reads
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None,
-                    keep: int = 0) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    keep: int = 0,
+) -> Path:
     """Write `checkpoint-STEP` atomically and prune old ones.
 
     Args:
@@ -90,9 +100,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
         training_state = {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
         torch.save(training_state, staging / "training_state.pt")
         (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
@@ -163,8 +176,9 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     if extra_file.is_file():
         missing_unexpected = peft_model.load_state_dict(load_file(extra_file), strict=False)
         if missing_unexpected.unexpected_keys:
-            raise CheckpointError(f"{extra_file}: weights with no place in the model: "
-                                  f"{missing_unexpected.unexpected_keys[:5]}")
+            raise CheckpointError(
+                f"{extra_file}: weights with no place in the model: {missing_unexpected.unexpected_keys[:5]}"
+            )
     from vlm_tune.relevance import RELEVANCE_FILE, load_relevance
 
     relevance_file = checkpoint / RELEVANCE_FILE
@@ -218,6 +232,7 @@ def load_for_inference(recipe, checkpoint: str | Path | None = None):
     if recipe.relevance.enabled:
         from vlm_tune.model.components import find_components
         from vlm_tune.relevance import attach_relevance
+
         model = attach_relevance(model, recipe.relevance, find_components(model.get_base_model(), recipe.components))
     load_weights(model, checkpoint)
     return model.eval(), processor

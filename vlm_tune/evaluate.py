@@ -66,14 +66,18 @@ def _device_and_dtype(model):
 
 def _new_tokens(sequences, prompt_ids):
     """The generated part of `generate`'s output: decoder-only models return prompt + new tokens."""
-    if prompt_ids is not None and sequences.shape[1] >= prompt_ids.shape[1] \
-            and bool((sequences[:, :prompt_ids.shape[1]] == prompt_ids.to(sequences.device)).all()):
-        return sequences[:, prompt_ids.shape[1]:]
+    if (
+        prompt_ids is not None
+        and sequences.shape[1] >= prompt_ids.shape[1]
+        and bool((sequences[:, : prompt_ids.shape[1]] == prompt_ids.to(sequences.device)).all())
+    ):
+        return sequences[:, prompt_ids.shape[1] :]
     return sequences  # encoder-decoder models, or generation from embeddings only, return new tokens
 
 
-def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig,
-                      show_progress: bool = True) -> list[dict]:
+def generate_captions(
+    model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
+) -> list[dict]:
     """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches.
 
     Args:
@@ -93,8 +97,13 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
     from vlm_tune.data.collate import GenerateCollator
 
     count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=eval_cfg.batch_size, shuffle=False,
-                        num_workers=data_cfg.num_workers, collate_fn=_CountingCollate(GenerateCollator(processor, data_cfg)))
+    loader = DataLoader(
+        Subset(dataset, range(count)),
+        batch_size=eval_cfg.batch_size,
+        shuffle=False,
+        num_workers=data_cfg.num_workers,
+        collate_fn=_CountingCollate(GenerateCollator(processor, data_cfg)),
+    )
     tokenizer = getattr(processor, "tokenizer", processor)
     device, dtype = _device_and_dtype(model)
     was_training = model.training
@@ -102,8 +111,10 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
     rows: list[dict] = []
     skipped = 0
     try:
-        with tqdm(total=count, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as progress, \
-                torch.inference_mode():
+        with (
+            tqdm(total=count, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as progress,
+            torch.inference_mode(),
+        ):
             for collated, n_items, n_usable in loader:
                 progress.update(n_items)
                 skipped += n_items - n_usable
@@ -113,14 +124,21 @@ def generate_captions(model, processor, dataset, data_cfg: DataConfig, eval_cfg:
                 skipped += n_usable - len(meta["image_ids"])  # the collator may drop more (e.g. too long)
                 for record in meta.get("skipped", []):
                     logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
-                inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-                          for k, v in inputs.items()}
-                output = model.generate(**inputs, max_new_tokens=eval_cfg.max_new_tokens,
-                                        num_beams=eval_cfg.num_beams, do_sample=False)
+                inputs = {
+                    k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+                    for k, v in inputs.items()
+                }
+                output = model.generate(
+                    **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
+                )
                 sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
-                texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
-                rows += [{"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
-                         for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])]
+                texts = tokenizer.batch_decode(
+                    _new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True
+                )
+                rows += [
+                    {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
+                    for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
+                ]
     finally:
         model.train(was_training)
     if skipped:
@@ -143,8 +161,10 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
         EvaluationError: no `data.eval` in the recipe, or the split cannot be selected.
     """
     if recipe.data.eval is None:
-        raise EvaluationError("data.eval is not set in the recipe: name the evaluation set, e.g. "
-                              "data.eval.path=data/shapes/captions_val.json (data.eval.format defaults to coco)")
+        raise EvaluationError(
+            "data.eval is not set in the recipe: name the evaluation set, e.g. "
+            "data.eval.path=data/shapes/captions_val.json (data.eval.format defaults to coco)"
+        )
     source = dataclasses.replace(recipe.data.eval)
     path = Path(source.path)
     coco_match = COCO_SPLIT_FILE.match(path.name) if source.format == "coco" else None
@@ -155,13 +175,16 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
             source.path = str(path.with_name(f"captions_{split}.json"))
             if not Path(source.path).is_file():
                 found = sorted(p.name for p in path.parent.glob("captions_*.json"))
-                raise EvaluationError(f"--split {split}: {source.path} not found; COCO files in {path.parent}: "
-                                      f"{', '.join(found) or 'none'}")
+                raise EvaluationError(
+                    f"--split {split}: {source.path} not found; COCO files in {path.parent}: "
+                    f"{', '.join(found) or 'none'}"
+                )
         else:
             raise EvaluationError(
                 f"--split {split}: cannot select a split of {source.path} (format {source.format}): --split sets "
                 f"data.eval.split for karpathy/hf sets and swaps captions_<split>.json for COCO files; "
-                f"give the file instead with data.eval.path=...")
+                f"give the file instead with data.eval.path=..."
+            )
     name = split or source.split or (coco_match.group("split") if coco_match else path.stem) or "eval"
     return source, re.sub(r"[^\w.+-]", "_", name)
 
@@ -181,8 +204,10 @@ def resolve_eval_checkpoint(recipe: Recipe, checkpoint: Optional[str | Path]) ->
     if str(checkpoint) == "latest" or (run_dir.is_dir() and list_checkpoints(run_dir)):
         found = latest_checkpoint(run_dir)
         if found is None:
-            raise EvaluationError(f"--checkpoint latest: no complete checkpoint in {run_dir} (train.output_dir); "
-                                  f"train first or give the checkpoint folder")
+            raise EvaluationError(
+                f"--checkpoint latest: no complete checkpoint in {run_dir} (train.output_dir); "
+                f"train first or give the checkpoint folder"
+            )
         logger.info("Using the newest complete checkpoint of %s: %s", run_dir, found)
         return found
     try:
@@ -206,8 +231,14 @@ def _build_eval_set(source: DataSourceConfig, recipe: Recipe):
     try:
         return build_dataset(source, recipe.data, train=False, seed=recipe.train.seed)
     except DataError as error:
-        hint = ("\nCaption metrics compare each prediction with the image's reference captions: every evaluated "
-                "image needs at least one non-empty caption.") if "caption" in str(error) else ""
+        hint = (
+            (
+                "\nCaption metrics compare each prediction with the image's reference captions: every evaluated "
+                "image needs at least one non-empty caption."
+            )
+            if "caption" in str(error)
+            else ""
+        )
         raise EvaluationError(f"evaluation set (data.eval): {error}{hint}") from None
 
 
@@ -239,8 +270,11 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
     from vlm_tune.report_plots import contact_entries, contact_sheet, summary_markdown
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    files = {"metrics.json": output_dir / "metrics.json", "predictions.jsonl": output_dir / "predictions.jsonl",
-             "summary.md": output_dir / "summary.md"}
+    files = {
+        "metrics.json": output_dir / "metrics.json",
+        "predictions.jsonl": output_dir / "predictions.jsonl",
+        "summary.md": output_dir / "summary.md",
+    }
     files["metrics.json"].write_text(json.dumps(info, indent=1) + "\n")
     with open(files["predictions.jsonl"], "w", encoding="utf-8") as sink:
         for row in rows:
@@ -253,8 +287,9 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
     return files
 
 
-def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split: Optional[str] = None,
-                 show_progress: bool = True) -> dict:
+def evaluate_run(
+    recipe: Recipe, checkpoint: Optional[str | Path] = None, split: Optional[str] = None, show_progress: bool = True
+) -> dict:
     """Caption `data.eval` with the base model or a checkpoint, score, and write the evaluation folder.
 
     Args:
@@ -275,13 +310,21 @@ def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split:
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
     if recipe.eval.use_java and not java_available():
-        raise EvaluationError("eval.use_java is true but no working `java` is on PATH: install a Java runtime "
-                              "(e.g. apt-get install default-jre-headless) or set eval.use_java=null")
+        raise EvaluationError(
+            "eval.use_java is true but no working `java` is on PATH: install a Java runtime "
+            "(e.g. apt-get install default-jre-headless) or set eval.use_java=null"
+        )
     dataset = _build_eval_set(source, recipe)
     attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
-    logger.info("Evaluating %s%s on %d of the %d images of %s into %s", recipe.model.name_or_path,
-                f" + {checkpoint_dir}" if checkpoint_dir else " (base model)", attempted, len(dataset), source.path,
-                output_dir)
+    logger.info(
+        "Evaluating %s%s on %d of the %d images of %s into %s",
+        recipe.model.name_or_path,
+        f" + {checkpoint_dir}" if checkpoint_dir else " (base model)",
+        attempted,
+        len(dataset),
+        source.path,
+        output_dir,
+    )
     model, processor = load_for_inference(recipe, checkpoint_dir)
     model = _on_accelerator(model)
     rows = generate_captions(model, processor, dataset, recipe.data, recipe.eval, show_progress=show_progress)
@@ -289,18 +332,33 @@ def evaluate_run(recipe: Recipe, checkpoint: Optional[str | Path] = None, split:
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")
     _unique_ids(rows)
     use_java = java_available() if recipe.eval.use_java is None else recipe.eval.use_java
-    metrics = score_captions({r["image_id"]: r["prediction"] for r in rows},
-                             {r["image_id"]: r["references"] for r in rows}, use_java=use_java)
-    info = {"metrics": metrics, "model": recipe.model.name_or_path,
-            "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
-            "data": str(source.path), "format": source.format, "split": split_name,
-            "num_images": len(rows), "skipped_images": attempted - len(rows),
-            "num_beams": recipe.eval.num_beams, "max_new_tokens": recipe.eval.max_new_tokens,
-            "tokenizer": "Stanford PTB (Java)" if use_java else "Python PTB",
-            "seconds": round(time.perf_counter() - started, 1)}
+    metrics = score_captions(
+        {r["image_id"]: r["prediction"] for r in rows},
+        {r["image_id"]: r["references"] for r in rows},
+        use_java=use_java,
+    )
+    info = {
+        "metrics": metrics,
+        "model": recipe.model.name_or_path,
+        "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
+        "data": str(source.path),
+        "format": source.format,
+        "split": split_name,
+        "num_images": len(rows),
+        "skipped_images": attempted - len(rows),
+        "num_beams": recipe.eval.num_beams,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "tokenizer": "Stanford PTB (Java)" if use_java else "Python PTB",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     files = write_outputs(output_dir, info, rows, dataset, recipe.eval.contact_sheet_images)
-    return {"metrics": metrics, "output_dir": output_dir, "files": files, "num_images": len(rows),
-            "skipped_images": info["skipped_images"]}
+    return {
+        "metrics": metrics,
+        "output_dir": output_dir,
+        "files": files,
+        "num_images": len(rows),
+        "skipped_images": info["skipped_images"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,14 +376,20 @@ def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
     metrics_file = folder / "metrics.json"
     if not metrics_file.is_file():
         nearby = sorted(str(p.parent) for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
-        hint = f"; evaluation folders inside it: {', '.join(nearby)}" if nearby else \
-            "; give a folder written by `python -m vlm_tune.evaluate` (e.g. RUN/checkpoint-N/eval-val)"
+        hint = (
+            f"; evaluation folders inside it: {', '.join(nearby)}"
+            if nearby
+            else "; give a folder written by `python -m vlm_tune.evaluate` (e.g. RUN/checkpoint-N/eval-val)"
+        )
         raise EvaluationError(f"{folder}: no metrics.json here{hint}")
     try:
         info = json.loads(metrics_file.read_text())
         predictions = folder / "predictions.jsonl"
-        rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()] \
-            if predictions.is_file() else []
+        rows = (
+            [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+            if predictions.is_file()
+            else []
+        )
     except json.JSONDecodeError as exc:
         raise EvaluationError(f"{folder}: unreadable evaluation file ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("metrics"), dict):
@@ -352,12 +416,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vlm_tune.checkpoint import CheckpointError
     from vlm_tune.model.builtin import BuiltinError
 
-    parser = argparse.ArgumentParser(prog="python -m vlm_tune.evaluate", description=__doc__.splitlines()[0],
-                                     epilog="or: python -m vlm_tune.evaluate --compare DIR_A DIR_B [--out FILE]")
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_tune.evaluate",
+        description=__doc__.splitlines()[0],
+        epilog="or: python -m vlm_tune.evaluate --compare DIR_A DIR_B [--out FILE]",
+    )
     parser.add_argument("recipe", nargs="?", help="YAML recipe of the run, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as eval.num_beams=3 eval.limit=100")
-    parser.add_argument("--checkpoint", help="RUN_DIR/checkpoint-N, a run folder or 'latest' for the newest "
-                        "checkpoint (default: the base model)")
+    parser.add_argument(
+        "--checkpoint",
+        help="RUN_DIR/checkpoint-N, a run folder or 'latest' for the newest checkpoint (default: the base model)",
+    )
     parser.add_argument("--output-dir", help="evaluation folder (same as eval.output_dir=...)")
     parser.add_argument("--split", help="another split of data.eval (karpathy/hf split, or captions_<split>.json)")
     parser.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two evaluation folders")
@@ -379,8 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.output_dir:
             recipe.eval.output_dir = args.output_dir
-        result = evaluate_run(recipe, args.checkpoint, args.split,
-                              show_progress=not args.no_progress)
+        result = evaluate_run(recipe, args.checkpoint, args.split, show_progress=not args.no_progress)
     except (VlmTuneError, CheckpointError, BuiltinError) as error:  # input problems: a message, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

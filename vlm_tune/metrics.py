@@ -42,8 +42,10 @@ def _resolve_use_java(use_java: Optional[bool]) -> bool:
     if use_java is None:
         return java_available()
     if use_java and not java_available():
-        raise RuntimeError("use_java=True but no working `java` was found on PATH; install a Java runtime "
-                           "(e.g. `apt-get install default-jre-headless`) or set eval.use_java=null to fall back")
+        raise RuntimeError(
+            "use_java=True but no working `java` was found on PATH; install a Java runtime "
+            "(e.g. `apt-get install default-jre-headless`) or set eval.use_java=null to fall back"
+        )
     return bool(use_java)
 
 
@@ -58,27 +60,51 @@ def _resolve_use_java(use_java: Optional[bool]) -> bool:
 PTB_PUNCTUATION = frozenset(PUNCTUATIONS)
 
 # Words whose trailing period the Java tokenizer keeps (titles, street/company abbreviations, months).
-_ABBREVIATIONS = frozenset("""
+_ABBREVIATIONS = frozenset(
+    """
     mr mrs ms dr drs prof st mt ft jr sr vs etc inc corp co ltd ave blvd rd sgt capt gen col lt rev
     jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
-""".split())
+""".split()
+)
 
-_CHARACTER_MAP = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",  # curly single quotes
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"',  # curly double quotes
-    "\u2013": " -- ", "\u2014": " -- ", "\u2015": " -- ",  # en and em dashes
-    "\u2026": " ... ", "\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4",
-    "\u20ac": "$", "\u00a3": "#",  # PTB3 currency normalization
-})
+_CHARACTER_MAP = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",  # curly single quotes
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u2033": '"',  # curly double quotes
+        "\u2013": " -- ",
+        "\u2014": " -- ",
+        "\u2015": " -- ",  # en and em dashes
+        "\u2026": " ... ",
+        "\u00bd": "1/2",
+        "\u00bc": "1/4",
+        "\u00be": "3/4",
+        "\u20ac": "$",
+        "\u00a3": "#",  # PTB3 currency normalization
+    }
+)
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")  # emoji etc.: the Java lexer drops them as untokenizable
 _CONTRACTION = re.compile(r"^(.+?)(n't|'s|'re|'ve|'d|'ll|'m)$", re.IGNORECASE)
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+_SPLIT_WORDS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+}
 
 _WHITESPACE = re.compile(r"\s*")
 # One alternative per token kind, tried in order at each position of the text.
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ellipsis>\.{3,})
   | (?P<dashes>--+)
   | (?P<marks>[?!]+)
@@ -92,7 +118,9 @@ _TOKEN = re.compile(r"""
   | (?P<y_apostrophe>[yY]'(?=(?:all|know)\b))
   | (?P<word>\w+(?:(?:[-./]|'(?!n'))\w+)*)
   | (?P<other>\S)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 def _split_contractions(word: str) -> list[str]:
@@ -133,8 +161,11 @@ def _lex(text: str) -> list[str]:
         elif kind == "dashes":
             tokens.append("--")
         elif kind == "word":
-            if text.startswith(".", position) and not text.startswith("...", position) \
-                    and _keeps_period(token, text[position + 1:]):
+            if (
+                text.startswith(".", position)
+                and not text.startswith("...", position)
+                and _keeps_period(token, text[position + 1 :])
+            ):
                 token += "."
                 position += 1
             if token.lower() in _SPLIT_WORDS:
@@ -188,8 +219,10 @@ def tokenize_captions(captions: dict[str, list[str]], use_java: bool) -> dict[st
     one_line = {image_id: [{"caption": " ".join(c.split())} for c in texts] for image_id, texts in captions.items()}
     tokenized = PTBTokenizer().tokenize(one_line)
     if {k: len(v) for k, v in tokenized.items()} != {k: len(v) for k, v in captions.items()}:
-        raise RuntimeError("pycocoevalcap's PTBTokenizer returned a different number of captions than it was "
-                           "given; score with use_java=False (eval.use_java=false) to use the Python tokenizer")
+        raise RuntimeError(
+            "pycocoevalcap's PTBTokenizer returned a different number of captions than it was "
+            "given; score with use_java=False (eval.use_java=false) to use the Python tokenizer"
+        )
     return tokenized
 
 
@@ -201,22 +234,28 @@ def _check_inputs(predictions: dict[str, str], references: dict[str, list[str]])
         raise ValueError("score_captions: no predictions to score")
     unreferenced = [i for i in predictions if i not in references]
     if unreferenced:
-        raise ValueError(f"score_captions: {len(unreferenced)} predicted image(s) have no entry in references: "
-                         f"{listed(unreferenced)}; pass references for every predicted image")
+        raise ValueError(
+            f"score_captions: {len(unreferenced)} predicted image(s) have no entry in references: "
+            f"{listed(unreferenced)}; pass references for every predicted image"
+        )
     unpredicted = [i for i in references if i not in predictions]
     if unpredicted:
-        raise ValueError(f"score_captions: {len(unpredicted)} referenced image(s) have no prediction: "
-                         f"{listed(unpredicted)}; drop them from references or predict them")
+        raise ValueError(
+            f"score_captions: {len(unpredicted)} referenced image(s) have no prediction: "
+            f"{listed(unpredicted)}; drop them from references or predict them"
+        )
     empty = [i for i, refs in references.items() if not any(isinstance(r, str) and r.strip() for r in refs)]
     if empty:
-        raise ValueError(f"score_captions: {len(empty)} image(s) have no non-empty reference caption: "
-                         f"{listed(empty)}; captions metrics need at least one reference per image")
+        raise ValueError(
+            f"score_captions: {len(empty)} image(s) have no non-empty reference caption: "
+            f"{listed(empty)}; captions metrics need at least one reference per image"
+        )
     not_text = [i for i, p in predictions.items() if not isinstance(p, str)]
     if not_text:
         raise ValueError(f"score_captions: predictions must be strings; not for image(s) {listed(not_text)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     logger.warning(message)
 
@@ -234,8 +273,9 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> Optional[fl
         return None
 
 
-def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
-                   use_java: Optional[bool] = None) -> dict[str, float]:
+def score_captions(
+    predictions: dict[str, str], references: dict[str, list[str]], use_java: Optional[bool] = None
+) -> dict[str, float]:
     """COCO caption metrics of predicted captions against all references of each image.
 
     Args:
@@ -273,8 +313,10 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
         if meteor is not None:
             metrics["METEOR"] = meteor
     else:
-        _warn_once("Java not used: METEOR skipped (install a Java runtime to get it); "
-                   "captions tokenized with the Python PTB tokenizer")
+        _warn_once(
+            "Java not used: METEOR skipped (install a Java runtime to get it); "
+            "captions tokenized with the Python PTB tokenizer"
+        )
     metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     # pycocoevalcap's `Cider` is CIDEr-D: tf-idf n-grams (n=1..4) with clipped counts and a Gaussian length
     # penalty (sigma=6), x10; document frequencies come from the references of the images scored here.

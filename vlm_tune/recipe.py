@@ -30,11 +30,19 @@ class RecipeError(VlmTuneError, ValueError):
 
 @dataclass
 class QuantizationConfig:
-    bits: Literal[4] = 4  # weight bits of the quantized components (bitsandbytes 4-bit)
-    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type
-    double_quant: bool = True  # also quantize the quantization constants (saves ~0.4 bit/param)
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # matmul dtype of 4-bit layers
-    keep_16bit: list[str] = field(default_factory=lambda: ["vision", "projector"])  # components left unquantized
+    bits: Literal[4] = field(
+        default=4, metadata={"help": "weight bits of the quantized components (bitsandbytes 4-bit)"}
+    )
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type"})
+    double_quant: bool = field(
+        default=True, metadata={"help": "also quantize the quantization constants (saves ~0.4 bit/param)"}
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "matmul dtype of 4-bit layers"}
+    )
+    keep_16bit: list[str] = field(
+        default_factory=lambda: ["vision", "projector"], metadata={"help": "components left unquantized"}
+    )
 
     def _check(self) -> list[str]:
         return [
@@ -46,26 +54,43 @@ class QuantizationConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "vlm_tune:smolvlm-demo"  # hub id, local folder, or a built-in `vlm_tune:NAME`
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the 16-bit weights
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
-    quantization: Optional[QuantizationConfig] = None  # omit for 16-bit weights; set for QLoRA
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    trust_remote_code: bool = False  # allow model code from the checkpoint folder
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    name_or_path: str = field(
+        default="vlm_tune:smolvlm-demo", metadata={"help": "hub id, local folder, or a built-in `vlm_tune:NAME`"}
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "dtype of the 16-bit weights"}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
+    quantization: Optional[QuantizationConfig] = field(
+        default=None, metadata={"help": "omit for 16-bit weights; set for QLoRA"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward to save memory"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint folder"})
+    revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
 
 
 @dataclass
 class ComponentConfig:
-    mode: Literal["frozen", "lora", "full"] = "frozen"  # how this component trains
-    rank: int = 8  # LoRA rank (mode lora)
-    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank
-    dropout: float = 0.0  # LoRA dropout
-    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # kinds (attention, mlp) or leaf names / regexes
-    variant: Literal["lora", "dora", "rslora"] = "lora"  # LoRA flavour
-    lr: Optional[float] = None  # learning rate of this component's parameter group (default train.lr)
-    weight_decay: Optional[float] = None  # weight decay of this group (default train.weight_decay)
-    modules: Optional[list[str]] = None  # regexes over module names that define this component (overrides detection)
+    mode: Literal["frozen", "lora", "full"] = field(default="frozen", metadata={"help": "how this component trains"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank (mode lora)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    targets: list[str] = field(
+        default_factory=lambda: ["attention", "mlp"],
+        metadata={"help": "kinds (attention, mlp) or leaf names / regexes"},
+    )
+    variant: Literal["lora", "dora", "rslora"] = field(default="lora", metadata={"help": "LoRA flavour"})
+    lr: Optional[float] = field(
+        default=None, metadata={"help": "learning rate of this component's parameter group (default train.lr)"}
+    )
+    weight_decay: Optional[float] = field(
+        default=None, metadata={"help": "weight decay of this group (default train.weight_decay)"}
+    )
+    modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "regexes over module names that define this component (overrides detection)"}
+    )
 
     def _check(self) -> list[str]:
         errors = []
@@ -88,13 +113,30 @@ class ComponentConfig:
 
 @dataclass
 class DataSourceConfig:
-    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = "coco"  # layout of the set
-    path: str = ""  # annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)
-    images: Optional[str] = None  # folder that image paths are relative to (default: next to `path`; coco also tries its images/)
-    split: Optional[str] = None  # split to keep: karpathy train/val/test/restval (join with +), hf split, imagefolder subfolder, jsonl/csv 'split' column
-    image_column: str = "image"  # column or field holding the image (path or image)
-    caption_column: str = "caption"  # column or field holding the caption (string or list of strings)
-    limit: Optional[int] = None  # keep only the first N images
+    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = field(
+        default="coco", metadata={"help": "layout of the set"}
+    )
+    path: str = field(
+        default="", metadata={"help": "annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)"}
+    )
+    images: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "folder that image paths are relative to (default: next to `path`; coco also tries its images/)"
+        },
+    )
+    split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "split to keep: karpathy train/val/test/restval (join with +), hf split, "
+            "imagefolder subfolder, jsonl/csv 'split' column"
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "column or field holding the image (path or image)"})
+    caption_column: str = field(
+        default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
+    )
+    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images"})
 
     def _check(self) -> list[str]:
         errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
@@ -105,15 +147,27 @@ class DataSourceConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[DataSourceConfig] = None  # training set
-    eval: Optional[DataSourceConfig] = None  # evaluation set (eval loss and caption metrics)
-    prompt: Union[str, list[str]] = "Describe the image."  # user turn; a list is sampled per example
-    on_error: Literal["skip", "raise"] = "skip"  # bad image or caption: skip and count, or stop
-    image_size: Optional[int] = None  # longest image edge in pixels given to the processor
-    max_pixels: Optional[int] = None  # pixel budget per image (Qwen-VL style processors)
-    max_length: int = 512  # longest token sequence; captions are shortened, image tokens never cut
-    group_by_length: bool = False  # batch samples of similar length to cut padding
-    num_workers: int = 0  # DataLoader worker processes
+    train: Optional[DataSourceConfig] = field(default=None, metadata={"help": "training set"})
+    eval: Optional[DataSourceConfig] = field(
+        default=None, metadata={"help": "evaluation set (eval loss and caption metrics)"}
+    )
+    prompt: Union[str, list[str]] = field(
+        default="Describe the image.", metadata={"help": "user turn; a list is sampled per example"}
+    )
+    on_error: Literal["skip", "raise"] = field(
+        default="skip", metadata={"help": "bad image or caption: skip and count, or stop"}
+    )
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "longest image edge in pixels given to the processor"}
+    )
+    max_pixels: Optional[int] = field(
+        default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "longest token sequence; captions are shortened, image tokens never cut"}
+    )
+    group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length to cut padding"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def _check(self) -> list[str]:
         errors = []
@@ -128,37 +182,57 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/demo"  # run folder: recipe, report, logs, checkpoints
-    epochs: int = 1  # passes over data.train (ignored when max_steps is set)
-    max_steps: Optional[int] = None  # optimizer steps to run; overrides epochs
-    batch_size: int = 8  # samples per device per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1.0e-4  # learning rate of components without their own lr
-    weight_decay: float = 0.0  # weight decay of components without their own
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # lr schedule after warmup
-    warmup_steps: int = 0  # linear warmup steps
-    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
-    seed: int = 0  # seed for weights of new modules, sampling and data order
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (accelerate)
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
-    eval_every: int = 0  # eval loss every N steps (0: only at the end)
-    eval_generate_every: int = 0  # caption metrics on eval.generate_limit samples every N steps (0: off)
-    log_every: int = 1  # log a line every N steps
-    resume: Optional[str] = None  # auto (latest complete checkpoint in output_dir) or a checkpoint path
-    init_from: Optional[str] = None  # start from a checkpoint's trained weights, fresh optimizer and schedule (same components)
+    output_dir: str = field(default="runs/demo", metadata={"help": "run folder: recipe, report, logs, checkpoints"})
+    epochs: int = field(default=1, metadata={"help": "passes over data.train (ignored when max_steps is set)"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps to run; overrides epochs"})
+    batch_size: int = field(default=8, metadata={"help": "samples per device per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1.0e-4, metadata={"help": "learning rate of components without their own lr"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of components without their own"})
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="cosine", metadata={"help": "lr schedule after warmup"}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    seed: int = field(default=0, metadata={"help": "seed for weights of new modules, sampling and data order"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="bf16", metadata={"help": "autocast dtype (accelerate)"}
+    )
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk (0: keep all)"})
+    eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: only at the end)"})
+    eval_generate_every: int = field(
+        default=0, metadata={"help": "caption metrics on eval.generate_limit samples every N steps (0: off)"}
+    )
+    log_every: int = field(default=1, metadata={"help": "log a line every N steps"})
+    resume: Optional[str] = field(
+        default=None, metadata={"help": "auto (latest complete checkpoint in output_dir) or a checkpoint path"}
+    )
+    init_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
+    )
 
     def _check(self) -> list[str]:
         errors = []
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every}
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "log_every": self.log_every,
+        }
         errors += [f"{name}: must be a positive integer, got {value}" for name, value in positive.items() if value <= 0]
         if self.max_steps is not None and self.max_steps <= 0:
             errors.append(f"max_steps: must be a positive integer, got {self.max_steps}")
-        non_negative = {"warmup_steps": self.warmup_steps, "save_every": self.save_every,
-                        "eval_every": self.eval_every, "eval_generate_every": self.eval_generate_every,
-                        "keep_checkpoints": self.keep_checkpoints, "max_grad_norm": self.max_grad_norm,
-                        "weight_decay": self.weight_decay}
+        non_negative = {
+            "warmup_steps": self.warmup_steps,
+            "save_every": self.save_every,
+            "eval_every": self.eval_every,
+            "eval_generate_every": self.eval_generate_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "max_grad_norm": self.max_grad_norm,
+            "weight_decay": self.weight_decay,
+        }
         errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         if self.lr <= 0:
             errors.append(f"lr: must be positive, got {self.lr}")
@@ -167,18 +241,28 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8  # images per generation batch
-    num_beams: int = 1  # 1: greedy decoding; >1: beam search
-    max_new_tokens: int = 32  # longest generated caption
-    limit: Optional[int] = None  # evaluate only the first N images
-    generate_limit: int = 32  # images scored by train.eval_generate_every
-    output_dir: Optional[str] = None  # evaluation folder (default: <checkpoint or output_dir>/eval-<split>)
-    use_java: Optional[bool] = None  # Java PTB tokenizer + METEOR: null detects Java, false never, true requires it
-    contact_sheet_images: int = 16  # images drawn on contact_sheet.png (0: no contact sheet)
+    batch_size: int = field(default=8, metadata={"help": "images per generation batch"})
+    num_beams: int = field(default=1, metadata={"help": "1: greedy decoding; >1: beam search"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest generated caption"})
+    limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first N images"})
+    generate_limit: int = field(default=32, metadata={"help": "images scored by train.eval_generate_every"})
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "evaluation folder (default: <checkpoint or output_dir>/eval-<split>)"}
+    )
+    use_java: Optional[bool] = field(
+        default=None, metadata={"help": "Java PTB tokenizer + METEOR: null detects Java, false never, true requires it"}
+    )
+    contact_sheet_images: int = field(
+        default=16, metadata={"help": "images drawn on contact_sheet.png (0: no contact sheet)"}
+    )
 
     def _check(self) -> list[str]:
-        values = {"batch_size": self.batch_size, "num_beams": self.num_beams,
-                  "max_new_tokens": self.max_new_tokens, "generate_limit": self.generate_limit}
+        values = {
+            "batch_size": self.batch_size,
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "generate_limit": self.generate_limit,
+        }
         errors = [f"{name}: must be a positive integer, got {value}" for name, value in values.items() if value <= 0]
         if self.contact_sheet_images < 0:
             errors.append(f"contact_sheet_images: must be >= 0, got {self.contact_sheet_images}")
@@ -189,15 +273,30 @@ class EvalConfig:
 
 @dataclass
 class RelevanceConfig:
-    enabled: bool = False  # insert knowing/balancing/attending between projector and language model
-    keep: Union[int, float] = 1.0  # visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]
-    method: Literal["relevance", "random", "pool"] = "relevance"  # relevance modules, or a baseline at the same K
-    summary_token: bool = False  # fold the dropped tokens into one summary token, one of the K slots
-    lr: Optional[float] = None  # learning rate of the relevance modules (default train.lr)
-    hidden_size: int = 64  # width of the relevance modules' internal projections
-    temperature: float = 1.0  # softness of the differentiable selection in training
-    exploration: float = 0.0  # Gumbel noise added to the relevance when choosing in training (0: none)
-    start_step: int = 0  # optimizer step from which the modules learn; before it they choose by their initial scores
+    enabled: bool = field(
+        default=False, metadata={"help": "insert knowing/balancing/attending between projector and language model"}
+    )
+    keep: Union[int, float] = field(
+        default=1.0, metadata={"help": "visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]"}
+    )
+    method: Literal["relevance", "random", "pool"] = field(
+        default="relevance", metadata={"help": "relevance modules, or a baseline at the same K"}
+    )
+    summary_token: bool = field(
+        default=False, metadata={"help": "fold the dropped tokens into one summary token, one of the K slots"}
+    )
+    lr: Optional[float] = field(
+        default=None, metadata={"help": "learning rate of the relevance modules (default train.lr)"}
+    )
+    hidden_size: int = field(default=64, metadata={"help": "width of the relevance modules' internal projections"})
+    temperature: float = field(default=1.0, metadata={"help": "softness of the differentiable selection in training"})
+    exploration: float = field(
+        default=0.0, metadata={"help": "Gumbel noise added to the relevance when choosing in training (0: none)"}
+    )
+    start_step: int = field(
+        default=0,
+        metadata={"help": "optimizer step from which the modules learn; before it they choose by their initial scores"},
+    )
 
     def _check(self) -> list[str]:
         errors = []
@@ -220,12 +319,12 @@ class RelevanceConfig:
 
 @dataclass
 class Recipe:
-    model: ModelConfig = field(default_factory=ModelConfig)  # what to load and how
-    components: dict[str, ComponentConfig] = field(default_factory=dict)  # per-component policy
-    data: DataConfig = field(default_factory=DataConfig)  # training and evaluation sets
-    train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
-    eval: EvalConfig = field(default_factory=EvalConfig)  # caption generation and metrics
-    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)  # visual token selection
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "what to load and how"})
+    components: dict[str, ComponentConfig] = field(default_factory=dict, metadata={"help": "per-component policy"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training and evaluation sets"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "caption generation and metrics"})
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig, metadata={"help": "visual token selection"})
 
     def _check(self) -> list[str]:
         errors = [
@@ -233,10 +332,14 @@ class Recipe:
             for name in self.components
             if name not in COMPONENT_NAMES
         ]
-        if not any(c.mode != "frozen" for c in self.components.values()) and not self.relevance.enabled \
-                and all(name in COMPONENT_NAMES for name in self.components):
-            errors.append("components: every component is frozen, nothing would train; "
-                          "set components.<name>.mode to lora or full")
+        if (
+            not any(c.mode != "frozen" for c in self.components.values())
+            and not self.relevance.enabled
+            and all(name in COMPONENT_NAMES for name in self.components)
+        ):
+            errors.append(
+                "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
+            )
         return errors
 
     def component(self, name: str) -> ComponentConfig:
@@ -270,7 +373,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"override '{text}': {'.'.join(keys[:depth + 1])} is {child!r}, not a mapping")
+                raise RecipeError(f"override '{text}': {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
             node = child
         node[keys[-1]] = value
     return raw
@@ -294,8 +397,9 @@ def _deep_merge(base: dict, override: dict) -> dict:
     """`override` on top of `base`; mappings merge key by key, anything else replaces."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

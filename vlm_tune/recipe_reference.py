@@ -7,8 +7,6 @@ README holds exactly this text.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import typing
 
 from vlm_tune import recipe as schema
@@ -25,13 +23,10 @@ SECTIONS: dict[str, type] = {
     "relevance": schema.RelevanceConfig,
 }
 
-_FIELD_LINE = re.compile(r"^\s{4}(\w+): .*?#\s(.+)$")
-
 
 def field_help(cls: type) -> dict[str, str]:
-    """Field name -> the help comment written after the field in the source of `cls`."""
-    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
-            if (m := _FIELD_LINE.match(line))}
+    """Field name -> the help line of the field (`field(metadata={"help": ...})`)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -55,8 +50,7 @@ def _type(annotation) -> str:
     if origin is typing.Literal:
         return " / ".join(str(a) for a in args)
     if origin is typing.Union:
-        return " or ".join(_type(a) for a in args if a is not type(None)) + \
-            (" or null" if type(None) in args else "")
+        return " or ".join(_type(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"list of {_type(args[0])}"
     return getattr(annotation, "__name__", str(annotation))
@@ -72,8 +66,10 @@ def reference_markdown() -> str:
         for field in dataclasses.fields(cls):
             if dataclasses.is_dataclass(_strip_optional(hints[field.name])):
                 continue  # nested sections get their own table
-            rows.append(f"| `{prefix}.{field.name}` | {_type(hints[field.name])} | `{_default(field)}` | "
-                        f"{helps.get(field.name, '').replace('|', '/')} |")
+            rows.append(
+                f"| `{prefix}.{field.name}` | {_type(hints[field.name])} | `{_default(field)}` | "
+                f"{helps.get(field.name, '').replace('|', '/')} |"
+            )
         blocks.append(f"**`{prefix}`**\n\n" + "\n".join(rows))
     return "\n\n".join(blocks) + "\n"
 

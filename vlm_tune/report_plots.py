@@ -51,8 +51,14 @@ def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
         item = dataset[index]
         row = by_id.pop(str(item["image_id"]), None) if item is not None else None
         if row is not None:
-            entries.append({"image": item["image"], "image_id": row["image_id"], "prediction": row["prediction"],
-                            "reference": row["references"][0] if row["references"] else ""})
+            entries.append(
+                {
+                    "image": item["image"],
+                    "image_id": row["image_id"],
+                    "prediction": row["prediction"],
+                    "reference": row["references"][0] if row["references"] else "",
+                }
+            )
     return entries
 
 
@@ -100,6 +106,10 @@ def contact_sheet(entries: list[dict], path: str | Path, columns: int = 4) -> Pa
 # ----------------------------------------------------------------------------------------------
 
 
+def _first(references: list) -> str:
+    return references[0] if references else ""
+
+
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
@@ -114,26 +124,38 @@ def summary_markdown(info: dict, rows: list[dict], examples: int = 10) -> str:
         examples: predictions shown.
     """
     decoding = "greedy" if info["num_beams"] == 1 else f"beam search ({info['num_beams']} beams)"
-    lines = [f"# Evaluation of {info['model']}" + (f" ({Path(info['checkpoint']).name})" if info.get("checkpoint") else
-                                                  " (base model)"), ""]
+    lines = [
+        f"# Evaluation of {info['model']}"
+        + (f" ({Path(info['checkpoint']).name})" if info.get("checkpoint") else " (base model)"),
+        "",
+    ]
     lines += ["| metric | score |", "| --- | ---: |"]
     lines += [f"| {name} | {value:.4f} |" for name, value in info["metrics"].items()]
     if "METEOR" not in info["metrics"]:
         lines += ["", "METEOR was skipped: it needs Java (" + info.get("tokenizer", "") + " tokenizer used)."]
-    lines += ["", f"- evaluation set: `{info['data']}` (split `{info['split']}`), {info['num_images']} images scored"
-              + (f", {info['skipped_images']} skipped (unreadable)" if info.get("skipped_images") else ""),
-              f"- decoding: {decoding}, at most {info['max_new_tokens']} new tokens",
-              f"- checkpoint: `{info['checkpoint']}`" if info.get("checkpoint") else "- checkpoint: none (base model)",
-              f"- tokenizer: {info.get('tokenizer')}; BLEU, METEOR, ROUGE-L in [0, 1], CIDEr-D on its 0-10 scale",
-              "", f"## First {min(examples, len(rows))} predictions", "",
-              "| image | prediction | first reference |", "| --- | --- | --- |"]
-    lines += [f"| {_cell(r['image_id'])} | {_cell(r['prediction'])} | {_cell(r['references'][0] if r['references'] else '')} |"
-              for r in rows[:examples]]
+    lines += [
+        "",
+        f"- evaluation set: `{info['data']}` (split `{info['split']}`), {info['num_images']} images scored"
+        + (f", {info['skipped_images']} skipped (unreadable)" if info.get("skipped_images") else ""),
+        f"- decoding: {decoding}, at most {info['max_new_tokens']} new tokens",
+        f"- checkpoint: `{info['checkpoint']}`" if info.get("checkpoint") else "- checkpoint: none (base model)",
+        f"- tokenizer: {info.get('tokenizer')}; BLEU, METEOR, ROUGE-L in [0, 1], CIDEr-D on its 0-10 scale",
+        "",
+        f"## First {min(examples, len(rows))} predictions",
+        "",
+        "| image | prediction | first reference |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {_cell(r['image_id'])} | {_cell(r['prediction'])} | {_cell(_first(r['references']))} |"
+        for r in rows[:examples]
+    ]
     return "\n".join(lines) + "\n"
 
 
-def compare_markdown(name_a: str, info_a: dict, rows_a: list[dict], name_b: str, info_b: dict,
-                     rows_b: list[dict], examples: int = 5) -> str:
+def compare_markdown(
+    name_a: str, info_a: dict, rows_a: list[dict], name_b: str, info_b: dict, rows_b: list[dict], examples: int = 5
+) -> str:
     """Two evaluations side by side: metrics with deltas (B - A), then predictions of shared images.
 
     Args:
@@ -144,8 +166,15 @@ def compare_markdown(name_a: str, info_a: dict, rows_a: list[dict], name_b: str,
     """
     metrics_a, metrics_b = info_a["metrics"], info_b["metrics"]
     names = list(metrics_a) + [n for n in metrics_b if n not in metrics_a]
-    lines = ["# Comparison", "", f"- A: `{name_a}` ({_describe(info_a)})", f"- B: `{name_b}` ({_describe(info_b)})", "",
-             "| metric | A | B | B - A |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "# Comparison",
+        "",
+        f"- A: `{name_a}` ({_describe(info_a)})",
+        f"- B: `{name_b}` ({_describe(info_b)})",
+        "",
+        "| metric | A | B | B - A |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name in names:
         a, b = metrics_a.get(name), metrics_b.get(name)
         delta = f"{b - a:+.4f}" if a is not None and b is not None else "n/a"
@@ -156,15 +185,21 @@ def compare_markdown(name_a: str, info_a: dict, rows_a: list[dict], name_b: str,
     shared = [r for r in rows_a if r["image_id"] in by_id_b][:examples]
     if shared:
         lines += ["", "## Examples", "", "| image | A | B | first reference |", "| --- | --- | --- | --- |"]
-        lines += [f"| {_cell(r['image_id'])} | {_cell(r['prediction'])} | {_cell(by_id_b[r['image_id']]['prediction'])} "
-                  f"| {_cell(r['references'][0] if r['references'] else '')} |" for r in shared]
+        lines += [
+            f"| {_cell(r['image_id'])} | {_cell(r['prediction'])} | {_cell(by_id_b[r['image_id']]['prediction'])} "
+            f"| {_cell(r['references'][0] if r['references'] else '')} |"
+            for r in shared
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _describe(info: dict) -> str:
     checkpoint = info.get("checkpoint")
-    return f"{info.get('model')}, " + (f"checkpoint {Path(checkpoint).name}" if checkpoint else "base model") + \
-        f", {info.get('num_images')} images"
+    return (
+        f"{info.get('model')}, "
+        + (f"checkpoint {Path(checkpoint).name}" if checkpoint else "base model")
+        + f", {info.get('num_images')} images"
+    )
 
 
 def _number(value: Optional[float]) -> str:

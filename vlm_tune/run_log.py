@@ -25,6 +25,7 @@ class RunLog:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 logger.info("tensorboard is not installed: logging to %s only", self.path)
@@ -69,6 +70,7 @@ def plot_losses(log_path: str | Path, png_path: str | Path) -> Optional[Path]:
     if not train and not evals:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,10 +13,11 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -74,14 +75,21 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path):
         row, names = relevance_row(model, recipe.relevance, recipe.train.lr)
         report.add_row(row, names)
         named = dict(model.named_parameters())
-        groups.append({"name": "relevance", "params": [named[n] for n in names], "lr": row.lr,
-                       "weight_decay": row.weight_decay if row.weight_decay is not None else recipe.train.weight_decay})
+        groups.append(
+            {
+                "name": "relevance",
+                "params": [named[n] for n in names],
+                "lr": row.lr,
+                "weight_decay": row.weight_decay if row.weight_decay is not None else recipe.train.weight_decay,
+            }
+        )
     if recipe.train.init_from:  # a second stage: the weights of an earlier run (relevance modules fresh if it had none)
         try:
             load_weights(model, recipe.train.init_from)
         except CheckpointError as error:
-            raise CheckpointError(f"train.init_from: {error} (the recipe's components must match the run that "
-                                  f"saved it)") from None
+            raise CheckpointError(
+                f"train.init_from: {error} (the recipe's components must match the run that saved it)"
+            ) from None
         logger.info("Started from the weights of %s", recipe.train.init_from)
     if recipe.train.mixed_precision != "no":  # autocast computes in 16 bit; trained weights stay fp32 masters
         for group in groups:
@@ -100,19 +108,29 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> SimpleNamespace:
     from vlm_tune.data import TrainCollator, build_dataset, build_train_sampler
 
     if recipe.data.train is None:
-        raise TrainingError("data.train is not set: name a training set, e.g. data.train.path=data/shapes/captions_train.json")
+        raise TrainingError(
+            "data.train is not set: name a training set, e.g. data.train.path=data/shapes/captions_train.json"
+        )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
     collator = TrainCollator(processor, recipe.data)
-    loader_args = {"batch_size": recipe.train.batch_size, "collate_fn": collator,
-                   "num_workers": recipe.data.num_workers}
+    loader_args = {
+        "batch_size": recipe.train.batch_size,
+        "collate_fn": collator,
+        "num_workers": recipe.data.num_workers,
+    }
     train_loader = DataLoader(train_set, sampler=sampler, **loader_args)
     eval_set = eval_loader = None
     if recipe.data.eval is not None:
         eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
         eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, shuffle=False, **loader_args))
-    return SimpleNamespace(train_set=train_set, sampler=sampler, train_loader=accelerator.prepare_data_loader(train_loader),
-                           eval_set=eval_set, eval_loader=eval_loader)
+    return SimpleNamespace(
+        train_set=train_set,
+        sampler=sampler,
+        train_loader=accelerator.prepare_data_loader(train_loader),
+        eval_set=eval_set,
+        eval_loader=eval_loader,
+    )
 
 
 def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
@@ -120,14 +138,17 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
 
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup_steps,
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps
+    )
     start = recipe.relevance.start_step if recipe.relevance.enabled else 0
     if start > 0:  # the relevance group waits (lr 0) until the model reads the visual tokens it is given
         schedule = scheduler.lr_lambdas[0]
         waits = [g.get("name") == "relevance" for g in optimizer.param_groups]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            (lambda step, f=schedule: 0.0 if step < start else f(step)) if wait else schedule for wait in waits])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [(lambda step, f=schedule: 0.0 if step < start else f(step)) if wait else schedule for wait in waits],
+        )
     return optimizer, scheduler
 
 
@@ -162,10 +183,12 @@ def _every_process_has_data(group: list[dict], accelerator) -> bool:
 def _nothing_usable_message(batches: int, skipped: list[dict], run_dir: Path) -> str:
     """Why training stopped after `batches` micro-batches in a row without one usable sample."""
     latest = skipped[-1] if skipped else {"image_id": None, "reason": "unknown"}  # one of this streak's
-    return (f"the last {batches} batches in a row had no usable sample (latest: image {latest['image_id']}: "
-            f"{latest['reason']}). When every sample fails alike, the processor or the model does not fit the data "
-            f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
-            f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}")
+    return (
+        f"the last {batches} batches in a row had no usable sample (latest: image {latest['image_id']}: "
+        f"{latest['reason']}). When every sample fails alike, the processor or the model does not fit the data "
+        f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
+        f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}"
+    )
 
 
 def _label_tokens(batch: dict) -> int:
@@ -183,8 +206,10 @@ def _clip_gradients(optimizer, accelerator, max_grad_norm: float) -> Optional[di
     """
     if max_grad_norm <= 0:
         return None
-    parts = {"model": [p for g in optimizer.param_groups if g.get("name") != "relevance" for p in g["params"]],
-             "relevance": [p for g in optimizer.param_groups if g.get("name") == "relevance" for p in g["params"]]}
+    parts = {
+        "model": [p for g in optimizer.param_groups if g.get("name") != "relevance" for p in g["params"]],
+        "relevance": [p for g in optimizer.param_groups if g.get("name") == "relevance" for p in g["params"]],
+    }
     return {part: float(accelerator.clip_grad_norm_(params, max_grad_norm)) for part, params in parts.items() if params}
 
 
@@ -195,7 +220,8 @@ def _train_step(model, group: list[dict], optimizer, scheduler, accelerator, max
     micro-batch with more caption tokens weighs more, as if the step were one large batch.
 
     Returns:
-        (loss per label token over all processes, gradient norms (see _clip_gradients) or None, input tokens over all processes)
+        (loss per label token over all processes, gradient norms (see _clip_gradients) or None,
+        input tokens over all processes)
     Raises:
         TrainingError: the loss is NaN or infinite (checked on every process alike, before the update).
     """
@@ -250,8 +276,11 @@ def _eval_generate(model, processor, data, recipe: Recipe, accelerator) -> dict[
     with accelerator.autocast():
         rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
     unwrapped.train()
-    return score_captions({r["image_id"]: r["prediction"] for r in rows},
-                          {r["image_id"]: r["references"] for r in rows}, use_java=recipe.eval.use_java)
+    return score_captions(
+        {r["image_id"]: r["prediction"] for r in rows},
+        {r["image_id"]: r["references"] for r in rows},
+        use_java=recipe.eval.use_java,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,14 +314,26 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
 
     def checkpoint(batches_done: int) -> None:
         if main:
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), {"epoch": epoch, "batches_done": batches_done},
-                            optimizer, scheduler, keep=cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir,
+                step,
+                accelerator.unwrap_model(model),
+                {"epoch": epoch, "batches_done": batches_done},
+                optimizer,
+                scheduler,
+                keep=cfg.keep_checkpoints,
+            )
         accelerator.wait_for_everyone()
 
     summary = {"run_dir": str(run_dir), "total_steps": total_steps}
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     if cfg.eval_generate_every and step == 0 and data.eval_set is not None and main:
-        log.write({"step": 0, **{f"eval/{k}": v for k, v in _eval_generate(model, processor, data, recipe, accelerator).items()}})
+        log.write(
+            {
+                "step": 0,
+                **{f"eval/{k}": v for k, v in _eval_generate(model, processor, data, recipe, accelerator).items()},
+            }
+        )
     model.train()
     batches_done, train_seconds, tokens_seen, skipped, empty_batches = skip, 0.0, 0, [], 0
     try:
@@ -316,30 +357,44 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
                         raise DataError(_nothing_usable_message(empty_batches, skipped, run_dir))
                     continue
                 empty_batches = 0
-                loss, grad_norm, step_tokens = _train_step(model, group, optimizer, scheduler, accelerator,
-                                                           cfg.max_grad_norm, step)
+                loss, grad_norm, step_tokens = _train_step(
+                    model, group, optimizer, scheduler, accelerator, cfg.max_grad_norm, step
+                )
                 tokens_seen += step_tokens
                 step += 1
                 train_seconds += time.perf_counter() - mark
-                record = {"step": step, "epoch": epoch, "loss": loss,
-                          "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                          "tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}  # all processes
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                    "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+                }  # all processes
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm["model"]
                     if "relevance" in grad_norm:
                         record["relevance_grad_norm"] = grad_norm["relevance"]
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
                 if step % cfg.log_every == 0 or step == total_steps:
                     log.write(record)
                 summary["loss"] = loss
-                if data.eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                if data.eval_loader is not None and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+                ):
                     summary["eval_loss"] = _eval_loss(model, data.eval_loader, accelerator)
                     log.write({"step": step, "eval_loss": summary["eval_loss"]})
                     progress.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
-                if cfg.eval_generate_every and data.eval_set is not None and main and \
-                        (step % cfg.eval_generate_every == 0 or step == total_steps):
+                if (
+                    cfg.eval_generate_every
+                    and data.eval_set is not None
+                    and main
+                    and (step % cfg.eval_generate_every == 0 or step == total_steps)
+                ):
                     scores = _eval_generate(model, processor, data, recipe, accelerator)
                     log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
                     progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -358,9 +413,11 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
         summary["interrupted"] = True
     except TrainingError as error:
         last = latest_checkpoint(run_dir)
-        raise TrainingError(f"{error}. Training stopped; the last good checkpoint is {last or 'none (no save yet)'}. "
-                            f"Lower train.lr, set train.max_grad_norm, or check the data, then resume with "
-                            f"train.resume=auto.") from None
+        raise TrainingError(
+            f"{error}. Training stopped; the last good checkpoint is {last or 'none (no save yet)'}. "
+            f"Lower train.lr, set train.max_grad_norm, or check the data, then resume with "
+            f"train.resume=auto."
+        ) from None
     finally:
         progress.close()
         log.close()

@@ -15,7 +15,6 @@ import typing
 from typing import Any, Literal, Union
 
 
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -65,8 +64,10 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected a mapping, got {value!r}")
             return {}
         value_type = typing.get_args(tp)[1]
-        return {key: _convert(item if item is not None else {}, value_type, f"{path}.{key}", errors)
-                for key, item in value.items()}
+        return {
+            key: _convert(item if item is not None else {}, value_type, f"{path}.{key}", errors)
+            for key, item in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, path, errors)
     if tp is bool:

@@ -20,8 +20,12 @@ def make_image(path: Path, colour=(200, 30, 30), size=(24, 16), mode: str = "RGB
     return path
 
 
-def write_coco(root: Path, captions: dict[str, list[str]], image_dir: str = "val2017",
-               annotation_name: str = "annotations/captions_val2017.json") -> Path:
+def write_coco(
+    root: Path,
+    captions: dict[str, list[str]],
+    image_dir: str = "val2017",
+    annotation_name: str = "annotations/captions_val2017.json",
+) -> Path:
     """COCO 2017 captions layout: annotations/captions_val2017.json + val2017/<file_name>.
 
     Args:
@@ -33,17 +37,39 @@ def write_coco(root: Path, captions: dict[str, list[str]], image_dir: str = "val
         image_id = 397133 + number
         if not name.startswith("missing"):
             make_image(root / image_dir / name, COLOURS[number % len(COLOURS)])
-        images.append({"license": 4, "file_name": name, "coco_url": f"http://images.cocodataset.org/val2017/{name}",
-                       "height": 16, "width": 24, "date_captured": "2013-11-14 17:02:52",
-                       "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg",
-                       "id": image_id})
+        images.append(
+            {
+                "license": 4,
+                "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/val2017/{name}",
+                "height": 16,
+                "width": 24,
+                "date_captured": "2013-11-14 17:02:52",
+                "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg",
+                "id": image_id,
+            }
+        )
         for text in texts:
             annotations.append({"image_id": image_id, "id": 38 + len(annotations), "caption": text})
-    raw = {"info": {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0",
-                    "year": 2017, "contributor": "COCO Consortium", "date_created": "2017/09/01"},
-           "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
-                         "name": "Attribution-NonCommercial-ShareAlike License"}],
-           "images": images, "annotations": annotations}
+    raw = {
+        "info": {
+            "description": "COCO 2017 Dataset",
+            "url": "http://cocodataset.org",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "COCO Consortium",
+            "date_created": "2017/09/01",
+        },
+        "licenses": [
+            {
+                "url": "http://creativecommons.org/licenses/by-nc-sa/2.0/",
+                "id": 1,
+                "name": "Attribution-NonCommercial-ShareAlike License",
+            }
+        ],
+        "images": images,
+        "annotations": annotations,
+    }
     path = root / annotation_name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw))
@@ -53,17 +79,36 @@ def write_coco(root: Path, captions: dict[str, list[str]], image_dir: str = "val
 def write_karpathy_coco(root: Path) -> Path:
     """dataset_coco.json layout: images[] with filepath, filename, split, sentences[].raw, cocoid."""
     entries = []
-    layout = [("val2014", "test"), ("val2014", "val"), ("train2014", "train"), ("val2014", "restval"),
-              ("train2014", "train")]
+    layout = [
+        ("val2014", "test"),
+        ("val2014", "val"),
+        ("train2014", "train"),
+        ("val2014", "restval"),
+        ("train2014", "train"),
+    ]
     for number, (folder, split) in enumerate(layout):
         name = f"COCO_{folder}_{number:012d}.jpg"
         make_image(root / folder / name, COLOURS[number])
-        sentences = [{"tokens": ["a", "shape", str(number)], "raw": f"A shape number {number}. ",
-                      "imgid": number, "sentid": 10 * number},
-                     {"tokens": ["colour", str(number)], "raw": f"Colour {number}", "imgid": number,
-                      "sentid": 10 * number + 1}]
-        entries.append({"filepath": folder, "sentids": [10 * number, 10 * number + 1], "filename": name,
-                        "imgid": number, "split": split, "sentences": sentences, "cocoid": 391895 + number})
+        sentences = [
+            {
+                "tokens": ["a", "shape", str(number)],
+                "raw": f"A shape number {number}. ",
+                "imgid": number,
+                "sentid": 10 * number,
+            },
+            {"tokens": ["colour", str(number)], "raw": f"Colour {number}", "imgid": number, "sentid": 10 * number + 1},
+        ]
+        entries.append(
+            {
+                "filepath": folder,
+                "sentids": [10 * number, 10 * number + 1],
+                "filename": name,
+                "imgid": number,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": 391895 + number,
+            }
+        )
     path = root / "dataset_coco.json"
     path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return path
@@ -75,10 +120,10 @@ def write_karpathy_flickr(root: Path) -> Path:
     for number, split in enumerate(["train", "train", "test"]):
         name = f"10000927{number}.jpg"
         make_image(root / "flickr30k-images" / name, COLOURS[number])
-        sentences = [{"tokens": ["two", "guys"], "raw": f"Two young guys number {number}.", "imgid": number,
-                      "sentid": number}]
-        entries.append({"sentids": [number], "imgid": number, "sentences": sentences, "split": split,
-                        "filename": name})
+        sentences = [
+            {"tokens": ["two", "guys"], "raw": f"Two young guys number {number}.", "imgid": number, "sentid": number}
+        ]
+        entries.append({"sentids": [number], "imgid": number, "sentences": sentences, "split": split, "filename": name})
     path = root / "dataset_flickr30k.json"
     path.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
     return path

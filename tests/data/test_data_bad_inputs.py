@@ -62,8 +62,10 @@ def test_empty_caption(tmp_path, on_error):
         return
     dataset = build_dataset(config, data_cfg(on_error=on_error), train=True)
     assert [s["captions"] for s in dataset] == [["a"], ["c"]]  # b had no caption left
-    assert [(b["image_id"], b["reason"]) for b in dataset.bad_samples] == [("397133", "empty caption"),
-                                                                            ("397134", "empty caption")]
+    assert [(b["image_id"], b["reason"]) for b in dataset.bad_samples] == [
+        ("397133", "empty caption"),
+        ("397134", "empty caption"),
+    ]
 
 
 @pytest.mark.parametrize("on_error", ["skip", "raise"])
@@ -110,8 +112,11 @@ def test_corrupt_annotation_file_is_always_fatal(tmp_path):
 
 def test_a_set_that_ends_up_empty_is_a_clear_error(tmp_path):
     config = _coco(tmp_path, {"missing_a.png": ["a"], "missing_b.png": ["b"], "c.png": [" "]})
-    with pytest.raises(DataError, match=r"no usable sample: read 3 image.*'image file not found': 2.*"
-                                        r"'empty caption': 1"):
+    with pytest.raises(
+        DataError,
+        match=r"no usable sample: read 3 image.*'image file not found': 2.*"
+        r"'empty caption': 1",
+    ):
         build_dataset(config, data_cfg(), train=True)
 
 
@@ -129,7 +134,8 @@ def test_one_bad_jpeg_does_not_stop_a_worker_dataloader(tmp_path):
     config = _coco(tmp_path, {f"{i}.jpg": [f"image {i}"] for i in range(8)})
     (tmp_path / "val2017" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     dataset = build_dataset(config, data_cfg(), train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2,
-                                         collate_fn=lambda items: [i for i in items if i is not None])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=4, num_workers=2, collate_fn=lambda items: [i for i in items if i is not None]
+    )
     seen = [item["caption"] for batch in loader for item in batch]
     assert seen == [f"image {i}" for i in range(8) if i != 3]

@@ -12,16 +12,29 @@ from vlm_tune.data import DataError, GenerateCollator, TrainCollator
 from vlm_tune.recipe import DataConfig
 
 # The end-of-turn token each family's chat format closes the answer with.
-END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "idefics3": "<end_of_utterance>",
-               "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "mllama": "<|eot_id|>",
-               "paligemma": "<eos>", "blip2": "</s>", "gemma3": "<end_of_turn>"}
+END_OF_TURN = {
+    "llava": "</s>",
+    "llava_next": "</s>",
+    "idefics3": "<end_of_utterance>",
+    "qwen2_vl": "<|im_end|>",
+    "qwen2_5_vl": "<|im_end|>",
+    "mllama": "<|eot_id|>",
+    "paligemma": "<eos>",
+    "blip2": "</s>",
+    "gemma3": "<end_of_turn>",
+}
 CAPTIONS = ["a red circle", "two small blue squares side by side", "three green triangles in a row"]
 
 
 def _item(index: int, caption: str, size=(40, 30), prompt: str = "Describe the image.") -> dict:
     image = Image.new("RGB", size, ((50 * index) % 255, 100, 200))
-    return {"image_id": f"img{index}", "image": image, "captions": [caption, "another reference"],
-            "caption": caption, "prompt": prompt}
+    return {
+        "image_id": f"img{index}",
+        "image": image,
+        "captions": [caption, "another reference"],
+        "caption": caption,
+        "prompt": prompt,
+    }
 
 
 def _image_token_id(processor) -> int:
@@ -71,8 +84,9 @@ def test_generation_inputs_are_left_padded_and_match_single_generation(arch):
 
     def first_scores(batch_inputs):
         with torch.no_grad():
-            out = model.generate(**batch_inputs, max_new_tokens=1, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **batch_inputs, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
         return out.scores[0]
 
     together = first_scores(inputs)
@@ -92,7 +106,7 @@ def test_truncation_shortens_the_caption_never_the_image(arch):
     image_id = _image_token_id(processor)
     assert (batch["input_ids"][0] == image_id).sum() == (full["input_ids"][0] == image_id).sum()
     kept = batch["labels"][0][batch["labels"][0] != -100]
-    assert torch.equal(kept, full["labels"][0][answer_start:answer_start + 3])  # the caption's first tokens
+    assert torch.equal(kept, full["labels"][0][answer_start : answer_start + 3])  # the caption's first tokens
     short = batch["labels"][1][batch["labels"][1] != -100]
     assert processor.tokenizer.decode(short.tolist()).strip() == "a dot" + END_OF_TURN[arch]
     for key in ("attention_mask", "token_type_ids", "cross_attention_mask", "mm_token_type_ids"):
@@ -144,8 +158,16 @@ def test_idefics3_image_budget_bounds_image_tokens():
 
 def test_tiled_families_get_fewer_tiles_with_a_smaller_budget():
     mllama = tiny_processor("mllama")
-    tiles = [int(TrainCollator(mllama, DataConfig(image_size=s))([_item(0, "a dot", size=(200, 150))])
-                 ["cross_attention_mask"][0].amax(0).sum()) for s in (None, 32)]
+    tiles = [
+        int(
+            TrainCollator(mllama, DataConfig(image_size=s))([_item(0, "a dot", size=(200, 150))])[
+                "cross_attention_mask"
+            ][0]
+            .amax(0)
+            .sum()
+        )
+        for s in (None, 32)
+    ]
     assert tiles == [2, 1]
     llava_next = tiny_processor("llava_next")
     assert _image_tokens(llava_next, DataConfig(image_size=32)) < _image_tokens(llava_next, DataConfig())
@@ -179,8 +201,9 @@ def test_a_template_without_end_of_turn_token_gets_eos_appended():
     processor.chat_template = (
         "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
     batch = TrainCollator(processor, DataConfig())([_item(0, "a red circle")])
     labels = batch["labels"][0]
     decoded = processor.tokenizer.decode(labels[labels != -100].tolist())
-    assert decoded.endswith("</s>") and decoded[:-len("</s>")].strip() == "a red circle"
+    assert decoded.endswith("</s>") and decoded[: -len("</s>")].strip() == "a red circle"

@@ -38,8 +38,9 @@ class _Probe:
 
 
 def test_two_workers_over_1000_samples_do_not_grow_files_or_memory(tmp_path):
-    files = [make_image(tmp_path / "images" / f"{i}.png", ((37 * i) % 256, 90, 160), size=(160, 160))
-             for i in range(20)]
+    files = [
+        make_image(tmp_path / "images" / f"{i}.png", ((37 * i) % 256, 90, 160), size=(160, 160)) for i in range(20)
+    ]
     images = [{"id": i, "file_name": files[i % 20].name, "height": 160, "width": 160} for i in range(SAMPLES)]
     annotations = [{"id": i, "image_id": i, "caption": f"shape number {i % 50}"} for i in range(SAMPLES)]
     (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
@@ -47,9 +48,14 @@ def test_two_workers_over_1000_samples_do_not_grow_files_or_memory(tmp_path):
     dataset = build_dataset(source(tmp_path / "captions.json", images=str(tmp_path / "images")), config, train=True)
     assert len(dataset) == SAMPLES
     sampler = build_train_sampler(dataset, config, batch_size=25, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=25, sampler=sampler, num_workers=2,
-                                         persistent_workers=True,
-                                         collate_fn=_Probe(TrainCollator(tiny_processor("llava"), config)))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=25,
+        sampler=sampler,
+        num_workers=2,
+        persistent_workers=True,
+        collate_fn=_Probe(TrainCollator(tiny_processor("llava"), config)),
+    )
     main_files = _open_files()
     per_worker: dict[int, list[tuple[int, int]]] = {}
     seen = 0

@@ -17,8 +17,9 @@ PROMPTS = ["Describe the image.", "What is shown here?", "Write a caption."]
 def _captions_dataset(tmp_path, train: bool, seed: int = 0):
     captions = {f"{i}.png": [f"caption {i} {k}" for k in range(5)] for i in range(12)}
     path = write_coco(tmp_path, captions)
-    return build_dataset(source(path, images=str(tmp_path / "val2017")), data_cfg(prompt=PROMPTS), train=train,
-                         seed=seed)
+    return build_dataset(
+        source(path, images=str(tmp_path / "val2017")), data_cfg(prompt=PROMPTS), train=train, seed=seed
+    )
 
 
 def _draws(dataset, epoch: int) -> list[tuple[str, str]]:
@@ -69,7 +70,7 @@ def test_group_by_length_makes_batches_of_similar_length():
     shuffled = EpochShuffleSampler(400, batch_size=8, seed=0)
 
     def mean_spread(order):
-        batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
         return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
 
     order = list(grouped)

@@ -5,15 +5,26 @@ from __future__ import annotations
 import os
 
 import pytest
-from data_fixtures import (COLOURS, data_cfg, near, make_image, source, write_coco, write_csv, write_jsonl,
-                           write_karpathy_coco, write_karpathy_flickr)
+from data_fixtures import (
+    COLOURS,
+    data_cfg,
+    make_image,
+    near,
+    source,
+    write_coco,
+    write_csv,
+    write_jsonl,
+    write_karpathy_coco,
+    write_karpathy_flickr,
+)
 
 from vlm_tune.data import DataError, build_dataset
 
 
 def test_coco_groups_captions_per_image_and_loads_lazily(tmp_path):
-    path = write_coco(tmp_path, {"000000397133.jpg": ["A red thing.", "  Something   red \n"],
-                                 "000000037777.jpg": ["A green thing."]})
+    path = write_coco(
+        tmp_path, {"000000397133.jpg": ["A red thing.", "  Something   red \n"], "000000037777.jpg": ["A green thing."]}
+    )
     dataset = build_dataset(source(path, images=str(tmp_path / "val2017")), data_cfg(), train=False)
     assert len(dataset) == 2
     first = dataset[0]
@@ -35,8 +46,9 @@ def test_coco_default_images_folder_is_next_to_the_file_or_its_images_subfolder(
 def test_coco_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     write_coco(tmp_path / "set", {"a.png": ["x"]})
     monkeypatch.chdir(tmp_path)
-    dataset = build_dataset(source("set/annotations/captions_val2017.json", images="set/val2017"),
-                            data_cfg(), train=False)
+    dataset = build_dataset(
+        source("set/annotations/captions_val2017.json", images="set/val2017"), data_cfg(), train=False
+    )
     assert dataset[0]["captions"] == ["x"]
 
 
@@ -64,8 +76,9 @@ def test_karpathy_coco_split_filepath_and_joined_splits(tmp_path):
 
 def test_karpathy_flickr_without_filepath(tmp_path):
     path = write_karpathy_flickr(tmp_path)
-    dataset = build_dataset(source(path, "karpathy", split="test", images=str(tmp_path / "flickr30k-images")),
-                            data_cfg(), train=False)
+    dataset = build_dataset(
+        source(path, "karpathy", split="test", images=str(tmp_path / "flickr30k-images")), data_cfg(), train=False
+    )
     assert len(dataset) == 1 and dataset[0]["image_id"] == "2"
     assert dataset[0]["captions"] == ["Two young guys number 2."]
 
@@ -73,13 +86,15 @@ def test_karpathy_flickr_without_filepath(tmp_path):
 def test_jsonl_custom_columns_merges_rows_and_caption_lists(tmp_path):
     make_image(tmp_path / "imgs" / "a.png", COLOURS[0])
     make_image(tmp_path / "imgs" / "b.png", COLOURS[1])
-    path = write_jsonl(tmp_path / "set.jsonl", [
-        {"file": "imgs/a.png", "text": "first of a"},
-        {"file": "imgs/b.png", "text": ["b one", "b two"]},
-        {"file": "imgs/a.png", "text": "second of a"},
-    ])
-    dataset = build_dataset(source(path, "jsonl", image_column="file", caption_column="text"),
-                            data_cfg(), train=False)
+    path = write_jsonl(
+        tmp_path / "set.jsonl",
+        [
+            {"file": "imgs/a.png", "text": "first of a"},
+            {"file": "imgs/b.png", "text": ["b one", "b two"]},
+            {"file": "imgs/a.png", "text": "second of a"},
+        ],
+    )
+    dataset = build_dataset(source(path, "jsonl", image_column="file", caption_column="text"), data_cfg(), train=False)
     assert [s["captions"] for s in dataset] == [["first of a", "second of a"], ["b one", "b two"]]
     assert near(dataset[1]["image"].getpixel((0, 0)), COLOURS[1])
 
@@ -94,9 +109,16 @@ def test_jsonl_wrong_column_name_lists_the_columns(tmp_path):
 def test_csv_with_split_column(tmp_path):
     for name, colour in zip("abc", COLOURS):
         make_image(tmp_path / f"{name}.jpg", colour)
-    path = write_csv(tmp_path / "set.csv", ["path", "caption", "split"],
-                     [["a.jpg", "an a", "train"], ["b.jpg", "a b", "val"], ["c.jpg", "a c", "train"],
-                      ["a.jpg", "another a", "train"]])
+    path = write_csv(
+        tmp_path / "set.csv",
+        ["path", "caption", "split"],
+        [
+            ["a.jpg", "an a", "train"],
+            ["b.jpg", "a b", "val"],
+            ["c.jpg", "a c", "train"],
+            ["a.jpg", "another a", "train"],
+        ],
+    )
     dataset = build_dataset(source(path, "csv", image_column="path", split="train"), data_cfg(), train=False)
     assert [s["captions"] for s in dataset] == [["an a", "another a"], ["a c"]]
     assert dataset[1]["image"].getpixel((0, 0))[2] > 150  # c.jpg is blue (JPEG, so near the colour)
@@ -108,12 +130,14 @@ def test_imagefolder_metadata_and_split_subfolder(tmp_path, metadata):
     make_image(folder / "x.png", COLOURS[3])
     make_image(folder / "sub" / "y.png", COLOURS[4])
     if metadata.endswith("jsonl"):
-        write_jsonl(folder / metadata, [{"file_name": "x.png", "text": "yellow"},
-                                        {"file_name": "sub/y.png", "text": "purple"}])
+        write_jsonl(
+            folder / metadata, [{"file_name": "x.png", "text": "yellow"}, {"file_name": "sub/y.png", "text": "purple"}]
+        )
     else:
         write_csv(folder / metadata, ["file_name", "text"], [["x.png", "yellow"], ["sub/y.png", "purple"]])
-    dataset = build_dataset(source(tmp_path / "set", "imagefolder", split="train", caption_column="text"),
-                            data_cfg(), train=False)
+    dataset = build_dataset(
+        source(tmp_path / "set", "imagefolder", split="train", caption_column="text"), data_cfg(), train=False
+    )
     assert [s["captions"][0] for s in dataset] == ["yellow", "purple"]
     assert near(dataset[1]["image"].getpixel((0, 0)), COLOURS[4])
     with pytest.raises(DataError, match="no metadata.jsonl or metadata.csv"):
@@ -123,8 +147,9 @@ def test_imagefolder_metadata_and_split_subfolder(tmp_path, metadata):
 def test_hf_dataset_with_image_feature_and_split(tmp_path):
     datasets = pytest.importorskip("datasets")
     paths = [str(make_image(tmp_path / f"{i}.png", COLOURS[i])) for i in range(3)]
-    table = datasets.Dataset.from_dict({"img": paths, "sentences": [["zero", "nil"], ["one"], ["two"]],
-                                        "image_id": ["i0", "i1", "i2"]})
+    table = datasets.Dataset.from_dict(
+        {"img": paths, "sentences": [["zero", "nil"], ["one"], ["two"]], "image_id": ["i0", "i1", "i2"]}
+    )
     table = table.cast_column("img", datasets.Image())
     datasets.DatasetDict({"train": table, "test": table.select([2])}).save_to_disk(str(tmp_path / "hf"))
     for path in paths:  # save_to_disk embeds the image bytes: rows load without the files
@@ -135,8 +160,9 @@ def test_hf_dataset_with_image_feature_and_split(tmp_path):
     assert dataset[0]["captions"] == ["zero", "nil"]
     assert near(dataset[2]["image"].getpixel((0, 0)), COLOURS[2])
     with pytest.raises(DataError, match=r"splits \['train', 'test'\]"):
-        build_dataset(source(tmp_path / "hf", "hf", image_column="img", caption_column="sentences"),
-                      data_cfg(), train=False)
+        build_dataset(
+            source(tmp_path / "hf", "hf", image_column="img", caption_column="sentences"), data_cfg(), train=False
+        )
 
 
 def test_hf_dataset_with_path_column_checks_files_at_build_time(tmp_path):
@@ -144,8 +170,7 @@ def test_hf_dataset_with_path_column_checks_files_at_build_time(tmp_path):
     make_image(tmp_path / "images" / "a.png", COLOURS[1])
     table = datasets.Dataset.from_dict({"image": ["a.png", "gone.png"], "caption": ["a", "gone"]})
     table.save_to_disk(str(tmp_path / "hf"))
-    dataset = build_dataset(source(tmp_path / "hf", "hf", images=str(tmp_path / "images")), data_cfg(),
-                            train=False)
+    dataset = build_dataset(source(tmp_path / "hf", "hf", images=str(tmp_path / "images")), data_cfg(), train=False)
     assert len(dataset) == 1 and dataset[0]["image"].getpixel((0, 0)) == COLOURS[1]
     assert dataset.bad_samples[0]["reason"] == "image file not found"
     assert dataset.bad_samples[0]["file"].endswith("gone.png")

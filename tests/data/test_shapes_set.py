@@ -11,8 +11,18 @@ import pytest
 from PIL import Image
 
 from vlm_tune.data import build_dataset
-from vlm_tune.data.shapes import (COLOURS, NOVEL_COMBINATIONS, SPLIT_SIZES, annotation_bytes, draw_scene,
-                                  file_name, main, make_scene, scene_captions, split_annotations)
+from vlm_tune.data.shapes import (
+    COLOURS,
+    NOVEL_COMBINATIONS,
+    SPLIT_SIZES,
+    annotation_bytes,
+    draw_scene,
+    file_name,
+    main,
+    make_scene,
+    scene_captions,
+    split_annotations,
+)
 from vlm_tune.recipe import DataConfig, DataSourceConfig
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "shapes"
@@ -69,8 +79,9 @@ def test_shipped_set_is_coco_layout_and_loads():
     for annotation in raw["annotations"]:
         per_image[annotation["image_id"]] = per_image.get(annotation["image_id"], 0) + 1
     assert len(per_image) == 200 and all(3 <= n <= 5 for n in per_image.values())
-    dataset = build_dataset(DataSourceConfig(format="coco", path=str(SHIPPED / "captions_val.json")),
-                            DataConfig(), train=False)
+    dataset = build_dataset(
+        DataSourceConfig(format="coco", path=str(SHIPPED / "captions_val.json")), DataConfig(), train=False
+    )
     assert len(dataset) == 200 and dataset[0]["image"].size == (64, 64)
 
 
@@ -100,8 +111,13 @@ def test_captions_state_what_is_drawn(split):
         if scene.layout == "single":
             ys, xs = zip(*blobs[0])
             centre_y, centre_x = np.mean(ys), np.mean(xs)
-            expected = {"left": centre_x < 26, "right": centre_x > 38, "top": centre_y < 26,
-                        "bottom": centre_y > 38, "centre": 26 <= centre_x <= 38 and 26 <= centre_y <= 38}
+            expected = {
+                "left": centre_x < 26,
+                "right": centre_x > 38,
+                "top": centre_y < 26,
+                "bottom": centre_y > 38,
+                "centre": 26 <= centre_x <= 38 and 26 <= centre_y <= 38,
+            }
             assert expected[scene.arrangement], (index, scene)
             assert any(scene.arrangement in c for c in captions) or all(len(c.split()) <= 4 for c in captions)
         phrasings.update(" ".join("X" if w in COLOURS else w for w in c.split()) for c in captions)
@@ -115,5 +131,5 @@ def test_different_content_gives_different_captions():
         key = tuple(sorted((s.colour, s.kind) for s in scene.shapes))
         seen.setdefault(key, set()).update(scene_captions(scene, "train", index))
     keys = list(seen)
-    overlaps = [seen[a] & seen[b] for i, a in enumerate(keys) for b in keys[i + 1:]]
+    overlaps = [seen[a] & seen[b] for i, a in enumerate(keys) for b in keys[i + 1 :]]
     assert not any(overlaps)

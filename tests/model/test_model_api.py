@@ -2,17 +2,18 @@
 
 import pytest
 from peft.tuners.lora import LoraLayer
-
-import vlm_tune
 from tiny import tiny_vlm_folder
 from vlm_batches import make_batch, randomize_lora_b
+
+import vlm_tune
 
 RECIPE = """
 model:
   name_or_path: {folder}
   dtype: bfloat16
   gradient_checkpointing: true
-  quantization: {{bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16, keep_16bit: [vision, projector]}}
+  quantization:
+    {{bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16, keep_16bit: [vision, projector]}}
 components:
   vision: {{mode: lora, rank: 4, alpha: 8, targets: [attention], lr: 1e-5, variant: rslora}}
   projector: {{mode: full}}
@@ -36,8 +37,7 @@ def test_recipe_to_trainable_model(tmp_path, capsys):
             ranks.setdefault(part, set()).add(module.lora_A["default"].weight.shape[0])
             assert ".visual.merger." not in name  # the merger is the (fully trained) projector
     assert ranks == {"vision": {16}, "language": {8}}
-    assert {r.component: r.mode for r in report.rows} == {"vision": "lora", "projector": "full",
-                                                          "language": "lora"}
+    assert {r.component: r.mode for r in report.rows} == {"vision": "lora", "projector": "full", "language": "lora"}
     assert model.peft_config["default"].use_rslora
     randomize_lora_b(model)
     model.train()

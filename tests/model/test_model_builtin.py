@@ -8,7 +8,9 @@ from vlm_tune.model import builtin
 
 
 def test_unknown_builtin_lists_the_valid_names():
-    with pytest.raises(builtin.BuiltinError, match=r"unknown built-in model 'vlm_tune:nope'; valid: vlm_tune:smolvlm-demo"):
+    with pytest.raises(
+        builtin.BuiltinError, match=r"unknown built-in model 'vlm_tune:nope'; valid: vlm_tune:smolvlm-demo"
+    ):
         builtin.resolve_builtin("vlm_tune:nope")
 
 

@@ -3,23 +3,38 @@
 import pytest
 import torch
 import transformers as tf
-
 from tiny import tiny_model
+
 from vlm_tune.model.components import ComponentError, find_components, linear_kind
 from vlm_tune.recipe import ComponentConfig
 
 # What each family's parts are, written out by hand from the transformers module trees.
 EXPECTED = {
-    "llava": {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
-              "language": ["model.language_model", "lm_head"]},
-    "idefics3": {"vision": ["model.vision_model"], "projector": ["model.connector"],
-                 "language": ["model.text_model", "lm_head"]},
-    "qwen2_5_vl": {"vision": ["model.visual.patch_embed", "model.visual.rotary_pos_emb", "model.visual.blocks"],
-                   "projector": ["model.visual.merger"], "language": ["model.language_model", "lm_head"]},
-    "paligemma": {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
-                  "language": ["model.language_model", "lm_head"]},
-    "blip2": {"vision": ["vision_model"], "projector": ["qformer", "language_projection"],
-              "language": ["language_model"]},
+    "llava": {
+        "vision": ["model.vision_tower"],
+        "projector": ["model.multi_modal_projector"],
+        "language": ["model.language_model", "lm_head"],
+    },
+    "idefics3": {
+        "vision": ["model.vision_model"],
+        "projector": ["model.connector"],
+        "language": ["model.text_model", "lm_head"],
+    },
+    "qwen2_5_vl": {
+        "vision": ["model.visual.patch_embed", "model.visual.rotary_pos_emb", "model.visual.blocks"],
+        "projector": ["model.visual.merger"],
+        "language": ["model.language_model", "lm_head"],
+    },
+    "paligemma": {
+        "vision": ["model.vision_tower"],
+        "projector": ["model.multi_modal_projector"],
+        "language": ["model.language_model", "lm_head"],
+    },
+    "blip2": {
+        "vision": ["vision_model"],
+        "projector": ["qformer", "language_projection"],
+        "language": ["language_model"],
+    },
 }
 ARCHS = ["llava", "idefics3", "qwen2_5_vl", "mllama", "paligemma", "blip2", "gemma3", "qwen2_vl", "llava_next"]
 
@@ -86,11 +101,14 @@ def test_structural_detection_agrees_with_the_table(arch):
     assert found.detected["vision"] and found.detected["language"] and found.detected["projector"]
 
 
-@pytest.mark.parametrize("model_type,vision,projector", [
-    ("mistral3", "model.vision_tower", "model.multi_modal_projector"),
-    ("internvl", "model.vision_tower", "model.multi_modal_projector"),
-    ("kosmos-2", "vision_model", "image_to_text_projection"),
-])
+@pytest.mark.parametrize(
+    "model_type,vision,projector",
+    [
+        ("mistral3", "model.vision_tower", "model.multi_modal_projector"),
+        ("internvl", "model.vision_tower", "model.multi_modal_projector"),
+        ("kosmos-2", "vision_model", "image_to_text_projection"),
+    ],
+)
 def test_unlisted_architectures_are_detected(model_type, vision, projector):
     cmap = find_components(_meta_model(model_type))
     assert cmap.modules["vision"] == [vision] and cmap.modules["projector"] == [projector]
@@ -99,8 +117,14 @@ def test_unlisted_architectures_are_detected(model_type, vision, projector):
 
 
 def test_text_only_model_fails_with_how_to_name_components():
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1)
+    config = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with pytest.raises(ComponentError, match=r"cannot find the vision component.*components\.vision\.modules"):
         find_components(tf.LlamaForCausalLM(config))
 
@@ -124,8 +148,10 @@ def test_recipe_modules_regex_matching_nothing_is_an_error():
 
 
 def test_recipe_modules_two_components_cannot_claim_one_module():
-    policy = {"vision": ComponentConfig(modules=["model.vision_tower"]),
-              "projector": ComponentConfig(modules=["model.vision_tower"])}
+    policy = {
+        "vision": ComponentConfig(modules=["model.vision_tower"]),
+        "projector": ComponentConfig(modules=["model.vision_tower"]),
+    }
     with pytest.raises(ComponentError, match="claimed by both"):
         find_components(tiny_model("llava"), policy)
 
@@ -134,8 +160,9 @@ def test_lora_candidates_skip_lm_head_unless_named():
     cmap = find_components(tiny_model("llava"))
     assert "lm_head" not in cmap.lora_candidates("language", ["attention", "mlp"])
     assert cmap.lora_candidates("language", ["lm_head"]) == ["lm_head"]
-    assert cmap.lora_candidates("language", [r"layers\.0\.self_attn\.q_proj"]) == \
-        ["model.language_model.layers.0.self_attn.q_proj"]
+    assert cmap.lora_candidates("language", [r"layers\.0\.self_attn\.q_proj"]) == [
+        "model.language_model.layers.0.self_attn.q_proj"
+    ]
 
 
 def test_lora_candidates_by_kind():
@@ -160,8 +187,10 @@ def test_unused_llava_vision_layers_are_not_lora_targets():
     multi = find_components(model).lora_candidates("vision", ["attention", "mlp"])
     assert multi == vision
     model.config.vision_feature_layer = -1
-    assert any(f"encoder.layers.{layers - 1}." in n
-               for n in find_components(model).lora_candidates("vision", ["attention", "mlp"]))
+    assert any(
+        f"encoder.layers.{layers - 1}." in n
+        for n in find_components(model).lora_candidates("vision", ["attention", "mlp"])
+    )
 
 
 def test_siglip_pooling_head_is_not_a_lora_target():

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 import transformers as tf
-
 from tiny import tiny_vlm, tiny_vlm_folder
 from vlm_batches import make_batch, open_visual_path, randomize_lora_b
+
 from vlm_tune.model.load import LoadError, load_model, resolve_source
 from vlm_tune.model.targeting import TargetingError, apply_targeting
 from vlm_tune.recipe import ComponentConfig, ModelConfig, QuantizationConfig
@@ -16,19 +16,25 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 def _qlora(folder, **quant) -> ModelConfig:
-    return ModelConfig(name_or_path=str(folder), dtype="bfloat16", gradient_checkpointing=True,
-                       quantization=QuantizationConfig(**quant))
+    return ModelConfig(
+        name_or_path=str(folder),
+        dtype="bfloat16",
+        gradient_checkpointing=True,
+        quantization=QuantizationConfig(**quant),
+    )
 
 
 def test_16bit_load_from_folder_is_frozen_with_processor(tmp_path, capsys):
     folder = tiny_vlm_folder("idefics3", tmp_path)
-    model, processor = load_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16",
-                                              gradient_checkpointing=True))
+    model, processor = load_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16", gradient_checkpointing=True))
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
     assert type(processor).__name__ == "Idefics3Processor"
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
-    assert model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") \
+    assert (
+        model.is_activation_checkpointing
+        if hasattr(model, "is_activation_checkpointing")
         else model.is_gradient_checkpointing
+    )
     table = capsys.readouterr().out
     assert "idefics3" in table and all(c in table for c in ("vision", "projector", "language", "bfloat16"))
 
@@ -57,8 +63,11 @@ def test_4bit_forward_backward_reaches_every_lora_parameter(arch, tmp_path):
     model, processor = load_model(_qlora(folder), verbose=False)
     linear4 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4 and all("language_model" in n for n in linear4)  # vision / projector / lm_head stay 16-bit
-    policy = {"vision": ComponentConfig(mode="lora", rank=2), "projector": ComponentConfig(mode="full"),
-              "language": ComponentConfig(mode="lora", rank=4)}
+    policy = {
+        "vision": ComponentConfig(mode="lora", rank=2),
+        "projector": ComponentConfig(mode="full"),
+        "language": ComponentConfig(mode="lora", rank=4),
+    }
     if arch == "mllama":  # the architecture whose re-entrant checkpointing fails in peers
         policy["cross_attention"] = ComponentConfig(mode="lora", rank=3)
     peft_model, report = apply_targeting(model, policy)
@@ -119,8 +128,9 @@ def test_a_tokenizer_without_padding_pads_with_its_end_of_sequence_token(tmp_pat
     tokenizer = processor.tokenizer
     assert tokenizer.eos_token is not None and tokenizer.pad_token == tokenizer.eos_token
     image = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (32, 32), "red")
-    batch = processor(text=["<image>a", "<image>a longer text"], images=[[image], [image]], padding=True,
-                      return_tensors="pt")
+    batch = processor(
+        text=["<image>a", "<image>a longer text"], images=[[image], [image]], padding=True, return_tensors="pt"
+    )
     assert batch["input_ids"].shape[0] == 2
 
 
@@ -146,8 +156,14 @@ def test_not_a_model_folder(tmp_path):
 
 
 def test_text_only_model_is_not_a_vlm(tmp_path):
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1)
+    config = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "llm")
     with pytest.raises(LoadError, match="holds a llama model \\(LlamaForCausalLM\\), not a vision-language model"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "llm")))
@@ -166,9 +182,14 @@ def test_4bit_on_cuda_places_weights_and_trains(arch, tmp_path):
     model, processor = load_model(_qlora(tiny_vlm_folder(arch, tmp_path)), verbose=False)
     assert {p.device.type for p in model.parameters()} == {"cuda"}  # placed at load: 4-bit weights cannot move
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    peft_model, _ = apply_targeting(model, {"vision": ComponentConfig(mode="lora", rank=2),
-                                            "projector": ComponentConfig(mode="full"),
-                                            "language": ComponentConfig(mode="lora", rank=4)})
+    peft_model, _ = apply_targeting(
+        model,
+        {
+            "vision": ComponentConfig(mode="lora", rank=2),
+            "projector": ComponentConfig(mode="full"),
+            "language": ComponentConfig(mode="lora", rank=4),
+        },
+    )
     randomize_lora_b(peft_model)
     peft_model.train()
     batch = make_batch(arch, processor, model=peft_model)

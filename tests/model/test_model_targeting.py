@@ -4,29 +4,54 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-
 from tiny import tiny_vlm
 from vlm_batches import make_batch, open_visual_path, randomize_lora_b
+
 from vlm_tune.model.targeting import TargetingError, apply_targeting, param_groups
 from vlm_tune.recipe import ComponentConfig
 
 # Hand-written prefixes of each component (independent of the code under test); the longest prefix wins.
 PREFIXES = {
-    "llava": {"model.vision_tower": "vision", "model.multi_modal_projector": "projector",
-              "model.language_model": "language", "lm_head": "language"},
-    "idefics3": {"model.vision_model": "vision", "model.connector": "projector", "model.text_model": "language",
-                 "lm_head": "language"},
-    "qwen2_5_vl": {"model.visual": "vision", "model.visual.merger": "projector", "model.language_model": "language",
-                   "lm_head": "language"},
-    "mllama": {"model.vision_model": "vision", "model.multi_modal_projector": "projector",
-               "model.language_model": "language", "lm_head": "language",
-               "model.language_model.layers.1.cross_attn": "cross_attention",
-               "model.language_model.layers.1.cross_attn_attn_gate": "cross_attention",
-               "model.language_model.layers.1.cross_attn_mlp_gate": "cross_attention"},
-    "paligemma": {"model.vision_tower": "vision", "model.multi_modal_projector": "projector",
-                  "model.language_model": "language", "lm_head": "language"},
-    "blip2": {"vision_model": "vision", "qformer": "projector", "language_projection": "projector",
-              "query_tokens": "projector", "language_model": "language"},
+    "llava": {
+        "model.vision_tower": "vision",
+        "model.multi_modal_projector": "projector",
+        "model.language_model": "language",
+        "lm_head": "language",
+    },
+    "idefics3": {
+        "model.vision_model": "vision",
+        "model.connector": "projector",
+        "model.text_model": "language",
+        "lm_head": "language",
+    },
+    "qwen2_5_vl": {
+        "model.visual": "vision",
+        "model.visual.merger": "projector",
+        "model.language_model": "language",
+        "lm_head": "language",
+    },
+    "mllama": {
+        "model.vision_model": "vision",
+        "model.multi_modal_projector": "projector",
+        "model.language_model": "language",
+        "lm_head": "language",
+        "model.language_model.layers.1.cross_attn": "cross_attention",
+        "model.language_model.layers.1.cross_attn_attn_gate": "cross_attention",
+        "model.language_model.layers.1.cross_attn_mlp_gate": "cross_attention",
+    },
+    "paligemma": {
+        "model.vision_tower": "vision",
+        "model.multi_modal_projector": "projector",
+        "model.language_model": "language",
+        "lm_head": "language",
+    },
+    "blip2": {
+        "vision_model": "vision",
+        "qformer": "projector",
+        "language_projection": "projector",
+        "query_tokens": "projector",
+        "language_model": "language",
+    },
 }
 ARCHS = sorted(PREFIXES)
 RANKS = {"vision": 2, "projector": 3, "cross_attention": 5, "language": 4}
@@ -35,8 +60,7 @@ RANKS = {"vision": 2, "projector": 3, "cross_attention": 5, "language": 4}
 def owner(arch: str, peft_name: str) -> str:
     """Component of a PEFT-model parameter name, by the hand-written prefixes."""
     name = peft_name.removeprefix("base_model.model.")
-    for marker in (".lora_A.default", ".lora_B.default", ".base_layer", ".modules_to_save.default",
-                   ".original_module"):
+    for marker in (".lora_A.default", ".lora_B.default", ".base_layer", ".modules_to_save.default", ".original_module"):
         name = name.replace(marker, "")
     hits = [p for p in PREFIXES[arch] if name == p or name.startswith(p + ".")]
     return PREFIXES[arch][max(hits, key=len)] if hits else None
@@ -74,8 +98,11 @@ def test_frozen_full_and_lora_mix(arch):
     base_counts = {}
     for name, param in model.named_parameters():
         base_counts[owner(arch, name)] = base_counts.get(owner(arch, name), 0) + param.numel()
-    policy = {"vision": ComponentConfig(mode="frozen"), "projector": ComponentConfig(mode="full"),
-              "language": ComponentConfig(mode="lora", rank=4)}
+    policy = {
+        "vision": ComponentConfig(mode="frozen"),
+        "projector": ComponentConfig(mode="full"),
+        "language": ComponentConfig(mode="lora", rank=4),
+    }
     peft_model, report = apply_targeting(model, policy)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     by_comp = {}
@@ -96,8 +123,11 @@ def test_frozen_full_and_lora_mix(arch):
 
 def test_report_table_and_dict():
     model, _ = tiny_vlm("llava")
-    policy = {"vision": ComponentConfig(mode="lora", rank=2, lr=1e-5), "projector": ComponentConfig(mode="full"),
-              "language": ComponentConfig(mode="lora", rank=4, weight_decay=0.1)}
+    policy = {
+        "vision": ComponentConfig(mode="lora", rank=2, lr=1e-5),
+        "projector": ComponentConfig(mode="full"),
+        "language": ComponentConfig(mode="lora", rank=4, weight_decay=0.1),
+    }
     _, report = apply_targeting(model, policy)
     table = report.table()
     lines = table.splitlines()
@@ -113,12 +143,18 @@ def test_report_table_and_dict():
 
 def test_param_groups_one_per_trained_component():
     model, _ = tiny_vlm("llava")
-    policy = {"vision": ComponentConfig(mode="lora", rank=2, lr=1e-5), "projector": ComponentConfig(mode="full"),
-              "language": ComponentConfig(mode="lora", rank=4, weight_decay=0.1)}
+    policy = {
+        "vision": ComponentConfig(mode="lora", rank=2, lr=1e-5),
+        "projector": ComponentConfig(mode="full"),
+        "language": ComponentConfig(mode="lora", rank=4, weight_decay=0.1),
+    }
     peft_model, report = apply_targeting(model, policy)
     groups = param_groups(peft_model, report, default_lr=3e-4, default_weight_decay=0.0)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
-        ("vision", 1e-5, 0.0), ("projector", 3e-4, 0.0), ("language", 3e-4, 0.1)]
+        ("vision", 1e-5, 0.0),
+        ("projector", 3e-4, 0.0),
+        ("language", 3e-4, 0.1),
+    ]
     grouped = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in peft_model.parameters() if p.requires_grad]
     assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped)
@@ -130,9 +166,15 @@ def test_gradients_reach_every_lora_parameter_with_checkpointing(arch):
     model, processor = tiny_vlm(arch)
     open_visual_path(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = all_lora(arch) if arch in PREFIXES else {
-        "vision": ComponentConfig(mode="lora", rank=2), "language": ComponentConfig(mode="lora", rank=4),
-        "projector": ComponentConfig(mode="full")}
+    policy = (
+        all_lora(arch)
+        if arch in PREFIXES
+        else {
+            "vision": ComponentConfig(mode="lora", rank=2),
+            "language": ComponentConfig(mode="lora", rank=4),
+            "projector": ComponentConfig(mode="full"),
+        }
+    )
     peft_model, report = apply_targeting(model, policy)
     randomize_lora_b(peft_model)
     peft_model.train()
@@ -145,8 +187,9 @@ def test_gradients_reach_every_lora_parameter_with_checkpointing(arch):
 
 def test_reentrant_checkpointing_still_feeds_vision_lora():
     model, processor = tiny_vlm("llava")
-    peft_model, _ = apply_targeting(model, {"vision": ComponentConfig(mode="lora", rank=2),
-                                            "language": ComponentConfig(mode="lora", rank=2)})
+    peft_model, _ = apply_targeting(
+        model, {"vision": ComponentConfig(mode="lora", rank=2), "language": ComponentConfig(mode="lora", rank=2)}
+    )
     # checkpointing switched on later, without the input-grad hooks transformers / PEFT would add
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.disable_input_require_grads()
@@ -177,8 +220,11 @@ def test_frozen_vision_builds_no_graph_and_keeps_outputs():
 
 def test_saved_adapter_loads_with_plain_peft(tmp_path):
     model, processor = tiny_vlm("qwen2_5_vl")
-    policy = {"vision": ComponentConfig(mode="lora", rank=2), "projector": ComponentConfig(mode="full"),
-              "language": ComponentConfig(mode="lora", rank=4, alpha=8)}
+    policy = {
+        "vision": ComponentConfig(mode="lora", rank=2),
+        "projector": ComponentConfig(mode="full"),
+        "language": ComponentConfig(mode="lora", rank=4, alpha=8),
+    }
     peft_model, _ = apply_targeting(model, policy)
     randomize_lora_b(peft_model)
     with torch.no_grad():
@@ -202,10 +248,15 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path):
 
 def test_dropout_is_per_component():
     model, _ = tiny_vlm("llava")
-    peft_model, _ = apply_targeting(model, {"vision": ComponentConfig(mode="lora", dropout=0.0),
-                                            "language": ComponentConfig(mode="lora", dropout=0.25)})
-    rates = {owner("llava", n): getattr(m.lora_dropout["default"], "p", 0.0)
-             for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    peft_model, _ = apply_targeting(
+        model,
+        {"vision": ComponentConfig(mode="lora", dropout=0.0), "language": ComponentConfig(mode="lora", dropout=0.25)},
+    )
+    rates = {
+        owner("llava", n): getattr(m.lora_dropout["default"], "p", 0.0)
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
     assert rates == {"vision": 0.0, "language": 0.25}
 
 
@@ -216,7 +267,7 @@ def test_only_full_components_still_give_a_standard_peft_folder(tmp_path):
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all(".multi_modal_projector.modules_to_save." in n for n in trainable)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
+        for param in peft_model.parameters():
             if param.requires_grad:
                 param.add_(0.05)
     batch = make_batch("llava", processor)
@@ -228,17 +279,32 @@ def test_only_full_components_still_give_a_standard_peft_folder(tmp_path):
         assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,policy,needles", [
-    ("llava", {"cross_attention": ComponentConfig(mode="lora")},
-     ["components.cross_attention", "llava model has no cross_attention", "vision, projector, language"]),
-    ("llava", {"visoin": ComponentConfig(mode="lora")}, ["components.visoin: unknown component"]),
-    ("gemma3", {"projector": ComponentConfig(mode="lora")},
-     ["components.projector.targets", "match no nn.Linear leaf", "mode: full"]),
-    ("llava", {"language": ComponentConfig(mode="lora", targets=["nope_proj"])},
-     ["components.language.targets: ['nope_proj']", "q_proj"]),
-    ("llava", {"vision": ComponentConfig(mode="lora", variant="dora"), "language": ComponentConfig(mode="lora")},
-     ["must share one variant", "vision=dora", "language=lora"]),
-])
+@pytest.mark.parametrize(
+    "arch,policy,needles",
+    [
+        (
+            "llava",
+            {"cross_attention": ComponentConfig(mode="lora")},
+            ["components.cross_attention", "llava model has no cross_attention", "vision, projector, language"],
+        ),
+        ("llava", {"visoin": ComponentConfig(mode="lora")}, ["components.visoin: unknown component"]),
+        (
+            "gemma3",
+            {"projector": ComponentConfig(mode="lora")},
+            ["components.projector.targets", "match no nn.Linear leaf", "mode: full"],
+        ),
+        (
+            "llava",
+            {"language": ComponentConfig(mode="lora", targets=["nope_proj"])},
+            ["components.language.targets: ['nope_proj']", "q_proj"],
+        ),
+        (
+            "llava",
+            {"vision": ComponentConfig(mode="lora", variant="dora"), "language": ComponentConfig(mode="lora")},
+            ["must share one variant", "vision=dora", "language=lora"],
+        ),
+    ],
+)
 def test_bad_policies_give_clear_errors(arch, policy, needles):
     model, _ = tiny_vlm(arch)
     with pytest.raises(TargetingError) as error:
@@ -250,7 +316,12 @@ def test_bad_policies_give_clear_errors(arch, policy, needles):
 
 def test_dora_and_rslora_variants():
     model, _ = tiny_vlm("llava")
-    peft_model, _ = apply_targeting(model, {"vision": ComponentConfig(mode="lora", variant="dora"),
-                                            "language": ComponentConfig(mode="lora", variant="dora")})
+    peft_model, _ = apply_targeting(
+        model,
+        {
+            "vision": ComponentConfig(mode="lora", variant="dora"),
+            "language": ComponentConfig(mode="lora", variant="dora"),
+        },
+    )
     assert peft_model.peft_config["default"].use_dora
     assert any("lora_magnitude_vector" in n for n, p in peft_model.named_parameters() if p.requires_grad)

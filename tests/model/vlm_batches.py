@@ -24,8 +24,10 @@ def make_batch(arch: str, processor, batch_size: int = 1, model: torch.nn.Module
     if arch in NO_CHAT_TEMPLATE:
         text = NO_CHAT_TEMPLATE[arch].format(prompt=PROMPT, caption=CAPTION)
     else:
-        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
-                {"role": "assistant", "content": [{"type": "text", "text": CAPTION}]}]
+        chat = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": CAPTION}]},
+        ]
         text = processor.apply_chat_template(chat, tokenize=False)
     images = [test_image(48 + 8 * i, 40) for i in range(batch_size)]
     batch = dict(processor(images=images, text=[text] * batch_size, return_tensors="pt", padding=True))

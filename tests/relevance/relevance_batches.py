@@ -6,7 +6,6 @@ import types
 
 import numpy as np
 from PIL import Image
-
 from tiny import tiny_vlm
 
 # Families with relevance wiring that the tiny fixtures provide.
@@ -38,8 +37,14 @@ def train_batch(processor, count: int = 2, seed: int = 0) -> dict:
     processor.tokenizer.padding_side = "right"
     pictures = images(count, seed)
     prompts = [_prompt(processor, PROMPTS[i]) for i in range(count)]
-    batch = dict(processor(text=[p + CAPTIONS[i] for i, p in enumerate(prompts)],
-                           images=[[picture] for picture in pictures], return_tensors="pt", padding=True))
+    batch = dict(
+        processor(
+            text=[p + CAPTIONS[i] for i, p in enumerate(prompts)],
+            images=[[picture] for picture in pictures],
+            return_tensors="pt",
+            padding=True,
+        )
+    )
     batch.pop("labels", None)  # PaliGemma's processor adds its own
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
@@ -57,12 +62,10 @@ def generate_batch(processor, count: int = 2, seed: int = 0) -> dict:
     processor.tokenizer.padding_side = "left"
     pictures = images(count, seed)
     prompts = [_prompt(processor, PROMPTS[i]) for i in range(count)]
-    return dict(processor(text=prompts, images=[[picture] for picture in pictures], return_tensors="pt",
-                          padding=True))
+    return dict(processor(text=prompts, images=[[picture] for picture in pictures], return_tensors="pt", padding=True))
 
 
 def model_and_processor(arch: str, seed: int = 0):
     """Tiny model (eval mode) and processor of `arch`."""
     model, processor = tiny_vlm(arch, seed)
     return model.eval(), processor
-

@@ -3,8 +3,8 @@ per-image budgets, gradients into every relevance parameter, Qwen M-RoPE positio
 
 import pytest
 import torch
-
 from relevance_batches import WIRED_ARCHS, component_map, generate_batch, model_and_processor, train_batch
+
 from vlm_tune.recipe import RelevanceConfig
 from vlm_tune.relevance import attach_relevance, keep_count
 
@@ -47,8 +47,9 @@ def test_keep_all_beam_search_matches_for_a_shortening_and_a_cross_attention_fam
         model, processor = model_and_processor(arch)
         inputs = generate_batch(processor)
         settings = dict(max_new_tokens=4, num_beams=2, do_sample=False)
-        assert torch.equal(_attach(model, keep=1.0).generate(**inputs, **settings),
-                           model.generate(**inputs, **settings)), arch
+        assert torch.equal(
+            _attach(model, keep=1.0).generate(**inputs, **settings), model.generate(**inputs, **settings)
+        ), arch
 
 
 def _tokens_per_image(model, batch) -> list[int]:
@@ -126,9 +127,12 @@ def test_gradients_reach_every_relevance_parameter(arch):
 def test_qwen_kept_tokens_keep_their_mrope_positions(arch):
     model, processor = model_and_processor(arch)
     batch = train_batch(processor, count=3)
-    full, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                        image_grid_thw=batch["image_grid_thw"],
-                                        attention_mask=batch["attention_mask"])  # [3, B, T]
+    full, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )  # [3, B, T]
     wrapper = _attach(model, keep=0.5)
     calls, handle = _capture_inputs(model.model.language_model)
     with torch.no_grad():
@@ -148,10 +152,11 @@ def test_qwen_kept_tokens_keep_their_mrope_positions(arch):
         kept[sample, image_positions[selection.slots[unit][selection.slot_valid[unit]]]] = True
     for sample in range(batch["input_ids"].shape[0]):
         expected = full[:, sample, kept[sample]]
-        got = seen[:, sample, :expected.shape[1]]  # right padding: real tokens first
+        got = seen[:, sample, : expected.shape[1]]  # right padding: real tokens first
         assert torch.equal(got, expected)
-        assert int(calls[0]["attention_mask"][sample].sum()) == int((kept[sample] & batch["attention_mask"][sample]
-                                                                     .bool()).sum())
+        assert int(calls[0]["attention_mask"][sample].sum()) == int(
+            (kept[sample] & batch["attention_mask"][sample].bool()).sum()
+        )
 
 
 @pytest.mark.parametrize("method", ["random", "pool"])
@@ -166,7 +171,7 @@ def test_baselines_select_the_same_budget_and_generate(method):
     inputs = generate_batch(processor)
     generated = wrapper.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[0] == 2 and generated.shape[1] > inputs["input_ids"].shape[1]
-    assert torch.equal(generated[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
 def test_idefics3_split_images_budget_every_crop():

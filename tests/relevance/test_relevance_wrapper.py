@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from relevance_batches import component_map, generate_batch, model_and_processor, train_batch
+
 from vlm_tune.model.components import find_components
 from vlm_tune.model.targeting import apply_targeting, param_groups
 from vlm_tune.recipe import ComponentConfig, RelevanceConfig

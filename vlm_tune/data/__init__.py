@@ -17,5 +17,15 @@ from vlm_tune.data.dataset import CaptionDataset, build_dataset
 from vlm_tune.data.images import ImageLoadError, load_rgb
 from vlm_tune.data.sampler import EpochShuffleSampler, build_train_sampler
 
-__all__ = ["build_dataset", "CaptionDataset", "TrainCollator", "GenerateCollator", "build_train_sampler",
-           "EpochShuffleSampler", "DataError", "write_bad_samples", "ImageLoadError", "load_rgb"]
+__all__ = [
+    "build_dataset",
+    "CaptionDataset",
+    "TrainCollator",
+    "GenerateCollator",
+    "build_train_sampler",
+    "EpochShuffleSampler",
+    "DataError",
+    "write_bad_samples",
+    "ImageLoadError",
+    "load_rgb",
+]

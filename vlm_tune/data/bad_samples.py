@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from vlm_tune.errors import VlmTuneError
 
@@ -50,8 +51,9 @@ class BadSampleLog:
         """
         if self.on_error == "raise":
             where = f"image {file}" if file else f"record {image_id}"
-            raise DataError(f"{self.source}: {where}: {reason} "
-                            f"(set data.on_error: skip to skip and count such samples)")
+            raise DataError(
+                f"{self.source}: {where}: {reason} (set data.on_error: skip to skip and count such samples)"
+            )
         self.records.append(bad_record(image_id, file, reason))
 
     def counts(self) -> dict[str, int]:
@@ -64,8 +66,9 @@ class BadSampleLog:
             return
         shown = "; ".join(f"{r['file'] or r['image_id']}: {r['reason']}" for r in self.records[:SHOWN_IN_LOG])
         more = f" (and {len(self.records) - SHOWN_IN_LOG} more)" if len(self.records) > SHOWN_IN_LOG else ""
-        logger.warning("%s: skipped %d bad sample(s) %s: %s%s", self.source, len(self.records),
-                       self.counts(), shown, more)
+        logger.warning(
+            "%s: skipped %d bad sample(s) %s: %s%s", self.source, len(self.records), self.counts(), shown, more
+        )
 
 
 def reason_kind(reason: str) -> str:

@@ -16,8 +16,7 @@ from typing import Any, Optional
 import torch
 
 from vlm_tune.data.bad_samples import DataError
-from vlm_tune.data.families import (caption_style, chat_messages, image_budget, image_placeholder,
-                                    special_token_ids)
+from vlm_tune.data.families import caption_style, chat_messages, image_budget, image_placeholder, special_token_ids
 from vlm_tune.data.images import fit_within
 from vlm_tune.recipe import DataConfig
 
@@ -76,8 +75,9 @@ class CaptionEncoder:
     def prompt_text(self, prompt: str) -> str:
         """What the model reads before it answers (generation prompt included)."""
         if self.style == "chat":
-            return self.processor.apply_chat_template(chat_messages(prompt, None), tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.processor.apply_chat_template(
+                chat_messages(prompt, None), tokenize=False, add_generation_prompt=True
+            )
         return self.placeholder + prompt if self.style == "prefix_suffix" else prompt
 
     def full_text(self, prompt: str, caption: str) -> str:
@@ -106,8 +106,14 @@ class CaptionEncoder:
 
     def encode(self, texts: list[str], images: list, padding_side: str, suffixes: Optional[list[str]] = None):
         """One processor call over a batch: tensors, padded on `padding_side`, no truncation."""
-        kwargs = dict(text=texts, images=[[image] for image in images], padding=True, padding_side=padding_side,
-                      return_tensors="pt", **self.budget.processor_kwargs)
+        kwargs = dict(
+            text=texts,
+            images=[[image] for image in images],
+            padding=True,
+            padding_side=padding_side,
+            return_tensors="pt",
+            **self.budget.processor_kwargs,
+        )
         if self.style != "prefix_suffix":
             kwargs["add_special_tokens"] = self._adds_special_tokens(texts[0])
         if suffixes is not None:
@@ -133,8 +139,10 @@ class CaptionEncoder:
                 except Exception as exc:  # noqa: BLE001
                     reason = f"processor failed ({type(exc).__name__}: {exc})"
                     if self.on_error == "raise":
-                        raise DataError(f"image {sample['image_id']}: {reason} "
-                                        f"(set data.on_error: skip to skip and count such samples)") from None
+                        raise DataError(
+                            f"image {sample['image_id']}: {reason} "
+                            f"(set data.on_error: skip to skip and count such samples)"
+                        ) from None
                     skipped.append({"image_id": sample["image_id"], "reason": reason})
             if not skipped:  # it fails only as a batch: not a data problem
                 raise batch_error
@@ -148,8 +156,10 @@ def _split_none(items: list) -> tuple[list[dict], list[dict]]:
 
 
 def _too_long(sample: dict, prompt_tokens: int, max_length: int) -> dict:
-    reason = (f"too long: prompt and image tokens ({prompt_tokens}) leave no room for the caption "
-              f"within data.max_length={max_length}")
+    reason = (
+        f"too long: prompt and image tokens ({prompt_tokens}) leave no room for the caption "
+        f"within data.max_length={max_length}"
+    )
     logger.warning("skipping image %s: %s", sample["image_id"], reason)
     return {"image_id": sample["image_id"], "reason": reason}
 
@@ -253,8 +263,11 @@ class GenerateCollator:
             too_long = [i for i, n in enumerate(lengths) if n >= self.encoder.max_length]
             if not too_long:
                 inputs = {key: value for key, value in encoded.items() if key != "labels"}
-                meta = {"image_ids": [s["image_id"] for s in samples],
-                        "references": [list(s["captions"]) for s in samples], "skipped": skipped}
+                meta = {
+                    "image_ids": [s["image_id"] for s in samples],
+                    "references": [list(s["captions"]) for s in samples],
+                    "skipped": skipped,
+                }
                 return inputs, meta
             skipped += [_too_long(samples[i], lengths[i], self.encoder.max_length) for i in too_long]
             samples = [s for i, s in enumerate(samples) if i not in too_long]

@@ -50,8 +50,16 @@ class CaptionDataset(Dataset):
         source_path: the annotation file or folder this set was read from.
     """
 
-    def __init__(self, records: list[Record], source: SourceData, data_cfg: DataConfig, train: bool,
-                 seed: int, source_path: str, bad_samples: list[dict]):
+    def __init__(
+        self,
+        records: list[Record],
+        source: SourceData,
+        data_cfg: DataConfig,
+        train: bool,
+        seed: int,
+        source_path: str,
+        bad_samples: list[dict],
+    ):
         self.records = records
         self.image_table = source.image_table
         self.image_column = source.image_column
@@ -91,8 +99,10 @@ class CaptionDataset(Dataset):
             image = self._load_image(record)
         except ImageLoadError as exc:
             if self.on_error == "raise":
-                raise DataError(f"{self.source_path}: image {record.image_id}: {exc} "
-                                f"(set data.on_error: skip to skip and count such samples)") from None
+                raise DataError(
+                    f"{self.source_path}: image {record.image_id}: {exc} "
+                    f"(set data.on_error: skip to skip and count such samples)"
+                ) from None
             logger.warning("skipping image %s: %s", record.image_id, exc)
             return None
         if self.train:
@@ -100,8 +110,13 @@ class CaptionDataset(Dataset):
             caption, prompt = rng.choice(record.captions), rng.choice(self.prompts)
         else:  # evaluation is the same every time: first caption as the loss target, first prompt
             caption, prompt = record.captions[0], self.prompts[0]
-        return {"image_id": record.image_id, "image": image, "captions": list(record.captions),
-                "caption": caption, "prompt": prompt}
+        return {
+            "image_id": record.image_id,
+            "image": image,
+            "captions": list(record.captions),
+            "caption": caption,
+            "prompt": prompt,
+        }
 
 
 def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[int]) -> list[Record]:
@@ -150,7 +165,9 @@ def build_dataset(source: DataSourceConfig, data_cfg: DataConfig, train: bool, s
     records = _usable_records(data.records, log, source.limit)
     if not records:
         skipped = log.counts() or "nothing"
-        raise DataError(f"{source.path} ({source.format}): no usable sample: read {len(data.records)} image "
-                        f"record(s), skipped {skipped}; check the path, images folder, split and column names")
+        raise DataError(
+            f"{source.path} ({source.format}): no usable sample: read {len(data.records)} image "
+            f"record(s), skipped {skipped}; check the path, images folder, split and column names"
+        )
     log.warn()
     return CaptionDataset(records, data, data_cfg, train, seed, str(source.path), log.records)

@@ -26,10 +26,18 @@ STYLE_OF_PROCESSOR = {"PaliGemmaProcessor": "prefix_suffix", "Blip2Processor": "
 
 BUDGET_RULES = ("fixed", "resize", "idefics3", "qwen")
 BUDGET_OF_PROCESSOR = {
-    "LlavaProcessor": "fixed", "PaliGemmaProcessor": "fixed", "Blip2Processor": "fixed", "Gemma3Processor": "fixed",
-    "LlavaNextProcessor": "resize", "LlavaOnevisionProcessor": "resize", "MllamaProcessor": "resize",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "idefics3",
-    "Qwen2VLProcessor": "qwen", "Qwen2_5_VLProcessor": "qwen", "Qwen3VLProcessor": "qwen",
+    "LlavaProcessor": "fixed",
+    "PaliGemmaProcessor": "fixed",
+    "Blip2Processor": "fixed",
+    "Gemma3Processor": "fixed",
+    "LlavaNextProcessor": "resize",
+    "LlavaOnevisionProcessor": "resize",
+    "MllamaProcessor": "resize",
+    "Idefics3Processor": "idefics3",
+    "SmolVLMProcessor": "idefics3",
+    "Qwen2VLProcessor": "qwen",
+    "Qwen2_5_VLProcessor": "qwen",
+    "Qwen3VLProcessor": "qwen",
 }  # processors not listed: "resize", which is safe for any processor
 
 
@@ -60,9 +68,11 @@ def caption_style(processor: Any) -> str:
     style = STYLE_OF_PROCESSOR.get(processor_name(processor), "chat")
     if style == "chat" and not getattr(processor, "chat_template", None):
         known = ", ".join(f"{name} ({s})" for name, s in STYLE_OF_PROCESSOR.items())
-        raise DataError(f"{processor_name(processor)} has no chat template, so prompts and captions cannot be "
-                        f"laid out as the model expects; save the model folder with its chat_template "
-                        f"(chat_template.jinja), or use a family that needs none: {known}")
+        raise DataError(
+            f"{processor_name(processor)} has no chat template, so prompts and captions cannot be "
+            f"laid out as the model expects; save the model folder with its chat_template "
+            f"(chat_template.jinja), or use a family that needs none: {known}"
+        )
     return style
 
 
@@ -76,7 +86,7 @@ def image_budget(processor: Any, image_size: Optional[int], max_pixels: Optional
     if rule == "qwen" and (image_size or max_pixels):
         pixels = min(p for p in (max_pixels, image_size * image_size if image_size else None) if p)
         size = getattr(getattr(processor, "image_processor", None), "size", None)
-        current_min = (size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None))
+        current_min = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
         kwargs["size"] = {"shortest_edge": min(current_min or pixels, pixels), "longest_edge": pixels}
     return ImageBudget(rule, image_size, max_pixels, kwargs)
 

@@ -6,7 +6,8 @@ run (accelerate shards the batches of one shared order), see the same sequence.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler

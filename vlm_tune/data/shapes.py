@@ -26,16 +26,25 @@ from PIL import Image, ImageDraw
 CANVAS = 64
 BACKGROUND = (255, 255, 255)
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
 }
 KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 7, "large": 13}  # half-extent of a shape in pixels
 # Held out of train/val/test; every test_novel image has one. Each kind and colour stays seen elsewhere.
 NOVEL_COMBINATIONS = (("purple", "triangle"), ("orange", "circle"), ("green", "diamond"), ("yellow", "square"))
 POSITIONS = {"centre": (32, 32), "left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}
-POSITION_PHRASES = {"centre": "in the centre", "left": "on the left", "right": "on the right",
-                    "top": "at the top", "bottom": "at the bottom"}
+POSITION_PHRASES = {
+    "centre": "in the centre",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200, "test_novel": 200}
 SPLIT_ID_OFFSET = {"train": 0, "val": 100_000, "test": 200_000, "test_novel": 300_000}
 SCENE_WEIGHTS = {"single": 4, "count": 3, "relation": 3}
@@ -116,24 +125,36 @@ def make_scene(split: str, index: int) -> Scene:
         second = _pick_look(rng, novel and first not in NOVEL_COMBINATIONS)
     arrangement = rng.choice(["above", "left_of"])
     centres = [(32, 16), (32, 48)] if arrangement == "above" else [(16, 32), (48, 32)]
-    shapes = tuple(Shape(kind, colour, rng.choice(list(SIZES)), cx + jitter(), cy + jitter() // 2)
-                   for (colour, kind), (cx, cy) in zip((first, second), centres))
+    shapes = tuple(
+        Shape(kind, colour, rng.choice(list(SIZES)), cx + jitter(), cy + jitter() // 2)
+        for (colour, kind), (cx, cy) in zip((first, second), centres)
+    )
     return Scene("relation", arrangement, shapes)
 
 
 def _single_captions(shapes: tuple[Shape, ...], position: str) -> list[str]:
     shape = shapes[0]
     s, c, k, where = shape.size, shape.colour, shape.kind, POSITION_PHRASES[position]
-    return [f"a {s} {c} {k}", f"{_article(c)} {c} {k} {where}", f"a {s} {c} {k} {where}",
-            f"there is a {s} {c} {k} {where}", f"{_article(c)} {c} {k}"]
+    return [
+        f"a {s} {c} {k}",
+        f"{_article(c)} {c} {k} {where}",
+        f"a {s} {c} {k} {where}",
+        f"there is a {s} {c} {k} {where}",
+        f"{_article(c)} {c} {k}",
+    ]
 
 
 def _count_captions(shapes: tuple[Shape, ...], arrangement: str) -> list[str]:
     shape = shapes[0]
     n, s, c, ks = NUMBER_WORDS[len(shapes)], shape.size, shape.colour, shape.kind + "s"
     where = {"side_by_side": "side by side", "above_each_other": "one above the other", "row": "in a row"}[arrangement]
-    return [f"{n} {c} {ks}", f"{n} {s} {c} {ks}", f"{n} {c} {ks} {where}", f"there are {n} {s} {c} {ks}",
-            f"{n} {s} {c} {ks} {where}"]
+    return [
+        f"{n} {c} {ks}",
+        f"{n} {s} {c} {ks}",
+        f"{n} {c} {ks} {where}",
+        f"there are {n} {s} {c} {ks}",
+        f"{n} {s} {c} {ks} {where}",
+    ]
 
 
 def _relation_captions(shapes: tuple[Shape, ...], arrangement: str) -> list[str]:
@@ -146,8 +167,13 @@ def _relation_captions(shapes: tuple[Shape, ...], arrangement: str) -> list[str]
     def short(shape: Shape) -> str:
         return f"{_article(shape.colour)} {shape.colour} {shape.kind}"
 
-    return [f"{full(a)} {relation} {full(b)}", f"{full(b)} {inverse} {full(a)}", f"{short(a)} and {short(b)}",
-            f"{short(a)} {relation} {short(b)}", f"there is {short(b)} {inverse} {short(a)}"]
+    return [
+        f"{full(a)} {relation} {full(b)}",
+        f"{full(b)} {inverse} {full(a)}",
+        f"{short(a)} and {short(b)}",
+        f"{short(a)} {relation} {short(b)}",
+        f"there is {short(b)} {inverse} {short(a)}",
+    ]
 
 
 CAPTION_BUILDERS = {"single": _single_captions, "count": _count_captions, "relation": _relation_captions}
@@ -192,10 +218,14 @@ def split_annotations(split: str, count: int) -> dict:
         image_id = SPLIT_ID_OFFSET[split] + index + 1
         images.append({"id": image_id, "file_name": file_name(split, index), "width": CANVAS, "height": CANVAS})
         for caption in scene_captions(make_scene(split, index), split, index):
-            annotations.append({"id": len(annotations) + 1 + SPLIT_ID_OFFSET[split] * 10,
-                                "image_id": image_id, "caption": caption})
-    info = {"description": f"vlm_tune synthetic shapes captions, split {split}", "version": "1.0",
-            "regenerate": "python -m vlm_tune.data.shapes --out data/shapes"}
+            annotations.append(
+                {"id": len(annotations) + 1 + SPLIT_ID_OFFSET[split] * 10, "image_id": image_id, "caption": caption}
+            )
+    info = {
+        "description": f"vlm_tune synthetic shapes captions, split {split}",
+        "version": "1.0",
+        "regenerate": "python -m vlm_tune.data.shapes --out data/shapes",
+    }
     return {"info": info, "licenses": [], "images": images, "annotations": annotations}
 
 
@@ -222,8 +252,9 @@ def write_shapes(out: str | Path, sizes: dict[str, int] | None = None) -> list[P
     written = []
     for split, count in (sizes or SPLIT_SIZES).items():
         for index in range(count):  # fixed PNG settings and no metadata: same bytes every time
-            draw_scene(make_scene(split, index)).save(out / "images" / file_name(split, index),
-                                                      format="PNG", compress_level=9)
+            draw_scene(make_scene(split, index)).save(
+                out / "images" / file_name(split, index), format="PNG", compress_level=9
+            )
         path = out / f"captions_{split}.json"
         path.write_bytes(annotation_bytes(split_annotations(split, count)))
         written.append(path)
@@ -235,8 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic shapes caption set (COCO format).")
     parser.add_argument("--out", default="data/shapes", help="output folder (default data/shapes)")
     for split, count in SPLIT_SIZES.items():
-        parser.add_argument(f"--{split.replace('_', '-')}", type=int, default=count, dest=split,
-                            help=f"images in split {split} (default {count})")
+        parser.add_argument(
+            f"--{split.replace('_', '-')}",
+            type=int,
+            default=count,
+            dest=split,
+            help=f"images in split {split} (default {count})",
+        )
     args = parser.parse_args(argv)
     written = write_shapes(args.out, {split: getattr(args, split) for split in SPLIT_SIZES})
     print("wrote " + ", ".join(str(path) for path in written) + f" and {Path(args.out) / 'images'}/")

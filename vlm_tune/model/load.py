@@ -52,9 +52,11 @@ def resolve_source(name_or_path: str) -> str:
         if not path.is_dir():
             raise LoadError(f"model.name_or_path: {path} is a file; name the model folder (written by save_pretrained)")
         if not (path / "config.json").is_file():
-            raise LoadError(f"model.name_or_path: {path} is not a model folder (no config.json); name a folder "
-                            f"written by save_pretrained, a hub id such as HuggingFaceTB/SmolVLM-256M-Instruct, "
-                            f"or a built-in such as vlm_tune:smolvlm-demo")
+            raise LoadError(
+                f"model.name_or_path: {path} is not a model folder (no config.json); name a folder "
+                f"written by save_pretrained, a hub id such as HuggingFaceTB/SmolVLM-256M-Instruct, "
+                f"or a built-in such as vlm_tune:smolvlm-demo"
+            )
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         raise LoadError(f"model.name_or_path: no such folder: {path}")
@@ -69,9 +71,11 @@ def _load_config(source: str, cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "folder" if Path(source).is_dir() else "hub id"
-        raise LoadError(f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. "
-                        f"Check the name (and network / HF_TOKEN for hub ids), or set model.trust_remote_code: "
-                        f"true for models with their own code") from None
+        raise LoadError(
+            f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. "
+            f"Check the name (and network / HF_TOKEN for hub ids), or set model.trust_remote_code: "
+            f"true for models with their own code"
+        ) from None
 
 
 def vlm_class(config, source: str = "") -> type:
@@ -86,7 +90,8 @@ def vlm_class(config, source: str = "") -> type:
 
     model_type = getattr(config, "model_type", "?")
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or (
-            getattr(config, "auto_map", None) and "AutoModelForImageTextToText" in config.auto_map):
+        getattr(config, "auto_map", None) and "AutoModelForImageTextToText" in config.auto_map
+    ):
         return AutoModelForImageTextToText
     architectures = getattr(config, "architectures", None) or []
     for name in architectures:  # a VLM class transformers knows but the auto mapping does not list
@@ -94,9 +99,11 @@ def vlm_class(config, source: str = "") -> type:
         if cls is not None and hasattr(config, "vision_config") and "CausalLM" not in name:
             return cls
     classes = ", ".join(architectures) or "no architectures listed"
-    raise LoadError(f"model.name_or_path: '{source}' holds a {model_type} model ({classes}), not a "
-                    f"vision-language model. vlm_tune fine-tunes image-text models "
-                    f"(e.g. llava, idefics3 / SmolVLM, qwen2_5_vl, mllama, paligemma, blip-2, gemma3)")
+    raise LoadError(
+        f"model.name_or_path: '{source}' holds a {model_type} model ({classes}), not a "
+        f"vision-language model. vlm_tune fine-tunes image-text models "
+        f"(e.g. llava, idefics3 / SmolVLM, qwen2_5_vl, mllama, paligemma, blip-2, gemma3)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,15 +116,17 @@ def _skeleton_components(model_class: type, config, components) -> tuple[Compone
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        skeleton = model_class.from_config(config) if hasattr(model_class, "from_config") \
-            else model_class._from_config(config)
+        skeleton = (
+            model_class.from_config(config) if hasattr(model_class, "from_config") else model_class._from_config(config)
+        )
     named = {id(m): n for n, m in skeleton.named_modules()}
     heads = [named[id(skeleton.get_output_embeddings())]] if skeleton.get_output_embeddings() is not None else []
     return find_components(skeleton, components), heads
 
 
-def bnb_config(quant: QuantizationConfig, model_class: type, config,
-               components: Optional[dict[str, ComponentConfig]] = None):
+def bnb_config(
+    quant: QuantizationConfig, model_class: type, config, components: Optional[dict[str, ComponentConfig]] = None
+):
     """A BitsAndBytesConfig for 4-bit weights; `keep_16bit` components and the output head stay unquantized.
 
     Raises:
@@ -127,18 +136,23 @@ def bnb_config(quant: QuantizationConfig, model_class: type, config,
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise LoadError("model.quantization: 4-bit loading needs bitsandbytes, which is not installed: "
-                        "pip install bitsandbytes (or pip install 'vlm_tune[quant]'), or remove model.quantization "
-                        "to load 16-bit weights") from None
+        raise LoadError(
+            "model.quantization: 4-bit loading needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (or pip install 'vlm_tune[quant]'), or remove model.quantization "
+            "to load 16-bit weights"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     cmap, heads = _skeleton_components(model_class, config, components)
     keep = [m for comp in quant.keep_16bit for m in cmap.modules.get(comp, [])] + heads
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
         # anchored at a module boundary: transformers matches these as regex prefixes
-        llm_int8_skip_modules=[re.escape(name) + r"(?:\.|$)" for name in keep])
+        llm_int8_skip_modules=[re.escape(name) + r"(?:\.|$)" for name in keep],
+    )
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -205,13 +219,15 @@ def _bytes(count: int) -> str:
 
 def weight_memory_table(usage: dict[str, dict]) -> str:
     """`weight_memory` as text lines."""
-    rows = [(comp, f"{u['params']:,}", _bytes(u["bytes"]), ", ".join(sorted(u["dtypes"])))
-            for comp, u in usage.items()]
-    rows.append(("all", f"{sum(u['params'] for u in usage.values()):,}",
-                 _bytes(sum(u["bytes"] for u in usage.values())), ""))
+    rows = [(comp, f"{u['params']:,}", _bytes(u["bytes"]), ", ".join(sorted(u["dtypes"]))) for comp, u in usage.items()]
+    rows.append(
+        ("all", f"{sum(u['params'] for u in usage.values()):,}", _bytes(sum(u["bytes"] for u in usage.values())), "")
+    )
     widths = [max(len(r[i]) for r in rows + [("component", "params", "weights", "dtypes")]) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-             for r in [("component", "params", "weights", "dtypes"), *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        for r in [("component", "params", "weights", "dtypes"), *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -237,8 +253,10 @@ def ensure_pad_token(processor) -> None:
     if tokenizer.pad_token is not None:
         return
     if tokenizer.eos_token is None:
-        raise LoadError(f"the tokenizer ({type(tokenizer).__name__}) has no padding and no end-of-sequence token; "
-                        "set tokenizer.pad_token and save the processor into the model folder")
+        raise LoadError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no padding and no end-of-sequence token; "
+            "set tokenizer.pad_token and save the processor into the model folder"
+        )
     tokenizer.pad_token = tokenizer.eos_token
     logger.info("The tokenizer has no padding token; padding with its end-of-sequence token %r", tokenizer.eos_token)
 
@@ -249,8 +267,9 @@ def _device_map(quantized: bool):
     return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}  # 4-bit: place at load
 
 
-def load_model(model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None,
-               verbose: bool = True) -> tuple[nn.Module, object]:
+def load_model(
+    model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None, verbose: bool = True
+) -> tuple[nn.Module, object]:
     """Load a VLM and its processor as the recipe's `model` section says.
 
     Args:
@@ -270,19 +289,28 @@ def load_model(model_cfg: ModelConfig, components: Optional[dict[str, ComponentC
     config = _load_config(source, model_cfg)
     model_class = vlm_class(config, model_cfg.name_or_path)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
-                                                  revision=model_cfg.revision)
+        processor = AutoProcessor.from_pretrained(
+            source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
+        )
     except (OSError, ValueError, TypeError) as exc:
-        raise LoadError(f"model.name_or_path: cannot load the processor of '{source}' ({str(exc).splitlines()[0]}); "
-                        f"a model folder needs its processor files (processor.save_pretrained(folder))") from None
+        raise LoadError(
+            f"model.name_or_path: cannot load the processor of '{source}' ({str(exc).splitlines()[0]}); "
+            f"a model folder needs its processor files (processor.save_pretrained(folder))"
+        ) from None
     if not hasattr(processor, "image_processor"):
-        raise LoadError(f"model.name_or_path: '{source}' has a {type(processor).__name__} but no image processor; "
-                        f"save the model's full processor (e.g. AutoProcessor) into the folder")
+        raise LoadError(
+            f"model.name_or_path: '{source}' has a {type(processor).__name__} but no image processor; "
+            f"save the model's full processor (e.g. AutoProcessor) into the folder"
+        )
     ensure_pad_token(processor)
     quant = model_cfg.quantization
-    kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
-                  trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
-                  device_map=_device_map(quant is not None))
+    kwargs = dict(
+        dtype=DTYPES[model_cfg.dtype],
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        revision=model_cfg.revision,
+        device_map=_device_map(quant is not None),
+    )
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant, model_class, config, components)
     model = model_class.from_pretrained(source, **kwargs)
@@ -298,6 +326,7 @@ def load_model(model_cfg: ModelConfig, components: Optional[dict[str, ComponentC
     if model_cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     if verbose:
-        print(f"Loaded {model.config.model_type} from {source} ({'4-bit ' + quant.quant_type if quant else model_cfg.dtype})")
+        weights = f"4-bit {quant.quant_type}" if quant else model_cfg.dtype
+        print(f"Loaded {model.config.model_type} from {source} ({weights})")
         print(weight_memory_table(weight_memory(model, cmap)))
     return model, processor

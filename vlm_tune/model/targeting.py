@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vlm_tune.model.components import ComponentMap, find_components
 from vlm_tune.errors import VlmTuneError
+from vlm_tune.model.components import ComponentMap, find_components
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig
 
 ADAPTER = "default"
@@ -67,12 +67,38 @@ class TargetingReport:
     def table(self) -> str:
         """The report as a fixed-width text table."""
         head = ("component", "mode", "rank", "alpha", "wrapped", "trainable", "total", "share", "lr", "wd", "saved as")
-        lines = [(r.component + (" *" if r.detected else ""), r.mode, _fmt(r.rank), _fmt(r.alpha),
-                  str(r.modules_wrapped), f"{r.trainable_params:,}", f"{r.total_params:,}", f"{100 * r.share:.3f}%",
-                  _fmt(r.lr), _fmt(r.weight_decay), r.saved_as or "-") for r in self.rows]
+        lines = [
+            (
+                r.component + (" *" if r.detected else ""),
+                r.mode,
+                _fmt(r.rank),
+                _fmt(r.alpha),
+                str(r.modules_wrapped),
+                f"{r.trainable_params:,}",
+                f"{r.total_params:,}",
+                f"{100 * r.share:.3f}%",
+                _fmt(r.lr),
+                _fmt(r.weight_decay),
+                r.saved_as or "-",
+            )
+            for r in self.rows
+        ]
         share = self.trainable_params / max(self.total_params, 1)
-        lines.append(("all", "", "", "", "", f"{self.trainable_params:,}", f"{self.total_params:,}",
-                      f"{100 * share:.3f}%", "", "", ""))
+        lines.append(
+            (
+                "all",
+                "",
+                "",
+                "",
+                "",
+                f"{self.trainable_params:,}",
+                f"{self.total_params:,}",
+                f"{100 * share:.3f}%",
+                "",
+                "",
+                "",
+            )
+        )
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
         fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         rule = "-" * sum(widths) + "-" * 2 * (len(widths) - 1)
@@ -81,10 +107,13 @@ class TargetingReport:
 
     def to_dict(self) -> dict:
         """Plain data (for JSON run records)."""
-        return {"model_type": self.model_type, "total_params": self.total_params,
-                "trainable_params": self.trainable_params,
-                "rows": [dataclasses.asdict(r) for r in self.rows],
-                "param_names": {k: list(v) for k, v in self.param_names.items()}}
+        return {
+            "model_type": self.model_type,
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "param_names": {k: list(v) for k, v in self.param_names.items()},
+        }
 
 
 def _fmt(value) -> str:
@@ -99,11 +128,16 @@ def param_count(param: torch.Tensor) -> int:
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
-_PEFT_SEGMENTS = re.compile(rf"\.(?:lora_[A-Za-z_]+|modules_to_save)\.{ADAPTER}(?=\.|$)|\.(?:base_layer|original_module)(?=\.|$)")
+_PEFT_SEGMENTS = re.compile(
+    rf"\.(?:lora_[A-Za-z_]+|modules_to_save)\.{ADAPTER}(?=\.|$)|\.(?:base_layer|original_module)(?=\.|$)"
+)
 
 
 def base_name(peft_name: str) -> str:
-    """The base-model name of a parameter or module of the PEFT model (`...q_proj.lora_A.default.weight` -> `...q_proj.weight`)."""
+    """The base-model name of a parameter or module of the PEFT model.
+
+    `...q_proj.lora_A.default.weight` -> `...q_proj.weight`.
+    """
     return _PEFT_SEGMENTS.sub("", peft_name.removeprefix("base_model.model."))
 
 
@@ -114,8 +148,11 @@ def base_name(peft_name: str) -> str:
 
 def _check_policy(cmap: ComponentMap, policy: dict[str, ComponentConfig], model: nn.Module) -> dict[str, list[str]]:
     """Validate the policy against the model; return component -> LoRA leaves for lora components."""
-    errors = [f"components.{n}: unknown component, expected one of {list(COMPONENT_NAMES)}"
-              for n in policy if n not in COMPONENT_NAMES]
+    errors = [
+        f"components.{n}: unknown component, expected one of {list(COMPONENT_NAMES)}"
+        for n in policy
+        if n not in COMPONENT_NAMES
+    ]
     found = cmap.found()
     wrapped: dict[str, list[str]] = {}
     quantized = {n for n, p in model.named_parameters() if getattr(p, "quant_state", None) is not None}
@@ -123,27 +160,37 @@ def _check_policy(cmap: ComponentMap, policy: dict[str, ComponentConfig], model:
         if comp not in COMPONENT_NAMES or cfg.mode == "frozen":
             continue
         if comp not in found:
-            errors.append(f"components.{comp}: mode {cfg.mode}, but this {cmap.model_type} model has no {comp} "
-                          f"component (components found: {', '.join(found)}). Set components.{comp}.mode: frozen, "
-                          f"or define it with components.{comp}.modules: [regex, ...]")
+            errors.append(
+                f"components.{comp}: mode {cfg.mode}, but this {cmap.model_type} model has no {comp} "
+                f"component (components found: {', '.join(found)}). Set components.{comp}.mode: frozen, "
+                f"or define it with components.{comp}.modules: [regex, ...]"
+            )
             continue
         if cfg.mode == "lora":
             wrapped[comp] = cmap.lora_candidates(comp, list(cfg.targets))
             if not wrapped[comp]:
                 leaves = [n for n in cmap.linear_leaves if cmap.component_of(n) == comp][:8]
-                errors.append(f"components.{comp}.targets: {list(cfg.targets)} match no nn.Linear leaf of {comp} in "
-                              f"this {cmap.model_type} model (its Linear leaves: {leaves or 'none'}). "
-                              f"Use mode: full, or name leaves / regexes in targets")
+                errors.append(
+                    f"components.{comp}.targets: {list(cfg.targets)} match no nn.Linear leaf of {comp} in "
+                    f"this {cmap.model_type} model (its Linear leaves: {leaves or 'none'}). "
+                    f"Use mode: full, or name leaves / regexes in targets"
+                )
         elif any(cmap.component_of(n) == comp for n in quantized):
-            errors.append(f"components.{comp}: mode full needs 16-bit weights, but {comp} was loaded in 4-bit; "
-                          f"add {comp} to model.quantization.keep_16bit, or use mode: lora")
+            errors.append(
+                f"components.{comp}: mode full needs 16-bit weights, but {comp} was loaded in 4-bit; "
+                f"add {comp} to model.quantization.keep_16bit, or use mode: lora"
+            )
     variants = {policy[c].variant for c in wrapped}
     if len(variants) > 1:
-        errors.append(f"components.*.variant: LoRA components must share one variant (PEFT sets DoRA / rsLoRA for "
-                      f"the whole adapter), got {', '.join(f'{c}={policy[c].variant}' for c in wrapped)}")
+        errors.append(
+            f"components.*.variant: LoRA components must share one variant (PEFT sets DoRA / rsLoRA for "
+            f"the whole adapter), got {', '.join(f'{c}={policy[c].variant}' for c in wrapped)}"
+        )
     if errors:
-        raise TargetingError(f"cannot apply the component policy to this {cmap.model_type} model:\n"
-                             + "\n".join(f"  - {e}" for e in errors))
+        raise TargetingError(
+            f"cannot apply the component policy to this {cmap.model_type} model:\n"
+            + "\n".join(f"  - {e}" for e in errors)
+        )
     return wrapped
 
 
@@ -165,8 +212,11 @@ def _full_plan(model: nn.Module, cmap: ComponentMap, comp: str) -> Optional[list
     requires_grad is used when a parameter of the component lies outside its listed modules (loose
     parameters, e.g. BLIP-2 query_tokens) or is tied to a parameter of another module (copying would untie).
     """
-    modules = [m for m in _callable_modules(model, cmap.modules[comp])
-               if any(True for _ in model.get_submodule(m).parameters())]
+    modules = [
+        m
+        for m in _callable_modules(model, cmap.modules[comp])
+        if any(True for _ in model.get_submodule(m).parameters())
+    ]
     by_tensor: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(param), []).append(name)
@@ -213,10 +263,16 @@ def _configure_runtime(model: nn.Module, cmap: ComponentMap, policy: dict[str, C
         for name in _callable_modules(model, cmap.modules[comp]):
             _run_without_grad(model.get_submodule(name))
     if mode["vision"] != "frozen":
-        stems = [n for n in _callable_modules(model, cmap.modules["vision"])
-                 if re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)]
-        stems = stems or [n for n, m in model.named_modules() if cmap.component_of(n) == "vision"
-                          and re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)]
+        stems = [
+            n
+            for n in _callable_modules(model, cmap.modules["vision"])
+            if re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)
+        ]
+        stems = stems or [
+            n
+            for n, m in model.named_modules()
+            if cmap.component_of(n) == "vision" and re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)
+        ]
         for name in stems[:1]:
             model.get_submodule(name).register_forward_hook(_make_output_require_grad)
     if mode["language"] != "frozen" or mode["cross_attention"] != "frozen":
@@ -257,8 +313,10 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
     from peft.utils.constants import DUMMY_TARGET_MODULES
 
     if isinstance(model, PeftModel):
-        raise TargetingError("apply_targeting expects the base model from load_model, got a PeftModel; "
-                             "to continue training an adapter, load it through vlm_tune.checkpoint")
+        raise TargetingError(
+            "apply_targeting expects the base model from load_model, got a PeftModel; "
+            "to continue training an adapter, load it through vlm_tune.checkpoint"
+        )
     policy = {name: cfg for name, cfg in (components or {}).items()}
     cmap = find_components(model, policy)
     wrapped = _check_policy(cmap, policy, model)
@@ -269,13 +327,18 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
 
     lora = [policy[c] for c in wrapped] or [ComponentConfig()]
     config = LoraConfig(
-        r=lora[0].rank, lora_alpha=lora[0].alpha, lora_dropout=lora[0].dropout, bias="none",
+        r=lora[0].rank,
+        lora_alpha=lora[0].alpha,
+        lora_dropout=lora[0].dropout,
+        bias="none",
         # no LoRA component: PEFT's own "no target" marker keeps a standard PeftModel for modules_to_save
         target_modules=[leaf for c in wrapped for leaf in wrapped[c]] or DUMMY_TARGET_MODULES,
         rank_pattern={_component_regex(cmap, c): policy[c].rank for c in wrapped},
         alpha_pattern={_component_regex(cmap, c): policy[c].alpha for c in wrapped},
-        use_dora=lora[0].variant == "dora", use_rslora=lora[0].variant == "rslora",
-        modules_to_save=[m for c in full if full_plan[c] for m in full_plan[c]] or None)
+        use_dora=lora[0].variant == "dora",
+        use_rslora=lora[0].variant == "rslora",
+        modules_to_save=[m for c in full if full_plan[c] for m in full_plan[c]] or None,
+    )
     with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         result = get_peft_model(model, config, adapter_name=ADAPTER)
@@ -300,8 +363,10 @@ def _check_wrapping(peft_model, cmap, policy, wrapped, full_plan) -> None:
     planned = {m for plan in full_plan.values() if plan for m in plan}
     if got != expected or saved != planned:
         wrong = sorted(set(got.items()) ^ set(expected.items()))[:5] + sorted(saved ^ planned)[:5]
-        raise TargetingError(f"internal error: PEFT wrapped different modules than planned for this "
-                             f"{cmap.model_type} model (e.g. {wrong}); please report it with the model type")
+        raise TargetingError(
+            f"internal error: PEFT wrapped different modules than planned for this "
+            f"{cmap.model_type} model (e.g. {wrong}); please report it with the model type"
+        )
 
 
 def _build_report(model, cmap, policy, wrapped, full_plan) -> TargetingReport:
@@ -325,18 +390,30 @@ def _build_report(model, cmap, policy, wrapped, full_plan) -> TargetingReport:
         is_lora = cfg.mode == "lora"
         saved = {"lora": "adapter", "full": "modules_to_save" if full_plan.get(comp) else "requires_grad"}
         row = ComponentRow(
-            component=comp, mode=cfg.mode, rank=cfg.rank if is_lora else None, alpha=cfg.alpha if is_lora else None,
-            modules_wrapped=len(wrapped.get(comp, [])) if is_lora else len(full_plan.get(comp) or cmap.modules[comp])
-            if cfg.mode == "full" else 0,
-            trainable_params=trainable_count[comp], total_params=total.get(comp, 0),
-            share=trainable_count[comp] / max(report.total_params, 1), detected=cmap.detected.get(comp, False),
-            lr=cfg.lr, weight_decay=cfg.weight_decay, saved_as=saved.get(cfg.mode, ""))
+            component=comp,
+            mode=cfg.mode,
+            rank=cfg.rank if is_lora else None,
+            alpha=cfg.alpha if is_lora else None,
+            modules_wrapped=len(wrapped.get(comp, []))
+            if is_lora
+            else len(full_plan.get(comp) or cmap.modules[comp])
+            if cfg.mode == "full"
+            else 0,
+            trainable_params=trainable_count[comp],
+            total_params=total.get(comp, 0),
+            share=trainable_count[comp] / max(report.total_params, 1),
+            detected=cmap.detected.get(comp, False),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            saved_as=saved.get(cfg.mode, ""),
+        )
         report.add_row(row, trainable[comp])
     return report
 
 
-def param_groups(model: nn.Module, report: TargetingReport, default_lr: float,
-                 default_weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, report: TargetingReport, default_lr: float, default_weight_decay: float
+) -> list[dict]:
     """AdamW parameter groups, one per report row with trainable parameters.
 
     Args:
@@ -350,7 +427,8 @@ def param_groups(model: nn.Module, report: TargetingReport, default_lr: float,
     """
     index = dict(model.named_parameters())
     by_suffix = functools.lru_cache(maxsize=None)(
-        lambda name: [k for k in index if k.endswith("." + name)])  # a wrapper may prefix the names
+        lambda name: [k for k in index if k.endswith("." + name)]
+    )  # a wrapper may prefix the names
     groups = []
     for row in report.rows:
         names = report.param_names.get(row.component, [])
@@ -360,10 +438,17 @@ def param_groups(model: nn.Module, report: TargetingReport, default_lr: float,
         for name in names:
             hits = [name] if name in index else by_suffix(name)
             if len(hits) != 1:
-                raise TargetingError(f"param_groups: parameter '{name}' of component {row.component} is not in the "
-                                     f"model (or is ambiguous); pass the model returned by apply_targeting")
+                raise TargetingError(
+                    f"param_groups: parameter '{name}' of component {row.component} is not in the "
+                    f"model (or is ambiguous); pass the model returned by apply_targeting"
+                )
             params.append(index[hits[0]])
-        groups.append({"name": row.component, "params": params,
-                       "lr": row.lr if row.lr is not None else default_lr,
-                       "weight_decay": row.weight_decay if row.weight_decay is not None else default_weight_decay})
+        groups.append(
+            {
+                "name": row.component,
+                "params": params,
+                "lr": row.lr if row.lr is not None else default_lr,
+                "weight_decay": row.weight_decay if row.weight_decay is not None else default_weight_decay,
+            }
+        )
     return groups

@@ -16,9 +16,23 @@ Public API:
 from vlm_tune.relevance.attending import keep_count
 from vlm_tune.relevance.integrate import WIRINGS
 from vlm_tune.relevance.wrapper import (
-    RELEVANCE_FILE, RelevanceModules, RelevanceWrapper, attach_relevance, load_relevance, relevance_row,
+    RELEVANCE_FILE,
+    RelevanceModules,
+    RelevanceWrapper,
+    attach_relevance,
+    load_relevance,
+    relevance_row,
     save_relevance,
 )
 
-__all__ = ["attach_relevance", "relevance_row", "save_relevance", "load_relevance", "keep_count", "WIRINGS",
-           "RelevanceWrapper", "RelevanceModules", "RELEVANCE_FILE"]
+__all__ = [
+    "attach_relevance",
+    "relevance_row",
+    "save_relevance",
+    "load_relevance",
+    "keep_count",
+    "WIRINGS",
+    "RelevanceWrapper",
+    "RelevanceModules",
+    "RELEVANCE_FILE",
+]

@@ -69,8 +69,13 @@ class Selection:
     relevance: Optional[torch.Tensor] = None
 
 
-def _pack_slots(slot_mask: torch.Tensor, token_values: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor,
-                summary_slot: torch.Tensor) -> Selection:
+def _pack_slots(
+    slot_mask: torch.Tensor,
+    token_values: torch.Tensor,
+    counts: torch.Tensor,
+    valid: torch.Tensor,
+    summary_slot: torch.Tensor,
+) -> Selection:
     """Gather the slots marked in `slot_mask` [U, N] (ascending) with their `token_values` [U, N, D]."""
     num_slots = int(slot_mask.sum(-1).max().item()) if slot_mask.numel() else 0
     # Stable sort puts the marked indices first, in ascending order.
@@ -88,8 +93,13 @@ def _summary_slots(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(dropped, index, -1).amax(-1)  # [U]
 
 
-def _with_summary(kept: torch.Tensor, valid: torch.Tensor, features: torch.Tensor, weights: torch.Tensor,
-                  summary_embedding: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _with_summary(
+    kept: torch.Tensor,
+    valid: torch.Tensor,
+    features: torch.Tensor,
+    weights: torch.Tensor,
+    summary_embedding: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold each image's dropped tokens into one summary token placed at the slot of its last dropped token.
 
     Args:
@@ -130,8 +140,9 @@ class Attending(nn.Module):
     Soft gating was not used: it keeps all N tokens in the sequence.
     """
 
-    def __init__(self, feature_size: int, temperature: float = 1.0, summary_token: bool = False,
-                 exploration: float = 0.0):
+    def __init__(
+        self, feature_size: int, temperature: float = 1.0, summary_token: bool = False, exploration: float = 0.0
+    ):
         """Args: feature_size: width D of the visual tokens; temperature: initial softness of the gate;
         summary_token: fold the dropped tokens into one extra token; exploration: scale of the Gumbel
         noise on the relevance when choosing in training."""
@@ -142,8 +153,9 @@ class Attending(nn.Module):
         # Learned marker that tells the language model "this token summarises dropped ones".
         self.summary_embedding = nn.Parameter(torch.zeros(feature_size)) if summary_token else None
 
-    def forward(self, relevance: torch.Tensor, features: torch.Tensor, valid: torch.Tensor,
-                counts: torch.Tensor) -> Selection:
+    def forward(
+        self, relevance: torch.Tensor, features: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor
+    ) -> Selection:
         """Select K_u tokens of image u by relevance.
 
         Args:
@@ -159,8 +171,9 @@ class Attending(nn.Module):
             noise = -self.exploration * torch.log(-torch.log(uniform))  # Gumbel noise
         ranked = (relevance.detach() + noise).masked_fill(~valid, float("-inf"))  # [U, N] what the top-k takes
         sorted_scores, order = ranked.sort(dim=-1, descending=True)  # [U, N]
-        rank_of = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=order.device)
-                                                   .expand_as(order))  # [U, N] rank of each token
+        rank_of = torch.empty_like(order).scatter_(
+            1, order, torch.arange(num_tokens, device=order.device).expand_as(order)
+        )  # [U, N] rank of each token
         kept = (rank_of < counts[:, None]) & valid  # [U, N]
 
         # Threshold halfway between the last kept and the first dropped score (or below the last kept one).
@@ -174,8 +187,7 @@ class Attending(nn.Module):
         gated = features * gate.to(features.dtype)[..., None]  # [U, N, D]
 
         if self.summary_embedding is not None:
-            slot_mask, token_values, summary_slot = _with_summary(kept, valid, gated, relevance,
-                                                                  self.summary_embedding)
+            slot_mask, token_values, summary_slot = _with_summary(kept, valid, gated, relevance, self.summary_embedding)
         else:
             slot_mask, token_values = kept, gated
             summary_slot = torch.full_like(counts, -1)
@@ -184,8 +196,13 @@ class Attending(nn.Module):
         return selection
 
 
-def select_random(features: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor,
-                  summary_token: bool = False, generator: Optional[torch.Generator] = None) -> Selection:
+def select_random(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    counts: torch.Tensor,
+    summary_token: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Selection:
     """Baseline: K_u tokens of image u drawn uniformly at random, kept in original order.
 
     Args:
@@ -201,7 +218,8 @@ def select_random(features: torch.Tensor, valid: torch.Tensor, counts: torch.Ten
     kept = (rank_of < counts[:, None]) & valid
     if summary_token:
         slot_mask, token_values, summary_slot = _with_summary(
-            kept, valid, features, torch.zeros(valid.shape, device=valid.device), None)
+            kept, valid, features, torch.zeros(valid.shape, device=valid.device), None
+        )
     else:
         slot_mask, token_values, summary_slot = kept, features, torch.full_like(counts, -1)
     return _pack_slots(slot_mask, token_values, counts, valid, summary_slot)
@@ -217,7 +235,10 @@ def _grid_factors(height: int, width: int, count: int) -> Optional[tuple[int, in
 
 
 def _region_centres(size: int, parts: int) -> torch.Tensor:
-    """Centre index of each of the `parts` adaptive-pooling regions over `size` (strictly increasing when parts <= size)."""
+    """Centre index of each of the `parts` adaptive-pooling regions over `size`.
+
+    Strictly increasing when parts <= size.
+    """
     starts = [(i * size) // parts for i in range(parts)]
     ends = [-((-(i + 1) * size) // parts) for i in range(parts)]  # ceil
     return torch.tensor([(s + e - 1) // 2 for s, e in zip(starts, ends)])
@@ -242,8 +263,9 @@ def _pool_one(tokens: torch.Tensor, count: int, grid: Optional[tuple[int, int]])
     return pooled, slots.to(tokens.device)
 
 
-def select_pool(features: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor,
-                grids: list[Optional[tuple[int, int]]]) -> Selection:
+def select_pool(
+    features: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, grids: list[Optional[tuple[int, int]]]
+) -> Selection:
     """Baseline: average-pool each image's tokens down to K_u, in order (2-D on the patch grid when known).
 
     Args:

@@ -54,7 +54,9 @@ class Balancing(nn.Module):
         """Args: hidden_size: width H of the knowing module's query and gist."""
         super().__init__()
         self.context = nn.Sequential(
-            nn.LayerNorm(2 * hidden_size), nn.Linear(2 * hidden_size, hidden_size), nn.GELU(),
+            nn.LayerNorm(2 * hidden_size),
+            nn.Linear(2 * hidden_size, hidden_size),
+            nn.GELU(),
             nn.Linear(hidden_size, len(OPPONENT_PAIRS)),
         )
         nn.init.normal_(self.context[-1].weight, std=0.01)
@@ -76,7 +78,7 @@ class Balancing(nn.Module):
             [U, N] relevance (standardised per image; padding 0).
         """
         weights = self.pair_weights(scores)  # [U, 3]
-        compress, exploit, focus = (weights[:, i:i + 1] for i in range(len(OPPONENT_PAIRS)))  # each [U, 1]
+        compress, exploit, focus = (weights[:, i : i + 1] for i in range(len(OPPONENT_PAIRS)))  # each [U, 1]
         bottom_up = compress * scores.information + (1 - compress) * scores.salience  # [U, N]
         ranking = exploit * scores.coupling + (1 - exploit) * standardise(bottom_up, valid)  # [U, N]
         ranking = standardise(ranking, valid)

@@ -36,8 +36,11 @@ class MllamaWiring:
     def image_states(self, batch: dict) -> torch.Tensor:
         """Vision model + projector, as the model computes them: [B, I, G, P, D]."""
         inner = self.base.model
-        vision = inner.vision_model(pixel_values=batch["pixel_values"], aspect_ratio_ids=batch["aspect_ratio_ids"],
-                                    aspect_ratio_mask=batch.get("aspect_ratio_mask"))
+        vision = inner.vision_model(
+            pixel_values=batch["pixel_values"],
+            aspect_ratio_ids=batch["aspect_ratio_ids"],
+            aspect_ratio_mask=batch.get("aspect_ratio_mask"),
+        )
         return inner.multi_modal_projector(vision.last_hidden_state)  # [B, I, G, P, D]
 
     def prepare(self, batch: dict, select: SelectFn, generating: bool) -> PreparedInputs:
@@ -59,7 +62,8 @@ class MllamaWiring:
         # One selection unit per real image: the tokens of its real tiles, in order.
         units, samples, unit_keys = [], [], []
         key_index = torch.arange(num_images * num_tiles * per_tile, device=states.device).view(
-            num_images, num_tiles, per_tile)  # flat key index of every token of a sample
+            num_images, num_tiles, per_tile
+        )  # flat key index of every token of a sample
         for sample in range(batch_size):
             for image in range(num_images):
                 tiles = tile_mask[sample, image].bool()
@@ -104,8 +108,9 @@ class MllamaWiring:
             inputs["pixel_values"] = batch["pixel_values"]
         else:
             inputs["cross_attention_states"] = cross_states
-        return PreparedInputs(inputs, selection, tokens.unit_sample,
-                              context=lambda: self._one_column_per_token(cross_states))
+        return PreparedInputs(
+            inputs, selection, tokens.unit_sample, context=lambda: self._one_column_per_token(cross_states)
+        )
 
     @contextlib.contextmanager
     def _one_column_per_token(self, cross_states: torch.Tensor):
@@ -122,8 +127,12 @@ class MllamaWiring:
                 return args, kwargs
             text = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
             repeat = text.shape[0] // cross_states.shape[0]  # beam search expands the batch
-            kwargs.update(pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
-                          cross_attention_states=cross_states.repeat_interleave(repeat, dim=0))
+            kwargs.update(
+                pixel_values=None,
+                aspect_ratio_ids=None,
+                aspect_ratio_mask=None,
+                cross_attention_states=cross_states.repeat_interleave(repeat, dim=0),
+            )
             return args, kwargs
 
         handle = inner.register_forward_pre_hook(inject, with_kwargs=True)

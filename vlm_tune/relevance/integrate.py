@@ -3,9 +3,10 @@ hand the language model a sequence that really holds fewer visual tokens.
 
 Placeholder families (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, PaliGemma, Gemma 3) put one
 placeholder token per visual token in `input_ids`; here the placeholders of dropped tokens are removed
-from `inputs_embeds`, `attention_mask`, `labels`, the position ids (and `token_type_ids`). Every remaining token keeps the position id it has in
-the full sequence (Qwen: its M-RoPE (t, h, w) ids from the model's own `get_rope_index`), so with
-every token kept the model computes exactly what it computes without the relevance modules.
+from `inputs_embeds`, `attention_mask`, `labels`, the position ids (and `token_type_ids`). Every remaining
+token keeps the position id it has in the full sequence (Qwen: its M-RoPE (t, h, w) ids from the model's own
+`get_rope_index`), so with every token kept the model computes exactly what it computes without the relevance
+modules.
 Cross-attention families (mllama) are in `cross_attention.py`.
 
 Shapes: B = samples, T = sequence length, D = language-model width, U = images, N = tokens per image.
@@ -15,15 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from vlm_tune.relevance.attending import Selection
 from vlm_tune.relevance.sequence import (
-    IGNORE_INDEX, VisualTokens, full_positions, pad_units, padding_is_left, placeholder_units, prompt_mask_of,
-    prompt_tokens, shorten_sequence,
+    IGNORE_INDEX,
+    VisualTokens,
+    full_positions,
+    pad_units,
+    padding_is_left,
+    placeholder_units,
+    prompt_mask_of,
+    prompt_tokens,
+    shorten_sequence,
 )
 
 # select(visual tokens, prompt [U, L, E], prompt_valid [U, L]) -> Selection
@@ -74,7 +83,7 @@ class PlaceholderWiring:
         config = base_model.config
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
-            self.image_token_id = getattr(config, "image_token_index")
+            self.image_token_id = config.image_token_index
 
     def has_images(self, batch: dict) -> bool:
         """True when the batch carries images to select from."""
@@ -125,8 +134,17 @@ class PlaceholderWiring:
         if labels is not None:
             per_token["labels"] = (labels, IGNORE_INDEX)
         per_token.update({key: (batch[key], 0) for key in self.shortened_keys if batch.get(key) is not None})
-        short = shorten_sequence(embeds, input_ids, attention_mask, visual_mask, unit_positions, tokens.unit_sample,
-                                 selection, per_token, align_right=generating or padding_is_left(attention_mask))
+        short = shorten_sequence(
+            embeds,
+            input_ids,
+            attention_mask,
+            visual_mask,
+            unit_positions,
+            tokens.unit_sample,
+            selection,
+            per_token,
+            align_right=generating or padding_is_left(attention_mask),
+        )
 
         inputs = {key: value for key, value in batch.items() if key not in self.consumed}
         inputs.update(attention_mask=short.attention_mask, **short.per_token)
@@ -137,8 +155,9 @@ class PlaceholderWiring:
         if self.generate_takes_embeds:
             inputs["inputs_embeds"] = short.inputs_embeds
             return PreparedInputs(inputs, selection, tokens.unit_sample)
-        return PreparedInputs(inputs, selection, tokens.unit_sample,
-                              context=lambda: self._embeds_at_prefill(short.inputs_embeds))
+        return PreparedInputs(
+            inputs, selection, tokens.unit_sample, context=lambda: self._embeds_at_prefill(short.inputs_embeds)
+        )
 
     @contextlib.contextmanager
     def _embeds_at_prefill(self, inputs_embeds: torch.Tensor):
@@ -182,11 +201,12 @@ class Idefics3Wiring(PlaceholderWiring):
     def crop_tokens(self) -> int:
         """Visual tokens per crop: (image_size / patch_size)^2 / scale_factor^2."""
         vision = self.base.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2 // self.base.config.scale_factor ** 2
+        return (vision.image_size // vision.patch_size) ** 2 // self.base.config.scale_factor**2
 
     def image_features(self, batch: dict) -> list[torch.Tensor]:
-        output = self.base.get_image_features(pixel_values=batch["pixel_values"],
-                                              pixel_attention_mask=batch.get("pixel_attention_mask"))
+        output = self.base.get_image_features(
+            pixel_values=batch["pixel_values"], pixel_attention_mask=batch.get("pixel_attention_mask")
+        )
         flat = torch.cat(_as_image_list(output))  # [crops * S, D]
         return list(flat.split(self.crop_tokens()))
 
@@ -205,8 +225,9 @@ class QwenVLWiring(PlaceholderWiring):
         return self.base.config.vision_config.spatial_merge_size
 
     def image_features(self, batch: dict) -> list[torch.Tensor]:
-        output = self.base.get_image_features(pixel_values=batch["pixel_values"],
-                                              image_grid_thw=batch["image_grid_thw"])
+        output = self.base.get_image_features(
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]
+        )
         return _as_image_list(output)
 
     def image_grids(self, batch: dict, sizes: list[int]) -> list[Optional[tuple[int, int]]]:
@@ -220,10 +241,15 @@ class QwenVLWiring(PlaceholderWiring):
         token_types = batch.get("mm_token_type_ids")
         if token_types is None:  # older processors: derive it (0 text, 1 image)
             token_types = (input_ids == self.image_token_id).int()
-        owner = self.base.model if hasattr(self.base, "model") and hasattr(self.base.model, "get_rope_index") \
-            else self.base
-        positions, _ = owner.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                            image_grid_thw=batch["image_grid_thw"], attention_mask=attention_mask)
+        owner = (
+            self.base.model if hasattr(self.base, "model") and hasattr(self.base.model, "get_rope_index") else self.base
+        )
+        positions, _ = owner.get_rope_index(
+            input_ids,
+            mm_token_type_ids=token_types,
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
         return positions  # [3, B, T]
 
 
@@ -248,6 +274,7 @@ class PaliGemmaWiring(Gemma3Wiring):
 
 def _cross_attention_wiring(base_model: torch.nn.Module):
     from vlm_tune.relevance.cross_attention import MllamaWiring
+
     return MllamaWiring(base_model)
 
 
@@ -271,6 +298,8 @@ def wiring_for(model_type: str, base_model: torch.nn.Module):
         ValueError: the family has no relevance wiring (lists the supported ones).
     """
     if model_type not in WIRINGS:
-        raise ValueError(f"relevance: model type '{model_type}' is not supported; supported: "
-                         f"{', '.join(sorted(WIRINGS))}. Fix: set relevance.enabled=false for this model.")
+        raise ValueError(
+            f"relevance: model type '{model_type}' is not supported; supported: "
+            f"{', '.join(sorted(WIRINGS))}. Fix: set relevance.enabled=false for this model."
+        )
     return WIRINGS[model_type](base_model)

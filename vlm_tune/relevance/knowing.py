@@ -45,13 +45,16 @@ SPREAD_FLOOR = 1e-2  # spread below which a score is treated as flat (see standa
 
 
 def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Zero-mean, unit-spread `scores` [U, N] over each row's valid entries (padding set to 0; flat rows stay near 0)."""
+    """Zero-mean, unit-spread `scores` [U, N] over each row's valid entries.
+
+    Padding is set to 0; flat rows stay near 0.
+    """
     count = valid.sum(-1, keepdim=True).clamp_min(1)
     mean = (scores * valid).sum(-1, keepdim=True) / count
     centred = (scores - mean) * valid
     # The variance floor bounds d(out)/d(scores) by 1 / SPREAD_FLOOR: a score that is (nearly) constant over an
     # image carries no ranking, and dividing by its vanishing spread sent gradients of 1e2-1e3 into the scorer.
-    spread = (centred.pow(2).sum(-1, keepdim=True) / count).add(SPREAD_FLOOR ** 2).sqrt()
+    spread = (centred.pow(2).sum(-1, keepdim=True) / count).add(SPREAD_FLOOR**2).sqrt()
     return centred / spread
 
 
@@ -61,8 +64,7 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def neighbour_mean(tokens: torch.Tensor, valid: torch.Tensor,
-                   grids: list[Optional[tuple[int, int]]]) -> torch.Tensor:
+def neighbour_mean(tokens: torch.Tensor, valid: torch.Tensor, grids: list[Optional[tuple[int, int]]]) -> torch.Tensor:
     """Mean of each token's neighbours (3x3 on the grid, or previous/next in sequence), itself excluded.
 
     Args:
@@ -128,8 +130,14 @@ class Knowing(nn.Module):
         pooled, _ = self.prompt_pool(query, tokens, tokens, key_padding_mask=padding, need_weights=False)
         return (query + pooled)[:, 0]  # [U, H]
 
-    def forward(self, visual: torch.Tensor, valid: torch.Tensor, prompt: torch.Tensor,
-                prompt_valid: torch.Tensor, grids: list[Optional[tuple[int, int]]]) -> KnowingScores:
+    def forward(
+        self,
+        visual: torch.Tensor,
+        valid: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_valid: torch.Tensor,
+        grids: list[Optional[tuple[int, int]]],
+    ) -> KnowingScores:
         """Score the visual tokens.
 
         Args:
@@ -161,6 +169,10 @@ class Knowing(nn.Module):
         coupling = coupling / math.sqrt(self.hidden_size)
 
         return KnowingScores(
-            information=standardise(information, valid), salience=standardise(salience, valid),
-            coupling=standardise(coupling, valid), visual=projected, query=query, gist=gist,
+            information=standardise(information, valid),
+            salience=standardise(salience, valid),
+            coupling=standardise(coupling, valid),
+            visual=projected,
+            query=query,
+            gist=gist,
         )

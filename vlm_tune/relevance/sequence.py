@@ -57,16 +57,17 @@ def compact(mask: torch.Tensor, align_right: bool = False) -> tuple[torch.Tensor
     return index.masked_fill(~valid, 0), valid
 
 
-def pad_units(units: list[torch.Tensor], unit_sample: list[int],
-              grids: list[Optional[tuple[int, int]]]) -> VisualTokens:
+def pad_units(
+    units: list[torch.Tensor], unit_sample: list[int], grids: list[Optional[tuple[int, int]]]
+) -> VisualTokens:
     """Stack per-image token tensors [n_u, D] into a padded `VisualTokens`."""
     width = units[0].shape[-1]
     longest = max(unit.shape[0] for unit in units)
     features = units[0].new_zeros(len(units), longest, width)
     valid = torch.zeros(len(units), longest, dtype=torch.bool, device=units[0].device)
     for row, unit in enumerate(units):
-        features[row, :unit.shape[0]] = unit
-        valid[row, :unit.shape[0]] = True
+        features[row, : unit.shape[0]] = unit
+        valid[row, : unit.shape[0]] = True
     sample = torch.tensor(unit_sample, device=units[0].device)
     return VisualTokens(features, valid, sample, grids)
 
@@ -99,22 +100,26 @@ def placeholder_units(visual_mask: torch.Tensor, unit_sizes: list[int]) -> tuple
         raise ValueError(
             f"relevance: the batch has {sample_of.numel()} image placeholder tokens but the vision side produced "
             f"{sum(unit_sizes)} features ({unit_sizes} per image); build inputs with the model's own processor "
-            "and do not truncate image tokens (data.max_length).")
+            "and do not truncate image tokens (data.max_length)."
+        )
     positions = torch.full((len(unit_sizes), max(unit_sizes)), -1, dtype=torch.long, device=visual_mask.device)
     samples, start = [], 0
     for row, size in enumerate(unit_sizes):
-        owners = sample_of[start:start + size]
+        owners = sample_of[start : start + size]
         if owners.numel() and not bool((owners == owners[0]).all()):
-            raise ValueError(f"relevance: image {row} of the batch spans two samples; its placeholder tokens "
-                             "were cut by truncation (raise data.max_length)")
+            raise ValueError(
+                f"relevance: image {row} of the batch spans two samples; its placeholder tokens "
+                "were cut by truncation (raise data.max_length)"
+            )
         samples.append(int(owners[0]) if owners.numel() else 0)
-        positions[row, :size] = position_of[start:start + size]
+        positions[row, :size] = position_of[start : start + size]
         start += size
     return samples, positions
 
 
-def prompt_tokens(text_embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                  unit_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_tokens(
+    text_embeds: torch.Tensor, prompt_mask: torch.Tensor, unit_sample: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt token embeddings of each image's sample.
 
     Args:
@@ -128,8 +133,9 @@ def prompt_tokens(text_embeds: torch.Tensor, prompt_mask: torch.Tensor,
     return prompt[unit_sample], valid[unit_sample]
 
 
-def prompt_mask_of(attention_mask: torch.Tensor, visual_mask: torch.Tensor,
-                   labels: Optional[torch.Tensor]) -> torch.Tensor:
+def prompt_mask_of(
+    attention_mask: torch.Tensor, visual_mask: torch.Tensor, labels: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Prompt positions: attended, not an image placeholder, and (in training) without a label."""
     mask = attention_mask.bool() & ~visual_mask
     if labels is not None:
@@ -152,10 +158,17 @@ class ShortSequence:
     per_token: dict[str, torch.Tensor]
 
 
-def shorten_sequence(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     visual_mask: torch.Tensor, unit_positions: torch.Tensor, unit_sample: torch.Tensor,
-                     selection: Selection, per_token: dict[str, tuple[torch.Tensor, int]],
-                     align_right: bool) -> ShortSequence:
+def shorten_sequence(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual_mask: torch.Tensor,
+    unit_positions: torch.Tensor,
+    unit_sample: torch.Tensor,
+    selection: Selection,
+    per_token: dict[str, tuple[torch.Tensor, int]],
+    align_right: bool,
+) -> ShortSequence:
     """Write the selected visual tokens into their slots and drop every other placeholder position.
 
     Args:

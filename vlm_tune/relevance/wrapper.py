@@ -91,8 +91,9 @@ class RelevanceModules(nn.Module):
         # mixed precision: bf16 rounds the small differences between an image's tokens away (measured: flat
         # coupling scores, and gradients 300x the model's that starved it through the shared clipping norm).
         with torch.autocast(device_type=tokens.features.device.type, enabled=False):
-            scores = self.knowing(tokens.features.detach().float(), tokens.valid, prompt.float(), prompt_valid,
-                                  tokens.grids)
+            scores = self.knowing(
+                tokens.features.detach().float(), tokens.valid, prompt.float(), prompt_valid, tokens.grids
+            )
             relevance = self.balancing(scores, tokens.valid)  # [U, N] float32
         return self.attending(relevance, tokens.features, tokens.valid, counts)
 
@@ -210,10 +211,17 @@ def relevance_row(wrapper: RelevanceWrapper, cfg: RelevanceConfig, default_lr: f
     trainable = sum(p.numel() for _, p in wrapper.relevance.named_parameters())
     total = sum(p.numel() for p in wrapper.parameters())
     row = ComponentRow(
-        component="relevance", mode="full", rank=None, alpha=None,
-        modules_wrapped=len(list(wrapper.relevance.children())), trainable_params=trainable,
-        total_params=trainable, share=trainable / max(total, 1), detected=False,  # added, not found in the model
-        lr=cfg.lr if cfg.lr is not None else default_lr, weight_decay=None,
+        component="relevance",
+        mode="full",
+        rank=None,
+        alpha=None,
+        modules_wrapped=len(list(wrapper.relevance.children())),
+        trainable_params=trainable,
+        total_params=trainable,
+        share=trainable / max(total, 1),
+        detected=False,  # added, not found in the model
+        lr=cfg.lr if cfg.lr is not None else default_lr,
+        weight_decay=None,
     )
     if hasattr(row, "saved_as"):
         row.saved_as = RELEVANCE_FILE
@@ -254,10 +262,15 @@ def load_relevance(wrapper: RelevanceWrapper, folder: str | Path) -> None:
     expected = wrapper.relevance.state_dict()
     problems = [f"missing {key}" for key in expected if key not in state]
     problems += [f"unexpected {key}" for key in state if key not in expected]
-    problems += [f"{key}: saved {tuple(state[key].shape)}, modules {tuple(value.shape)}"
-                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    problems += [
+        f"{key}: saved {tuple(state[key].shape)}, modules {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
     if problems:
-        raise ValueError(f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
-                         f"{'...' if len(problems) > 4 else ''}); use the relevance settings the run was trained with "
-                         f"(see {Path(folder) / RELEVANCE_CONFIG_FILE}).")
+        raise ValueError(
+            f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
+            f"{'...' if len(problems) > 4 else ''}); use the relevance settings the run was trained with "
+            f"(see {Path(folder) / RELEVANCE_CONFIG_FILE})."
+        )
     wrapper.relevance.load_state_dict(state)
