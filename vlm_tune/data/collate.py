@@ -105,10 +105,16 @@ class CaptionEncoder:
         return fit_within(image, self.budget.longest_edge, self.budget.max_pixels) if self.budget.resizes else image
 
     def encode(self, texts: list[str], images: list, padding_side: str, suffixes: Optional[list[str]] = None):
-        """One processor call over a batch: tensors, padded on `padding_side`, no truncation."""
+        """One processor call over a batch of one image per text: tensors, padded on `padding_side`, no truncation."""
+        return self.encode_image_lists(texts, [[image] for image in images], padding_side, suffixes)
+
+    def encode_image_lists(
+        self, texts: list[str], image_lists: list[list], padding_side: str, suffixes: Optional[list[str]] = None
+    ):
+        """One processor call over a batch with any number of images per text (none for text-only samples)."""
         kwargs = dict(
             text=texts,
-            images=[[image] for image in images],
+            images=image_lists if any(image_lists) else None,
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",

@@ -146,7 +146,8 @@ def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[in
 
 
 def build_dataset(source: DataSourceConfig, data_cfg: DataConfig, train: bool, seed: int = 0) -> CaptionDataset:
-    """Read one recipe source (`data.train` or `data.eval`) into a lazily loading dataset.
+    """Read one recipe source (`data.train` or `data.eval`) into a lazily loading dataset (a
+    `ConversationDataset` for conversation sets, see vlm_tune/data/conversations.py).
 
     Args:
         source: format, path, images folder, split, column names and limit of the set.
@@ -160,6 +161,15 @@ def build_dataset(source: DataSourceConfig, data_cfg: DataConfig, train: bool, s
         DataError: unreadable annotations, a bad sample with `data.on_error: raise`, or no usable
             sample left (the message counts what was skipped and why).
     """
+    from vlm_tune.data.conversation_dataset import build_conversation_dataset, holds_conversations
+
+    if holds_conversations(source):  # llava, messages, or hf with a messages column: ConversationDataset
+        return build_conversation_dataset(source, data_cfg)
+    if source.task == "vqa":
+        raise DataError(
+            f"{source.path}: task vqa needs conversations, but the set has a caption column "
+            f"'{source.caption_column}' and is read as captions; point data.<train|eval>.caption_column elsewhere"
+        )
     log = BadSampleLog(str(Path(source.path)), data_cfg.on_error)
     data = read_source(source, log)
     records = _usable_records(data.records, log, source.limit)
