@@ -1,12 +1,12 @@
-"""`python -m vlm_tune.evaluate RECIPE.yaml [--checkpoint DIR] [--split NAME] [key=value ...]`: caption metrics.
+"""`python -m vlm_tune.evaluate RECIPE.yaml [--checkpoint DIR] [--split NAME] [key=value ...]`: caption / VQA metrics.
 
-Generates a caption for every image of `data.eval` with the base model or a trained checkpoint
-(batched, greedy or beam search), scores them against all references (vlm_tune.metrics) and writes
-the evaluation folder:
-    metrics.json       scores and what was evaluated (model, checkpoint, set, decoding)
-    predictions.jsonl  one {"image_id", "prediction", "references"} per image
+Generates a caption for every image of `data.eval` (or, with `data.eval.task: vqa`, an answer to every
+question) with the base model or a trained checkpoint (batched, greedy or beam search), scores them against
+all references (vlm_tune.metrics, vlm_tune.vqa_metrics) and writes the evaluation folder:
+    metrics.json       scores and what was evaluated (model, checkpoint, set, task, decoding)
+    predictions.jsonl  one {"image_id", ("question",) "prediction", "references"} per image or question
     summary.md         the metrics table, the settings and the first predictions
-    contact_sheet.png  the first images with their predicted and first reference captions
+    contact_sheet.png  the first images with their (question,) predicted and first reference text
 `python -m vlm_tune.evaluate --compare DIR_A DIR_B` puts two evaluation folders side by side.
 """
 
@@ -94,7 +94,7 @@ def generate_captions(
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from vlm_tune.data.collate import GenerateCollator
+    from vlm_tune.data.chat_collate import generate_collator_for
 
     count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
     loader = DataLoader(
@@ -102,7 +102,7 @@ def generate_captions(
         batch_size=eval_cfg.batch_size,
         shuffle=False,
         num_workers=data_cfg.num_workers,
-        collate_fn=_CountingCollate(GenerateCollator(processor, data_cfg)),
+        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     device, dtype = _device_and_dtype(model)
@@ -135,9 +135,17 @@ def generate_captions(
                 texts = tokenizer.batch_decode(
                     _new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True
                 )
+                questions = meta.get("questions") or [None] * len(texts)  # conversations: the question asked
                 rows += [
-                    {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
-                    for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
+                    {
+                        "image_id": image_id,
+                        **({"question": question} if question is not None else {}),
+                        "prediction": " ".join(text.split()),
+                        "references": list(references),
+                    }
+                    for image_id, question, text, references in zip(
+                        meta["image_ids"], questions, texts, meta["references"]
+                    )
                 ]
     finally:
         model.train(was_training)
@@ -242,6 +250,19 @@ def _build_eval_set(source: DataSourceConfig, recipe: Recipe):
         raise EvaluationError(f"evaluation set (data.eval): {error}{hint}") from None
 
 
+def score_predictions(rows: list[dict], task: str, use_java: Optional[bool]) -> dict[str, float]:
+    """Caption metrics (task caption) or exact match / VQA accuracy / ANLS (task vqa) of generated rows."""
+    predictions = {r["image_id"]: r["prediction"] for r in rows}
+    references = {r["image_id"]: r["references"] for r in rows}
+    if task == "vqa":
+        from vlm_tune.vqa_metrics import score_answers
+
+        return score_answers(predictions, references)
+    from vlm_tune.metrics import score_captions
+
+    return score_captions(predictions, references, use_java=use_java)
+
+
 def _on_accelerator(model):
     """The model on the GPU when there is one (16-bit loads stay on the CPU; 4-bit ones are placed at load)."""
     import torch
@@ -290,7 +311,8 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
 def evaluate_run(
     recipe: Recipe, checkpoint: Optional[str | Path] = None, split: Optional[str] = None, show_progress: bool = True
 ) -> dict:
-    """Caption `data.eval` with the base model or a checkpoint, score, and write the evaluation folder.
+    """Caption (or answer the questions of) `data.eval` with the base model or a checkpoint, score, and write the
+    evaluation folder.
 
     Args:
         recipe: the run's recipe (model, components and relevance must match the checkpoint's run).
@@ -303,7 +325,7 @@ def evaluate_run(
         EvaluationError: no evaluation set, missing checkpoint, unknown split, no reference captions.
     """
     from vlm_tune.checkpoint import load_for_inference
-    from vlm_tune.metrics import java_available, score_captions
+    from vlm_tune.metrics import java_available
 
     started = time.perf_counter()
     source, split_name = eval_source(recipe, split)
@@ -332,23 +354,20 @@ def evaluate_run(
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")
     _unique_ids(rows)
     use_java = java_available() if recipe.eval.use_java is None else recipe.eval.use_java
-    metrics = score_captions(
-        {r["image_id"]: r["prediction"] for r in rows},
-        {r["image_id"]: r["references"] for r in rows},
-        use_java=use_java,
-    )
+    metrics = score_predictions(rows, source.task, use_java)
     info = {
         "metrics": metrics,
         "model": recipe.model.name_or_path,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
         "data": str(source.path),
         "format": source.format,
+        "task": source.task,
         "split": split_name,
         "num_images": len(rows),
         "skipped_images": attempted - len(rows),
         "num_beams": recipe.eval.num_beams,
         "max_new_tokens": recipe.eval.max_new_tokens,
-        "tokenizer": "Stanford PTB (Java)" if use_java else "Python PTB",
+        **({} if source.task == "vqa" else {"tokenizer": "Stanford PTB (Java)" if use_java else "Python PTB"}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = write_outputs(output_dir, info, rows, dataset, recipe.eval.contact_sheet_images)

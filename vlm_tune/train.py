@@ -105,7 +105,9 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path):
 def _setup_data(recipe: Recipe, processor, accelerator) -> SimpleNamespace:
     from torch.utils.data import DataLoader
 
-    from vlm_tune.data import TrainCollator, build_dataset, build_train_sampler
+    from vlm_tune.data import build_dataset, build_train_sampler
+    from vlm_tune.data.chat_collate import train_collator_for
+    from vlm_tune.data.keepalive import vision_side_trains
 
     if recipe.data.train is None:
         raise TrainingError(
@@ -113,17 +115,17 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> SimpleNamespace:
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    collator = TrainCollator(processor, recipe.data)
-    loader_args = {
-        "batch_size": recipe.train.batch_size,
-        "collate_fn": collator,
-        "num_workers": recipe.data.num_workers,
-    }
-    train_loader = DataLoader(train_set, sampler=sampler, **loader_args)
+    busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
+    loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
+    collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
+    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, **loader_args)
     eval_set = eval_loader = None
     if recipe.data.eval is not None:
         eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        eval_loader = accelerator.prepare_data_loader(DataLoader(eval_set, shuffle=False, **loader_args))
+        collator = train_collator_for(eval_set, processor, recipe.data)  # no backward: no DDP wait
+        eval_loader = accelerator.prepare_data_loader(
+            DataLoader(eval_set, shuffle=False, collate_fn=collator, **loader_args)
+        )
     return SimpleNamespace(
         train_set=train_set,
         sampler=sampler,
@@ -264,11 +266,10 @@ def _eval_loss(model, loader, accelerator) -> float:
 
 
 def _eval_generate(model, processor, data, recipe: Recipe, accelerator) -> dict[str, float]:
-    """Caption metrics on the first eval.generate_limit evaluation images (main process)."""
+    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples (main process)."""
     from torch.utils.data import Subset
 
-    from vlm_tune.evaluate import generate_captions
-    from vlm_tune.metrics import score_captions
+    from vlm_tune.evaluate import generate_captions, score_predictions
 
     subset = Subset(data.eval_set, range(min(recipe.eval.generate_limit, len(data.eval_set))))
     unwrapped = accelerator.unwrap_model(model)
@@ -276,11 +277,7 @@ def _eval_generate(model, processor, data, recipe: Recipe, accelerator) -> dict[
     with accelerator.autocast():
         rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
     unwrapped.train()
-    return score_captions(
-        {r["image_id"]: r["prediction"] for r in rows},
-        {r["image_id"]: r["references"] for r in rows},
-        use_java=recipe.eval.use_java,
-    )
+    return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
 
 
 # ----------------------------------------------------------------------------------------------
