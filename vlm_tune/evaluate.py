@@ -263,6 +263,15 @@ def score_predictions(rows: list[dict], task: str, use_java: Optional[bool]) -> 
     return score_captions(predictions, references, use_java=use_java)
 
 
+def _java_detector(task: str):
+    """`java_available` of the caption metrics; VQA scoring needs no Java (nor pycocoevalcap)."""
+    if task == "vqa":
+        return lambda: False
+    from vlm_tune.metrics import java_available
+
+    return java_available
+
+
 def _on_accelerator(model):
     """The model on the GPU when there is one (16-bit loads stay on the CPU; 4-bit ones are placed at load)."""
     import torch
@@ -325,12 +334,12 @@ def evaluate_run(
         EvaluationError: no evaluation set, missing checkpoint, unknown split, no reference captions.
     """
     from vlm_tune.checkpoint import load_for_inference
-    from vlm_tune.metrics import java_available
 
     started = time.perf_counter()
     source, split_name = eval_source(recipe, split)
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
+    java_available = _java_detector(source.task)
     if recipe.eval.use_java and not java_available():
         raise EvaluationError(
             "eval.use_java is true but no working `java` is on PATH: install a Java runtime "

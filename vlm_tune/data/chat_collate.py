@@ -43,6 +43,28 @@ def _too_long(sample: dict, tokens: int, max_length: int, what: str) -> dict:
     return {"image_id": sample["image_id"], "reason": reason}
 
 
+def images_first(samples: list[dict]) -> list[dict]:
+    """The samples with those holding images first, in their order (see `fill_image_rows`)."""
+    return [s for s in samples if s["images"]] + [s for s in samples if not s["images"]]
+
+
+def fill_image_rows(encoded) -> None:
+    """Give text-only rows their per-image rows where the processor leaves them out (in place).
+
+    mllama's image processor fails when the first sample has no image and returns `aspect_ratio_ids` /
+    `aspect_ratio_mask` only for the leading samples that have one; with `images_first` ordering the missing
+    rows are the trailing ones, filled as it fills an absent image (id 0, first tile on in the mask).
+    """
+    rows = encoded["input_ids"].shape[0]
+    for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
+        value = encoded.get(key)
+        if value is not None and value.shape[0] < rows:
+            filler = torch.zeros((rows - value.shape[0], *value.shape[1:]), dtype=value.dtype)
+            if key == "aspect_ratio_mask":
+                filler[:, :, 0] = 1
+            encoded[key] = torch.cat([value, filler])
+
+
 class ChatEncoder:
     """Renders conversations with the processor's chat template and finds the assistant turns' tokens.
 
@@ -169,7 +191,8 @@ class ChatTrainCollator:
         keep_vision_busy: when a batch has no image, add a dummy image sample without labels, so that every
             trainable vision parameter gets a gradient (several processes: DDP waits for all of them).
     Returns (call):
-        as `TrainCollator`: tensors and "skipped", or only {"skipped": [...]} when every item was dropped.
+        as `TrainCollator`: tensors and "skipped", or only {"skipped": [...]} when every item was dropped; the
+        rows hold the samples with images first (`images_first`).
     """
 
     def __init__(self, processor: Any, data_cfg: DataConfig, keep_vision_busy: bool = False):
@@ -196,13 +219,14 @@ class ChatTrainCollator:
         encoder = self.encoder
         texts = [encoder.render(s["messages"]) for s in samples]
         encoded = encoder.base.encode_image_lists(texts, [encoder.images(s) for s in samples], "right")
+        fill_image_rows(encoded)
         lengths = encoded["attention_mask"].sum(1).tolist()
         return encoded, [encoder.turn_bounds(s, n) for s, n in zip(samples, lengths)]
 
     def _collate(self, samples: list[dict]) -> tuple[Optional[dict], list[dict]]:
         if self.keep_vision_busy and not any(s["images"] for s in samples):
             samples = [*samples, dummy_sample()]
-        samples, encoded, skipped = self.encoder.base.encode_robust(samples, self._encode)
+        samples, encoded, skipped = self.encoder.base.encode_robust(images_first(samples), self._encode)
         if encoded is None:
             return None, skipped
         encoded, bounds = encoded
@@ -256,10 +280,13 @@ class ChatGenerateCollator:
     def _encode(self, samples: list[dict]):
         encoder = self.encoder
         texts = [encoder.render(self.context(s), generation_prompt=True) for s in samples]
-        return encoder.base.encode_image_lists(texts, [encoder.images(s) for s in samples], "left")
+        encoded = encoder.base.encode_image_lists(texts, [encoder.images(s) for s in samples], "left")
+        fill_image_rows(encoded)
+        return encoded
 
     def __call__(self, items: list[Optional[dict]]) -> Optional[tuple[dict, dict]]:
         samples, skipped = _split_none(items)
+        samples = images_first(samples)
         if self.captions is not None:
             samples, dropped = _as_caption_items(samples, self.encoder.processor, self.encoder.base.on_error)
             result = self.captions(samples) if samples else None
