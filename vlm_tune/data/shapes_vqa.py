@@ -2,12 +2,14 @@
 
 Questions derive from the scene of each image of `data/shapes` (vlm_tune.data.shapes, which draws the images
 this set points at: nothing is copied). Files, in the `messages` format (JSONL, one conversation per line):
-    train.jsonl       one conversation per train image: three of its questions in a row (multi-turn)
+    train.jsonl       one conversation per train image: three of its questions in a row, then "Describe the
+                      image." answered with one of its captions (the caption turn comes last, so no answer
+                      can be read off it; it gives the from-scratch vision side a dense signal)
     val.jsonl, test.jsonl, test_novel.jsonl
                       one question per line, two questions per image; test_novel's images each hold a
                       colour-kind combination never drawn in train, val or test (the held-out split)
-Each line has "answers": the reference answers VQA accuracy counts (e.g. ["2", "two"]), and "kind": the
-question kind. Everything derives from (split, index) through string-seeded generators, so
+Each evaluation line has "answers": ten reference answers, as VQA v2 has, cycling through the accepted
+wordings (e.g. "left", "on the left"), and "kind": the question kind. Everything derives from (split, index) through string-seeded generators, so
 
     python -m vlm_tune.data.shapes_vqa --out data/shapes_vqa
 
@@ -22,10 +24,20 @@ import os
 import random
 from pathlib import Path
 
-from vlm_tune.data.shapes import NUMBER_WORDS, POSITION_PHRASES, SPLIT_SIZES, Scene, file_name, make_scene
+from vlm_tune.data.shapes import (
+    NUMBER_WORDS,
+    POSITION_PHRASES,
+    SPLIT_SIZES,
+    Scene,
+    file_name,
+    make_scene,
+    scene_captions,
+)
 
 QUESTION_KINDS = ("colour", "count", "position", "shape")
 QUESTIONS_PER_IMAGE = {"train": 3, "val": 2, "test": 2, "test_novel": 2}
+REFERENCES_PER_QUESTION = 10  # as VQA v2: an accepted wording that fills 4 or more of them scores 1.0
+DESCRIBE = "Describe the image."
 # A position's accepted answers: the word, its phrase, and how people also say it.
 POSITION_ANSWERS = {
     "centre": ["centre", "center", "in the centre", "middle"],
@@ -98,24 +110,37 @@ def _assistant(answer: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 
 
+def references(accepted: list[str]) -> list[str]:
+    """Ten reference answers cycling through the accepted wordings (the first one most often)."""
+    return [accepted[i % len(accepted)] for i in range(REFERENCES_PER_QUESTION)]
+
+
 def split_records(split: str, count: int, image_folder: str) -> list[dict]:
     """The lines of one split's file; `image_folder` is the shapes images folder relative to that file."""
     records = []
     for index in range(count):
-        questions = scene_questions(make_scene(split, index), split, index)
+        scene = make_scene(split, index)
+        questions = scene_questions(scene, split, index)
         image = f"{image_folder}/{file_name(split, index)}"
         sample = f"{split}_{index:05d}"
         if split == "train":  # all questions of an image in one conversation: one image read, several answers
             messages = []
             for turn, (_, question, answers) in enumerate(questions):
                 messages += [_user(question, with_image=turn == 0), _assistant(answers[0])]
-            kinds = "+".join(kind for kind, _, _ in questions)
+            messages += [_user(DESCRIBE, with_image=False), _assistant(scene_captions(scene, split, index)[0])]
+            kinds = "+".join(kind for kind, _, _ in questions) + "+caption"
             records.append({"id": sample, "kind": kinds, "messages": messages, "images": [image]})
             continue
         for kind, question, answers in questions:
             messages = [_user(question, with_image=True), _assistant(answers[0])]
             records.append(
-                {"id": f"{sample}_{kind}", "kind": kind, "messages": messages, "images": [image], "answers": answers}
+                {
+                    "id": f"{sample}_{kind}",
+                    "kind": kind,
+                    "messages": messages,
+                    "images": [image],
+                    "answers": references(answers),
+                }
             )
     return records
 
