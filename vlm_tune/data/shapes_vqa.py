@@ -2,14 +2,13 @@
 
 Questions derive from the scene of each image of `data/shapes` (vlm_tune.data.shapes, which draws the images
 this set points at: nothing is copied). Files, in the `messages` format (JSONL, one conversation per line):
-    train.jsonl       one conversation per train image: three of its questions in a row, then "Describe the
-                      image." answered with one of its captions (the caption turn comes last, so no answer
-                      can be read off it; it gives the from-scratch vision side a dense signal)
+    train.jsonl       one conversation per train image: three of its questions in a row (multi-turn)
     val.jsonl, test.jsonl, test_novel.jsonl
                       one question per line, two questions per image; test_novel's images each hold a
                       colour-kind combination never drawn in train, val or test (the held-out split)
 Each evaluation line has "answers": ten reference answers, as VQA v2 has, cycling through the accepted
-wordings (e.g. "left", "on the left"), and "kind": the question kind. Everything derives from (split, index) through string-seeded generators, so
+wordings (e.g. "left", "on the left"), and "kind": the question kind. Everything derives from (split, index)
+through string-seeded generators, so
 
     python -m vlm_tune.data.shapes_vqa --out data/shapes_vqa
 
@@ -31,13 +30,11 @@ from vlm_tune.data.shapes import (
     Scene,
     file_name,
     make_scene,
-    scene_captions,
 )
 
 QUESTION_KINDS = ("colour", "count", "position", "shape")
 QUESTIONS_PER_IMAGE = {"train": 3, "val": 2, "test": 2, "test_novel": 2}
 REFERENCES_PER_QUESTION = 10  # as VQA v2: an accepted wording that fills 4 or more of them scores 1.0
-DESCRIBE = "Describe the image."
 # A position's accepted answers: the word, its phrase, and how people also say it.
 POSITION_ANSWERS = {
     "centre": ["centre", "center", "in the centre", "middle"],
@@ -127,8 +124,7 @@ def split_records(split: str, count: int, image_folder: str) -> list[dict]:
             messages = []
             for turn, (_, question, answers) in enumerate(questions):
                 messages += [_user(question, with_image=turn == 0), _assistant(answers[0])]
-            messages += [_user(DESCRIBE, with_image=False), _assistant(scene_captions(scene, split, index)[0])]
-            kinds = "+".join(kind for kind, _, _ in questions) + "+caption"
+            kinds = "+".join(kind for kind, _, _ in questions)
             records.append({"id": sample, "kind": kinds, "messages": messages, "images": [image]})
             continue
         for kind, question, answers in questions:
