@@ -29,6 +29,7 @@ logger = logging.getLogger("vlm_tune.evaluate")
 
 COCO_SPLIT_FILE = re.compile(r"^captions_(?P<split>.+)\.json$")  # captions_val.json, captions_test_novel.json
 SPLIT_FIELD_FORMATS = ("karpathy", "hf")  # formats whose `split` field selects the split
+FILE_PER_SPLIT_FORMATS = ("llava", "messages")  # <split>.jsonl (or .json) beside the file: --split swaps it
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "summary.md", "contact_sheet.png")
 
 
@@ -163,7 +164,8 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
     """The evaluation set to use and its split name (for the folder name).
 
     `split` selects another split: for karpathy/hf sets it replaces `data.eval.split`; for a COCO file
-    named `captions_<split>.json` it swaps the file for `captions_<NEW>.json` in the same folder.
+    named `captions_<split>.json` it swaps the file for `captions_<NEW>.json` in the same folder; for llava and
+    messages sets, `<split>.jsonl` for `<NEW>.jsonl`.
 
     Raises:
         EvaluationError: no `data.eval` in the recipe, or the split cannot be selected.
@@ -179,18 +181,20 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
     if split is not None:
         if source.format in SPLIT_FIELD_FORMATS:
             source.split = split
-        elif coco_match:
-            source.path = str(path.with_name(f"captions_{split}.json"))
+        elif coco_match or source.format in FILE_PER_SPLIT_FORMATS:
+            pattern = "captions_{}.json" if coco_match else "{}" + path.suffix
+            source.path = str(path.with_name(pattern.format(split)))
             if not Path(source.path).is_file():
-                found = sorted(p.name for p in path.parent.glob("captions_*.json"))
+                found = sorted(p.name for p in path.parent.glob(pattern.format("*")))
                 raise EvaluationError(
-                    f"--split {split}: {source.path} not found; COCO files in {path.parent}: "
+                    f"--split {split}: {source.path} not found; {source.format} files in {path.parent}: "
                     f"{', '.join(found) or 'none'}"
                 )
         else:
             raise EvaluationError(
                 f"--split {split}: cannot select a split of {source.path} (format {source.format}): --split sets "
-                f"data.eval.split for karpathy/hf sets and swaps captions_<split>.json for COCO files; "
+                f"data.eval.split for karpathy/hf sets and swaps captions_<split>.json for COCO files (<split>.jsonl "
+                f"for llava/messages); "
                 f"give the file instead with data.eval.path=..."
             )
     name = split or source.split or (coco_match.group("split") if coco_match else path.stem) or "eval"
@@ -340,7 +344,7 @@ def evaluate_run(
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
     java_available = _java_detector(source.task)
-    if recipe.eval.use_java and not java_available():
+    if source.task != "vqa" and recipe.eval.use_java and not java_available():
         raise EvaluationError(
             "eval.use_java is true but no working `java` is on PATH: install a Java runtime "
             "(e.g. apt-get install default-jre-headless) or set eval.use_java=null"
@@ -456,7 +460,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="RUN_DIR/checkpoint-N, a run folder or 'latest' for the newest checkpoint (default: the base model)",
     )
     parser.add_argument("--output-dir", help="evaluation folder (same as eval.output_dir=...)")
-    parser.add_argument("--split", help="another split of data.eval (karpathy/hf split, or captions_<split>.json)")
+    parser.add_argument(
+        "--split", help="another split of data.eval (karpathy/hf split, captions_<split>.json, <split>.jsonl)"
+    )
     parser.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two evaluation folders")
     parser.add_argument("--out", help="with --compare: also write the comparison to this markdown file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
