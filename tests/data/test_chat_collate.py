@@ -54,7 +54,7 @@ def _label_runs(labels: torch.Tensor) -> list[list[int]]:
     return runs
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("train_on", ["all", "last"])
 def test_labels_decode_to_exactly_the_assistant_turns(arch, train_on):
     processor = tiny_processor(arch)
