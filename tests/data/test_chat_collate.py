@@ -144,11 +144,13 @@ def test_generation_inputs_end_with_the_question_and_carry_the_references():
     assert "red" in text  # earlier answers stay as context
 
 
-def test_paligemma_takes_one_question_one_answer_and_one_image():
-    processor = tiny_processor("paligemma")
+@pytest.mark.parametrize("arch", ["paligemma", "blip2"])
+def test_families_without_turns_take_one_question_one_answer_and_one_image(arch):
+    processor = tiny_processor(arch)
     batch = ChatTrainCollator(processor, DataConfig())([ONE_IMAGE, TWO_IMAGES, TEXT_ONLY])
     assert batch["input_ids"].shape[0] == 1
-    assert [processor.tokenizer.decode(r).strip() for r in _label_runs(batch["labels"][0])] == ["a red square<eos>"]
+    runs = _label_runs(batch["labels"][0])
+    assert [processor.tokenizer.decode(r).strip() for r in runs] == ["a red square" + END_OF_TURN[arch]]
     assert [s["image_id"] for s in batch["skipped"]] == ["two", "text"]
     assert all("takes one user turn, one answer and one image" in s["reason"] for s in batch["skipped"])
     inputs, meta = ChatGenerateCollator(processor, DataConfig())([ONE_IMAGE, TEXT_ONLY])
