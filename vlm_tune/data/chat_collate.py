@@ -29,6 +29,7 @@ from vlm_tune.data.collate import (
     GenerateCollator,
     TrainCollator,
     _split_none,
+    generation_inputs,
 )
 from vlm_tune.data.conversations import count_images, turn_text
 from vlm_tune.data.keepalive import dummy_sample
@@ -63,6 +64,10 @@ def fill_image_rows(encoded) -> None:
             if key == "aspect_ratio_mask":
                 filler[:, :, 0] = 1
             encoded[key] = torch.cat([value, filler])
+
+
+def _too_long_question(sample: dict, tokens: int, max_length: int) -> dict:
+    return _too_long(sample, tokens, max_length, "the question before the answer")
 
 
 class ChatEncoder:
@@ -236,9 +241,11 @@ class ChatTrainCollator:
             kept = []
             for sample, sample_bounds, length in zip(samples, bounds, lengths):
                 cut = sample if length <= max_length else cut_to_fit(sample, sample_bounds, max_length)
+                if sample.get("dummy"):
+                    continue  # added again below when the batch still has no image
                 if cut is None:
                     skipped.append(_too_long(sample, sample_bounds[0][1], max_length, "even the first exchange"))
-                elif not sample.get("dummy"):
+                else:
                     if cut is not sample:
                         logger.warning("sample %s: cut after its turns that fit data.max_length", sample["image_id"])
                     kept.append(cut)
@@ -294,27 +301,17 @@ class ChatGenerateCollator:
                 result[1]["skipped"] = skipped + dropped + result[1]["skipped"]
                 result[1]["questions"] = [s["prompt"] for s in samples if s["image_id"] in result[1]["image_ids"]]
             return result
-        while samples:
-            samples, encoded, dropped = self.encoder.base.encode_robust(samples, self._encode)
-            skipped += dropped
-            if encoded is None:
-                break
-            lengths = encoded["attention_mask"].sum(1).tolist()
-            too_long = [i for i, n in enumerate(lengths) if n >= self.encoder.max_length]
-            if not too_long:
-                meta = {
-                    "image_ids": [s["image_id"] for s in samples],
-                    "references": [list(s["answers"]) for s in samples],
-                    "questions": [turn_text(self.context(s)[-1]) for s in samples],
-                    "skipped": skipped,
-                }
-                return {key: value for key, value in encoded.items() if key != "labels"}, meta
-            skipped += [
-                _too_long(samples[i], lengths[i], self.encoder.max_length, "the question before the answer")
-                for i in too_long
-            ]
-            samples = [s for i, s in enumerate(samples) if i not in too_long]
-        return None
+        encoded = generation_inputs(self.encoder.base, samples, self._encode, _too_long_question)
+        if encoded is None:
+            return None
+        samples, inputs, dropped = encoded
+        meta = {
+            "image_ids": [s["image_id"] for s in samples],
+            "references": [list(s["answers"]) for s in samples],
+            "questions": [turn_text(self.context(s)[-1]) for s in samples],
+            "skipped": skipped + dropped,
+        }
+        return inputs, meta
 
 
 def is_conversation_set(dataset) -> bool:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from vlm_tune.data.bad_samples import BadSampleLog, DataError
 from vlm_tune.data.conversations import Conversation, read_hf_conversations, read_llava, read_messages, turn_text
+from vlm_tune.data.dataset import load_or_skip
 from vlm_tune.data.images import ImageLoadError, load_rgb
 from vlm_tune.recipe import DataConfig, DataSourceConfig
 
@@ -65,15 +66,8 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        try:
-            images = self._load_images(record)
-        except ImageLoadError as exc:
-            if self.on_error == "raise":
-                raise DataError(
-                    f"{self.source_path}: sample {record.sample_id}: {exc} "
-                    f"(set data.on_error: skip to skip and count such samples)"
-                ) from None
-            logger.warning("skipping sample %s: %s", record.sample_id, exc)
+        images = load_or_skip(lambda: self._load_images(record), f"sample {record.sample_id}", self)
+        if images is None:
             return None
         return {
             "image_id": record.sample_id,

@@ -95,15 +95,8 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        try:
-            image = self._load_image(record)
-        except ImageLoadError as exc:
-            if self.on_error == "raise":
-                raise DataError(
-                    f"{self.source_path}: image {record.image_id}: {exc} "
-                    f"(set data.on_error: skip to skip and count such samples)"
-                ) from None
-            logger.warning("skipping image %s: %s", record.image_id, exc)
+        image = load_or_skip(lambda: self._load_image(record), f"image {record.image_id}", self)
+        if image is None:
             return None
         if self.train:
             rng = sample_rng(self.seed, self.epoch, index)
@@ -117,6 +110,23 @@ class CaptionDataset(Dataset):
             "caption": caption,
             "prompt": prompt,
         }
+
+
+def load_or_skip(load, name: str, dataset) -> Any:
+    """`load()`, or None (logged) when it raises `ImageLoadError` and `dataset.on_error` is "skip".
+
+    Raises:
+        DataError: naming `dataset.source_path` and `name` (e.g. "image 42"), when `on_error` is "raise".
+    """
+    try:
+        return load()
+    except ImageLoadError as exc:
+        if dataset.on_error == "raise":
+            raise DataError(
+                f"{dataset.source_path}: {name}: {exc} (set data.on_error: skip to skip and count such samples)"
+            ) from None
+        logger.warning("skipping %s: %s", name, exc)
+        return None
 
 
 def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[int]) -> list[Record]:
