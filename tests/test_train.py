@@ -136,20 +136,20 @@ def test_interrupted_save_is_ignored_by_resume(setup, tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
     import vlm_tune.model.load as load_module
 
-    real_load_model = load_module.load_model
+    real_load_vlm = load_module.load_vlm
     calls = {"forward": 0}
 
-    def load_model_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
-        model, processor = real_load_model(*args, **kwargs)
+    def load_vlm_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
+        loaded = real_load_vlm(*args, **kwargs)
 
         def poison(module, inputs, output):
             calls["forward"] += 1
             return output * float("nan") if calls["forward"] >= 5 else output
 
-        model.get_output_embeddings().register_forward_hook(poison)
-        return model, processor
+        loaded.model.get_output_embeddings().register_forward_hook(poison)
+        return loaded
 
-    monkeypatch.setattr(load_module, "load_model", load_model_whose_logits_turn_nan)
+    monkeypatch.setattr(load_module, "load_vlm", load_vlm_whose_logits_turn_nan)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*checkpoint-2"):
         train(_recipe(setup, tmp_path / "run", max_steps=6, save_every=1))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
@@ -228,7 +228,7 @@ def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tm
     import torch
     from safetensors.torch import load_file
 
-    from vlm_tune.checkpoint import load_for_inference
+    from vlm_tune.model.build import load_for_inference
 
     recipe = _recipe(setup, tmp_path / "run", max_steps=3, save_every=0)
     recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
@@ -275,7 +275,8 @@ def test_missing_training_set_is_a_clear_error(setup, tmp_path):
 
 
 def test_relevance_checkpoint_needs_relevance_enabled(setup, tmp_path):
-    from vlm_tune.checkpoint import CheckpointError, load_for_inference
+    from vlm_tune.checkpoint import CheckpointError
+    from vlm_tune.model.build import load_for_inference
 
     recipe = _recipe(setup, tmp_path / "run", max_steps=1, save_every=0)
     recipe.relevance.enabled, recipe.relevance.keep = True, 0.5
@@ -290,7 +291,7 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     import torch
     from accelerate import Accelerator
 
-    from vlm_tune.train import _clip_gradients
+    from vlm_tune.train_step import clip_gradients
 
     model_weight, scorer_weight = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.AdamW(
@@ -298,7 +299,7 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     )
     model_weight.grad = torch.tensor([0.3, 0.0, 0.4])  # norm 0.5, under the limit
     scorer_weight.grad = torch.tensor([300.0, 0.0, 400.0])  # norm 500
-    norms = _clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
+    norms = clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
     assert norms["model"] == pytest.approx(0.5) and norms["relevance"] == pytest.approx(500.0)
     assert torch.allclose(model_weight.grad, torch.tensor([0.3, 0.0, 0.4]))  # untouched
     assert scorer_weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
