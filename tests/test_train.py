@@ -15,6 +15,7 @@ from vlm_tune.checkpoint import latest_checkpoint, list_checkpoints, save_checkp
 from vlm_tune.recipe import recipe_from_dict
 from vlm_tune.run_log import read_log
 from vlm_tune.train import TrainingError, main, train
+from vlm_tune.train_step import due
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
@@ -153,6 +154,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*checkpoint-2"):
         train(_recipe(setup, tmp_path / "run", max_steps=6, save_every=1))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_cadence_falls_on_every_nth_step_and_always_on_the_last():
+    assert [step for step in range(1, 11) if due(3, step, 10)] == [3, 6, 9, 10]
+    assert [step for step in range(1, 11) if due(0, step, 10)] == [10]  # 0: only at the end
+    assert [step for step in range(1, 5) if due(1, step, 4)] == [1, 2, 3, 4]
+    assert [step for step in range(1, 8) if due(10, step, 7)] == [7]
 
 
 def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):

@@ -294,6 +294,9 @@ def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
         raise EvaluationError(f"{folder}: unreadable evaluation file ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("metrics"), dict):
         raise EvaluationError(f"{metrics_file}: not an evaluation metrics file (no 'metrics' mapping)")
+    not_numbers = [name for name, value in info["metrics"].items() if not isinstance(value, (int, float))]
+    if not_numbers:
+        raise EvaluationError(f"{metrics_file}: metrics {not_numbers} are not numbers; re-run the evaluation")
     return info, rows
 
 
