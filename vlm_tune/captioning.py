@@ -46,6 +46,30 @@ def _new_tokens(sequences, prompt_ids):
     return sequences  # encoder-decoder models, or generation from embeddings only, return new tokens
 
 
+def _to_device(value, device, dtype):
+    """A tensor input on the model's device; floating-point ones (pixel values) in its dtype too."""
+    import torch
+
+    if not torch.is_tensor(value):
+        return value
+    if value.is_floating_point():
+        return value.to(device, dtype)
+    return value.to(device)
+
+
+def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig) -> list[dict]:
+    """Generate for one collated batch; one `{"image_id", "prediction", "references"}` per image."""
+    output = model.generate(
+        **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
+    )
+    sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
+    texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
+    return [
+        {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
+        for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
+    ]
+
+
 def generate_captions(
     model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
 ) -> list[dict]:
@@ -95,21 +119,8 @@ def generate_captions(
                 skipped += n_usable - len(meta["image_ids"])  # the collator may drop more (e.g. too long)
                 for record in meta.get("skipped", []):
                     logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
-                inputs = {
-                    k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-                    for k, v in inputs.items()
-                }
-                output = model.generate(
-                    **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
-                )
-                sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
-                texts = tokenizer.batch_decode(
-                    _new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True
-                )
-                rows += [
-                    {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
-                    for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
-                ]
+                inputs = {key: _to_device(value, device, dtype) for key, value in inputs.items()}
+                rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg)
     finally:
         model.train(was_training)
     if skipped:

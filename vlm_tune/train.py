@@ -156,6 +156,30 @@ def _resume(checkpoint: Optional[Path], optimizer, scheduler) -> TrainingPositio
     return TrainingPosition(state["step"], state["epoch"], state["batches_done"])
 
 
+def _setup(recipe: Recipe) -> tuple[TrainingRun, TrainingPosition]:
+    """Everything the loop needs, and the position it starts from (fresh, or the checkpoint resumed from)."""
+    from tqdm.auto import tqdm
+
+    accelerator = _setup_accelerator(recipe)
+    run_dir = _setup_run_dir(recipe, accelerator)
+    resume_from = _resume_checkpoint(recipe, run_dir)
+    built = _setup_model(recipe, accelerator, run_dir, resume_from)
+    data = _setup_data(recipe, built.processor, accelerator)
+    cfg = recipe.train
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
+    optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
+    model, optimizer = accelerator.prepare(built.model, optimizer)
+    position = _resume(resume_from, optimizer, scheduler)
+    main = accelerator.is_main_process
+    progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
+    log = RunLog(run_dir, enabled=main)
+    run = TrainingRun(
+        recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
+    )
+    run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
+    return run, position
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -232,56 +256,29 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
         TrainingStopped: the loss became NaN/infinite (the last good checkpoint is kept).
         TrainingError, DataError, CheckpointError...: a setup that cannot train (the message says the fix).
     """
-    from tqdm.auto import tqdm
-
-    accelerator = _setup_accelerator(recipe)
-    run_dir = _setup_run_dir(recipe, accelerator)
-    resume_from = _resume_checkpoint(recipe, run_dir)
-    built = _setup_model(recipe, accelerator, run_dir, resume_from)
-    data = _setup_data(recipe, built.processor, accelerator)
-    cfg = recipe.train
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
-    optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
-    model, optimizer = accelerator.prepare(built.model, optimizer)
-    position = _resume(resume_from, optimizer, scheduler)
-    main = accelerator.is_main_process
-    progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
-    log = RunLog(run_dir, enabled=main)
-    run = TrainingRun(
-        recipe=recipe,
-        accelerator=accelerator,
-        run_dir=run_dir,
-        model=model,
-        processor=built.processor,
-        data=data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        total_steps=total_steps,
-        log=log,
-        progress=progress,
-    )
-    run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
+    run, position = _setup(recipe)
+    cfg, data, main = recipe.train, run.data, run.main
     if cfg.eval_generate_every and position.step == 0 and data.eval_set is not None and main:
-        scores = caption_metrics(model, built.processor, data.eval_set, recipe, accelerator)
-        log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})  # before training
-    model.train()
+        scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
+        run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})  # before training
+    run.model.train()
     try:
         _loop(run, position, on_step)
     except KeyboardInterrupt:
-        progress.write(f"Interrupted: saving checkpoint-{position.step} before exiting")
+        run.progress.write(f"Interrupted: saving checkpoint-{position.step} before exiting")
         save_run(run, position)
         run.summary["interrupted"] = True
     except TrainingStopped as error:
-        last = latest_checkpoint(run_dir)
+        last = latest_checkpoint(run.run_dir)
         raise TrainingStopped(
             f"{error}. Training stopped; the last good checkpoint is {last or 'none (no save yet)'}. "
             f"Lower train.lr, set train.max_grad_norm, or check the data, then resume with "
             f"train.resume=auto."
         ) from None
     finally:
-        progress.close()
-        log.close()
-        _save_bad_samples(data, run.skipped, run_dir, main)
+        run.progress.close()
+        run.log.close()
+        _save_bad_samples(data, run.skipped, run.run_dir, main)
     run.summary["step"] = position.step
     return run.summary
 

@@ -178,7 +178,6 @@ class RelevanceWrapper(nn.Module):
         output.sequences = full
         return output
 
-
     def save(self, folder: str | Path) -> Path:
         """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
 
