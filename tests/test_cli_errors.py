@@ -53,6 +53,12 @@ BAD_INPUTS = [
         lambda f: [f["recipe"], f"train.init_from={f['missing']}"],
         "train.init_from: checkpoint",
     ),
+    BadInput(
+        "train: output_dir is a file",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], f"train.output_dir={f['recipe']}"],
+        "train.output_dir: cannot write the run folder",
+    ),
     BadInput(  # fails after the tiny model loads
         "train: relevance on blip-2",
         "vlm_tune.train",
@@ -72,6 +78,12 @@ BAD_INPUTS = [
         "vlm_tune.evaluate",
         lambda f: [f["recipe"], "--checkpoint", f["missing"]],
         "does not exist",
+    ),
+    BadInput(
+        "evaluate: output folder is a file",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], "--output-dir", f["recipe"]],
+        "eval.output_dir: cannot write the evaluation folder",
     ),
     BadInput(
         "evaluate: compare missing folders",

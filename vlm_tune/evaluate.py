@@ -179,6 +179,14 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
     return files
 
 
+def _make_output_dir(output_dir: Path) -> None:
+    """Create the evaluation folder before the long part, so a folder that cannot be written fails first."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvaluationError(f"eval.output_dir: cannot write the evaluation folder {output_dir} ({exc})") from None
+
+
 def _check_java(recipe: Recipe) -> None:
     """Fail before loading anything when the recipe requires Java and there is none."""
     from vlm_tune.metrics import java_available
@@ -221,6 +229,7 @@ def evaluate_run(
     source, split_name = eval_source(recipe, split)
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
+    _make_output_dir(output_dir)
     _check_java(recipe)
     dataset = _build_eval_set(source, recipe)
     attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))

@@ -59,8 +59,11 @@ def _setup_accelerator(recipe: Recipe):
 def _setup_run_dir(recipe: Recipe, accelerator) -> Path:
     run_dir = Path(recipe.train.output_dir)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_recipe(recipe, run_dir / "recipe.yaml")
+        except OSError as exc:
+            raise TrainingError(f"train.output_dir: cannot write the run folder {run_dir} ({exc.strerror})") from None
     accelerator.wait_for_everyone()
     return run_dir
 

@@ -99,7 +99,7 @@ def clip_gradients(optimizer, accelerator, max_grad_norm: float) -> Optional[dic
         return None
     parts = {
         "model": [p for g in optimizer.param_groups if g.get("name") != RELEVANCE_GROUP for p in g["params"]],
-        "relevance": [p for g in optimizer.param_groups if g.get("name") == RELEVANCE_GROUP for p in g["params"]],
+        RELEVANCE_GROUP: [p for g in optimizer.param_groups if g.get("name") == RELEVANCE_GROUP for p in g["params"]],
     }
     return {part: float(accelerator.clip_grad_norm_(params, max_grad_norm)) for part, params in parts.items() if params}
 
