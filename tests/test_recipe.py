@@ -8,12 +8,11 @@ from vlm_tune.recipe import (
     QuantizationConfig,
     Recipe,
     RecipeError,
-    apply_overrides,
     dump_recipe,
     load_recipe,
-    parse_override,
     recipe_from_dict,
 )
+from vlm_tune.recipe_files import apply_overrides, parse_override
 
 GOOD = {
     "model": {

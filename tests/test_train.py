@@ -15,6 +15,7 @@ from vlm_tune.checkpoint import latest_checkpoint, list_checkpoints, save_checkp
 from vlm_tune.recipe import recipe_from_dict
 from vlm_tune.run_log import read_log
 from vlm_tune.train import TrainingError, main, train
+from vlm_tune.train_step import due
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
@@ -136,23 +137,30 @@ def test_interrupted_save_is_ignored_by_resume(setup, tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
     import vlm_tune.model.load as load_module
 
-    real_load_model = load_module.load_model
+    real_load_vlm = load_module.load_vlm
     calls = {"forward": 0}
 
-    def load_model_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
-        model, processor = real_load_model(*args, **kwargs)
+    def load_vlm_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
+        loaded = real_load_vlm(*args, **kwargs)
 
         def poison(module, inputs, output):
             calls["forward"] += 1
             return output * float("nan") if calls["forward"] >= 5 else output
 
-        model.get_output_embeddings().register_forward_hook(poison)
-        return model, processor
+        loaded.model.get_output_embeddings().register_forward_hook(poison)
+        return loaded
 
-    monkeypatch.setattr(load_module, "load_model", load_model_whose_logits_turn_nan)
+    monkeypatch.setattr(load_module, "load_vlm", load_vlm_whose_logits_turn_nan)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*checkpoint-2"):
         train(_recipe(setup, tmp_path / "run", max_steps=6, save_every=1))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_cadence_falls_on_every_nth_step_and_always_on_the_last():
+    assert [step for step in range(1, 11) if due(3, step, 10)] == [3, 6, 9, 10]
+    assert [step for step in range(1, 11) if due(0, step, 10)] == [10]  # 0: only at the end
+    assert [step for step in range(1, 5) if due(1, step, 4)] == [1, 2, 3, 4]
+    assert [step for step in range(1, 8) if due(10, step, 7)] == [7]
 
 
 def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
@@ -228,7 +236,7 @@ def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tm
     import torch
     from safetensors.torch import load_file
 
-    from vlm_tune.checkpoint import load_for_inference
+    from vlm_tune.model.build import load_for_inference
 
     recipe = _recipe(setup, tmp_path / "run", max_steps=3, save_every=0)
     recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
@@ -275,7 +283,8 @@ def test_missing_training_set_is_a_clear_error(setup, tmp_path):
 
 
 def test_relevance_checkpoint_needs_relevance_enabled(setup, tmp_path):
-    from vlm_tune.checkpoint import CheckpointError, load_for_inference
+    from vlm_tune.checkpoint import CheckpointError
+    from vlm_tune.model.build import load_for_inference
 
     recipe = _recipe(setup, tmp_path / "run", max_steps=1, save_every=0)
     recipe.relevance.enabled, recipe.relevance.keep = True, 0.5
@@ -290,7 +299,7 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     import torch
     from accelerate import Accelerator
 
-    from vlm_tune.train import _clip_gradients
+    from vlm_tune.train_step import clip_gradients
 
     model_weight, scorer_weight = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.AdamW(
@@ -298,7 +307,7 @@ def test_relevance_gradients_are_clipped_apart_from_the_model():
     )
     model_weight.grad = torch.tensor([0.3, 0.0, 0.4])  # norm 0.5, under the limit
     scorer_weight.grad = torch.tensor([300.0, 0.0, 400.0])  # norm 500
-    norms = _clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
+    norms = clip_gradients(optimizer, Accelerator(cpu=True), max_grad_norm=1.0)
     assert norms["model"] == pytest.approx(0.5) and norms["relevance"] == pytest.approx(500.0)
     assert torch.allclose(model_weight.grad, torch.tensor([0.3, 0.0, 0.4]))  # untouched
     assert scorer_weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)

@@ -1,9 +1,11 @@
-"""Checkpoints: atomic save, discovery of the latest complete one, restore for resume and for inference.
+"""Checkpoint files: atomic save, discovery of the latest complete one, loading weights and training state.
 
+Only reads and writes files; `vlm_tune.model.build.build_model` prepares the model they are loaded into.
 Layout of `RUN_DIR/checkpoint-STEP/`:
     adapter/                 standard PEFT folder (LoRA weights + `modules_to_save` copies)
     trained.safetensors      other fully trained parameters (full components outside modules_to_save)
-    relevance.safetensors    relevance modules (when enabled)
+    relevance.safetensors    relevance modules (when enabled), written by RelevanceWrapper.save
+    relevance.json           the relevance settings they were trained with
     training_state.pt        optimizer, scheduler, RNG states (resume only)
     state.json               step, epoch, position in the epoch, losses so far
     COMPLETE                 written last: a folder without it is never used
@@ -35,16 +37,22 @@ class CheckpointError(VlmTuneError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
+def _relevance_wrapper(model: torch.nn.Module):
+    """The relevance wrapper when `model` is one, else None."""
+    from vlm_tune.relevance import RelevanceWrapper
+
+    return model if isinstance(model, RelevanceWrapper) else None
+
+
 def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
     """The PEFT model itself, or the one inside a relevance wrapper."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        return model
-    for child in model.children():
-        if isinstance(child, PeftModel):
-            return child
-    raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
+    wrapper = _relevance_wrapper(model)
+    peft_model = wrapper.model if wrapper is not None else model
+    if not isinstance(peft_model, PeftModel):
+        raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
+    return peft_model
 
 
 def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,13 +70,9 @@ def _save_weights(model: torch.nn.Module, folder: Path) -> None:
     extra = _extra_trained_state(peft_model)
     if extra:
         save_file(extra, folder / "trained.safetensors")
-    relevance = getattr(model, "relevance", None)
-    if relevance is not None:
-        from vlm_tune.relevance import RELEVANCE_FILE
-
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in relevance.state_dict().items()}, folder / RELEVANCE_FILE
-        )  # the file load_relevance reads
+    wrapper = _relevance_wrapper(model)
+    if wrapper is not None:
+        wrapper.save(folder)
 
 
 def save_checkpoint(
@@ -141,7 +145,7 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Check that `path` is a complete checkpoint folder.
+    """The complete checkpoint folder `path`, or the newest complete checkpoint of the run folder `path`.
 
     Raises:
         CheckpointError: naming the path and listing the complete checkpoints next to it.
@@ -149,6 +153,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / COMPLETE_MARKER).is_file():
         return path
+    newest = latest_checkpoint(path) if not CHECKPOINT_PATTERN.match(path.name) else None
+    if newest is not None:
+        return newest
     nearby = list_checkpoints(path if path.is_dir() and not CHECKPOINT_PATTERN.match(path.name) else path.parent)
     listing = ", ".join(str(p) for p in nearby) or "none"
     reason = "does not exist" if not path.exists() else "is not a complete checkpoint (no COMPLETE marker)"
@@ -158,12 +165,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load a checkpoint's adapter, fully trained parts and relevance modules into a prepared model.
 
-    `model` must already carry the same targeting (and relevance wrapper) as the run that saved it.
+    `model` must already carry the same targeting (and relevance wrapper) as the run that saved it;
+    `checkpoint` is a checkpoint folder or a run folder (its newest complete checkpoint).
 
     Raises:
-        CheckpointError: a parameter of the checkpoint has no place in the model.
+        CheckpointError: the checkpoint is missing or incomplete, a parameter of it has no place in the model,
+            or it holds relevance modules that the model lacks or that do not fit.
     """
     from peft import set_peft_model_state_dict
+
+    from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
 
     checkpoint = resolve_checkpoint(checkpoint)
     peft_model = _peft_model(model)
@@ -179,17 +190,14 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
             raise CheckpointError(
                 f"{extra_file}: weights with no place in the model: {missing_unexpected.unexpected_keys[:5]}"
             )
-    from vlm_tune.relevance import RELEVANCE_FILE, load_relevance
-
-    relevance_file = checkpoint / RELEVANCE_FILE
-    if relevance_file.is_file():
-        if getattr(model, "relevance", None) is None:
+    if (checkpoint / RELEVANCE_FILE).is_file():
+        wrapper = _relevance_wrapper(model)
+        if wrapper is None:
             raise CheckpointError(f"{checkpoint} holds relevance modules: set relevance.enabled=true to load it")
-
         try:
-            load_relevance(model, checkpoint)
-        except ValueError as error:  # weights of another relevance method / size
-            raise CheckpointError(f"{relevance_file}: {error}") from None
+            wrapper.load(checkpoint)
+        except RelevanceError as error:  # weights of another relevance method / size
+            raise CheckpointError(str(error)) from None
 
 
 def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None) -> dict:
@@ -207,32 +215,3 @@ def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((checkpoint / "state.json").read_text())
-
-
-def load_for_inference(recipe, checkpoint: str | Path | None = None):
-    """Load the recipe's base model with a checkpoint's trained weights, ready for generation.
-
-    Args:
-        recipe: the `Recipe` of the run (same model, components and relevance settings).
-        checkpoint: a `checkpoint-N` folder, or None for the base model.
-    Returns:
-        (model, processor), the model in eval mode.
-    Raises:
-        CheckpointError: the checkpoint is missing or incomplete.
-    """
-    from vlm_tune.model.load import load_model
-    from vlm_tune.model.targeting import apply_targeting
-
-    if checkpoint is not None:
-        checkpoint = resolve_checkpoint(checkpoint)
-    model, processor = load_model(recipe.model, recipe.components)
-    if checkpoint is None:
-        return model.eval(), processor
-    model, _ = apply_targeting(model, recipe.components)
-    if recipe.relevance.enabled:
-        from vlm_tune.model.components import find_components
-        from vlm_tune.relevance import attach_relevance
-
-        model = attach_relevance(model, recipe.relevance, find_components(model.get_base_model(), recipe.components))
-    load_weights(model, checkpoint)
-    return model.eval(), processor

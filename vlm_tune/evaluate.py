@@ -12,7 +12,6 @@ all references (vlm_tune.metrics, vlm_tune.vqa_metrics) and writes the evaluatio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vlm_tune.captioning import generate_captions, score_predictions
+from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.errors import VlmTuneError
-from vlm_tune.recipe import DataConfig, DataSourceConfig, EvalConfig, Recipe, load_recipe
+from vlm_tune.recipe import DataSourceConfig, Recipe, load_recipe
 
 logger = logging.getLogger("vlm_tune.evaluate")
 
@@ -35,124 +36,6 @@ OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "summary.md", "contact_shee
 
 class EvaluationError(VlmTuneError):
     """An evaluation that cannot run as asked (no evaluation set, no references, unknown split...)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation.
-# ----------------------------------------------------------------------------------------------
-
-
-class _CountingCollate:
-    """Wraps a collator so the loop also learns how many items (None ones included) a batch had."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, items: list):
-        usable = sum(item is not None for item in items)
-        return (self.collator(items) if usable else None), len(items), usable
-
-
-def _device_and_dtype(model):
-    """Where inputs go, and the dtype of floating-point inputs (pixel values)."""
-    import torch
-
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = getattr(model, "dtype", None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        dtype = next((p.dtype for p in params if p.dtype.is_floating_point), torch.float32)
-    return device, dtype
-
-
-def _new_tokens(sequences, prompt_ids):
-    """The generated part of `generate`'s output: decoder-only models return prompt + new tokens."""
-    if (
-        prompt_ids is not None
-        and sequences.shape[1] >= prompt_ids.shape[1]
-        and bool((sequences[:, : prompt_ids.shape[1]] == prompt_ids.to(sequences.device)).all())
-    ):
-        return sequences[:, prompt_ids.shape[1] :]
-    return sequences  # encoder-decoder models, or generation from embeddings only, return new tokens
-
-
-def generate_captions(
-    model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
-) -> list[dict]:
-    """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches.
-
-    Args:
-        model: a VLM (base, PEFT or relevance wrapper) with a `generate` method.
-        processor: its processor (the tokenizer decodes the new tokens).
-        dataset: items `{"image_id", "image", "captions", ...}` or None for an unreadable image (skipped).
-        data_cfg: the `data` section (prompt, image size) for the generation collator.
-        eval_cfg: batch size, number of beams, max new tokens, limit.
-        show_progress: draw a tqdm progress bar.
-    Returns:
-        `[{"image_id", "prediction", "references"}]` in dataset order, without skipped images (logged).
-    """
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
-    from vlm_tune.data.chat_collate import generate_collator_for
-
-    count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
-    loader = DataLoader(
-        Subset(dataset, range(count)),
-        batch_size=eval_cfg.batch_size,
-        shuffle=False,
-        num_workers=data_cfg.num_workers,
-        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
-    )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    device, dtype = _device_and_dtype(model)
-    was_training = model.training
-    model.eval()
-    rows: list[dict] = []
-    skipped = 0
-    try:
-        with (
-            tqdm(total=count, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as progress,
-            torch.inference_mode(),
-        ):
-            for collated, n_items, n_usable in loader:
-                progress.update(n_items)
-                skipped += n_items - n_usable
-                if collated is None:
-                    continue
-                inputs, meta = collated
-                skipped += n_usable - len(meta["image_ids"])  # the collator may drop more (e.g. too long)
-                for record in meta.get("skipped", []):
-                    logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
-                inputs = {
-                    k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-                    for k, v in inputs.items()
-                }
-                output = model.generate(
-                    **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
-                )
-                sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
-                texts = tokenizer.batch_decode(
-                    _new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True
-                )
-                questions = meta.get("questions") or [None] * len(texts)  # conversations: the question asked
-                rows += [
-                    {
-                        "image_id": image_id,
-                        **({"question": question} if question is not None else {}),
-                        "prediction": " ".join(text.split()),
-                        "references": list(references),
-                    }
-                    for image_id, question, text, references in zip(
-                        meta["image_ids"], questions, texts, meta["references"]
-                    )
-                ]
-    finally:
-        model.train(was_training)
-    if skipped:
-        logger.warning("%d image(s) were not captioned (unreadable, or dropped by the collator)", skipped)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,24 +91,25 @@ def resolve_eval_checkpoint(recipe: Recipe, checkpoint: Optional[str | Path]) ->
     Raises:
         EvaluationError: the folder is missing or incomplete (naming it and listing the checkpoints found).
     """
-    from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, resolve_checkpoint
+    from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
 
     if checkpoint is None:
         return None
-    run_dir = Path(recipe.train.output_dir) if str(checkpoint) == "latest" else Path(checkpoint)
-    if str(checkpoint) == "latest" or (run_dir.is_dir() and list_checkpoints(run_dir)):
-        found = latest_checkpoint(run_dir)
+    if str(checkpoint) == "latest":
+        found = latest_checkpoint(recipe.train.output_dir)
         if found is None:
             raise EvaluationError(
-                f"--checkpoint latest: no complete checkpoint in {run_dir} (train.output_dir); "
+                f"--checkpoint latest: no complete checkpoint in {recipe.train.output_dir} (train.output_dir); "
                 f"train first or give the checkpoint folder"
             )
-        logger.info("Using the newest complete checkpoint of %s: %s", run_dir, found)
-        return found
-    try:
-        return resolve_checkpoint(checkpoint)
-    except CheckpointError as error:
-        raise EvaluationError(str(error)) from None
+    else:
+        try:
+            found = resolve_checkpoint(checkpoint)
+        except CheckpointError as error:
+            raise EvaluationError(str(error)) from None
+    if found != Path(checkpoint):
+        logger.info("Using the newest complete checkpoint of %s: %s", checkpoint, found)
+    return found
 
 
 def default_output_dir(recipe: Recipe, checkpoint: Optional[Path], split_name: str) -> Path:
@@ -252,28 +136,6 @@ def _build_eval_set(source: DataSourceConfig, recipe: Recipe):
             else ""
         )
         raise EvaluationError(f"evaluation set (data.eval): {error}{hint}") from None
-
-
-def score_predictions(rows: list[dict], task: str, use_java: Optional[bool]) -> dict[str, float]:
-    """Caption metrics (task caption) or exact match / VQA accuracy / ANLS (task vqa) of generated rows."""
-    predictions = {r["image_id"]: r["prediction"] for r in rows}
-    references = {r["image_id"]: r["references"] for r in rows}
-    if task == "vqa":
-        from vlm_tune.vqa_metrics import score_answers
-
-        return score_answers(predictions, references)
-    from vlm_tune.metrics import score_captions
-
-    return score_captions(predictions, references, use_java=use_java)
-
-
-def _java_detector(task: str):
-    """`java_available` of the caption metrics; VQA scoring needs no Java (nor pycocoevalcap)."""
-    if task == "vqa":
-        return lambda: False
-    from vlm_tune.metrics import java_available
-
-    return java_available
 
 
 def _on_accelerator(model):
@@ -321,15 +183,46 @@ def write_outputs(output_dir: Path, info: dict, rows: list[dict], dataset=None, 
     return files
 
 
+def _make_output_dir(output_dir: Path) -> None:
+    """Create the evaluation folder before the long part, so a folder that cannot be written fails first."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvaluationError(f"eval.output_dir: cannot write the evaluation folder {output_dir} ({exc})") from None
+
+
+def _check_java(recipe: Recipe, task: str) -> None:
+    """Fail before loading anything when the recipe requires Java and there is none (VQA scoring needs none)."""
+    if task == "vqa":
+        return
+    from vlm_tune.metrics import java_available
+
+    if recipe.eval.use_java and not java_available():
+        raise EvaluationError(
+            "eval.use_java is true but no working `java` is on PATH: install a Java runtime "
+            "(e.g. apt-get install default-jre-headless) or set eval.use_java=null"
+        )
+
+
+def _score(rows: list[dict], task: str, use_java: Optional[bool]) -> tuple[dict[str, float], dict]:
+    """Caption or VQA metrics of the rows, and what metrics.json records about the scoring."""
+    if task == "vqa":
+        return score_predictions(rows, task, use_java=False), {"task": task}
+    from vlm_tune.metrics import java_available
+
+    java = java_available() if use_java is None else use_java
+    tokenizer = "Stanford PTB (Java)" if java else "Python PTB"
+    return score_predictions(rows, task, use_java=java), {"task": task, "tokenizer": tokenizer}
+
+
 def evaluate_run(
     recipe: Recipe, checkpoint: Optional[str | Path] = None, split: Optional[str] = None, show_progress: bool = True
 ) -> dict:
-    """Caption (or answer the questions of) `data.eval` with the base model or a checkpoint, score, and write the
-    evaluation folder.
+    """Caption (or answer) `data.eval` with the base model or a checkpoint, score, write the evaluation folder.
 
     Args:
         recipe: the run's recipe (model, components and relevance must match the checkpoint's run).
-        checkpoint: a `checkpoint-N` folder, "latest", or None for the base model.
+        checkpoint: a `checkpoint-N` folder, a run folder, "latest", or None for the base model.
         split: another split of the evaluation set (see `eval_source`).
         show_progress: draw a progress bar while generating.
     Returns:
@@ -337,60 +230,51 @@ def evaluate_run(
     Raises:
         EvaluationError: no evaluation set, missing checkpoint, unknown split, no reference captions.
     """
-    from vlm_tune.checkpoint import load_for_inference
+    from vlm_tune.model.build import load_for_inference
 
     started = time.perf_counter()
     source, split_name = eval_source(recipe, split)
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
-    java_available = _java_detector(source.task)
-    if source.task != "vqa" and recipe.eval.use_java and not java_available():
-        raise EvaluationError(
-            "eval.use_java is true but no working `java` is on PATH: install a Java runtime "
-            "(e.g. apt-get install default-jre-headless) or set eval.use_java=null"
-        )
+    _make_output_dir(output_dir)
+    _check_java(recipe, source.task)
     dataset = _build_eval_set(source, recipe)
     attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
+    what = f" + {checkpoint_dir}" if checkpoint_dir else " (base model)"
     logger.info(
         "Evaluating %s%s on %d of the %d images of %s into %s",
         recipe.model.name_or_path,
-        f" + {checkpoint_dir}" if checkpoint_dir else " (base model)",
+        what,
         attempted,
         len(dataset),
         source.path,
         output_dir,
     )
     model, processor = load_for_inference(recipe, checkpoint_dir)
-    model = _on_accelerator(model)
-    rows = generate_captions(model, processor, dataset, recipe.data, recipe.eval, show_progress=show_progress)
+    rows = generate_captions(
+        _on_accelerator(model), processor, dataset, recipe.data, recipe.eval, show_progress=show_progress
+    )
     if not rows:
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")
     _unique_ids(rows)
-    use_java = java_available() if recipe.eval.use_java is None else recipe.eval.use_java
-    metrics = score_predictions(rows, source.task, use_java)
+    metrics, scoring = _score(rows, source.task, recipe.eval.use_java)
     info = {
         "metrics": metrics,
         "model": recipe.model.name_or_path,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
         "data": str(source.path),
         "format": source.format,
-        "task": source.task,
         "split": split_name,
         "num_images": len(rows),
         "skipped_images": attempted - len(rows),
         "num_beams": recipe.eval.num_beams,
         "max_new_tokens": recipe.eval.max_new_tokens,
-        **({} if source.task == "vqa" else {"tokenizer": "Stanford PTB (Java)" if use_java else "Python PTB"}),
+        **scoring,
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = write_outputs(output_dir, info, rows, dataset, recipe.eval.contact_sheet_images)
-    return {
-        "metrics": metrics,
-        "output_dir": output_dir,
-        "files": files,
-        "num_images": len(rows),
-        "skipped_images": info["skipped_images"],
-    }
+    summary = {"metrics": metrics, "output_dir": output_dir, "files": files}
+    return {**summary, "num_images": len(rows), "skipped_images": info["skipped_images"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,6 +310,9 @@ def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
         raise EvaluationError(f"{folder}: unreadable evaluation file ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("metrics"), dict):
         raise EvaluationError(f"{metrics_file}: not an evaluation metrics file (no 'metrics' mapping)")
+    not_numbers = [name for name, value in info["metrics"].items() if not isinstance(value, (int, float))]
+    if not_numbers:
+        raise EvaluationError(f"{metrics_file}: metrics {not_numbers} are not numbers; re-run the evaluation")
     return info, rows
 
 
@@ -443,12 +330,8 @@ def compare_evaluations(folder_a: str | Path, folder_b: str | Path, examples: in
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Command-line entry point; returns the process exit code."""
-    from vlm_tune.checkpoint import CheckpointError
-    from vlm_tune.model.builtin import BuiltinError
-
-    parser = argparse.ArgumentParser(
+def _parser() -> CommandParser:
+    parser = CommandParser(
         prog="python -m vlm_tune.evaluate",
         description=__doc__.splitlines()[0],
         epilog="or: python -m vlm_tune.evaluate --compare DIR_A DIR_B [--out FILE]",
@@ -466,29 +349,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two evaluation folders")
     parser.add_argument("--out", help="with --compare: also write the comparison to this markdown file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.compare:
-            if args.recipe or args.overrides:
-                parser.error("--compare takes two evaluation folders and no recipe")
-            table = compare_evaluations(*args.compare)
-            print(table, end="")
-            if args.out:
-                Path(args.out).write_text(table)
-            return 0
-        if not args.recipe:
-            parser.error("give a recipe (python -m vlm_tune.evaluate RECIPE.yaml) or --compare DIR_A DIR_B")
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.output_dir:
-            recipe.eval.output_dir = args.output_dir
-        result = evaluate_run(recipe, args.checkpoint, args.split, show_progress=not args.no_progress)
-    except (VlmTuneError, CheckpointError, BuiltinError) as error:  # input problems: a message, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _compare(args) -> int:
+    table = compare_evaluations(*args.compare)
+    print(table, end="")
+    if args.out:
+        try:
+            Path(args.out).write_text(table)
+        except OSError as exc:
+            raise EvaluationError(f"--out {args.out}: cannot write the comparison ({exc.strerror})") from None
+    return 0
+
+
+def _evaluate(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe.eval.output_dir = args.output_dir
+    result = evaluate_run(recipe, args.checkpoint, args.split, show_progress=not args.no_progress)
     print("\n".join(f"{name:8s} {value:.4f}" for name, value in result["metrics"].items()))
     print(f"Wrote {', '.join(result['files'])} to {result['output_dir']}")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry point; returns the process exit code (2: a mistake in the input, named on stderr)."""
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.compare and (args.recipe or args.overrides):
+        parser.error("--compare takes two evaluation folders and no recipe")
+    if not args.compare and not args.recipe:
+        parser.error("give a recipe (python -m vlm_tune.evaluate RECIPE.yaml) or --compare DIR_A DIR_B")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_command(lambda: _compare(args) if args.compare else _evaluate(args))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
 
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.typed_config import build_dataclass
 
 COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
 CONVERSATION_FORMATS = ("llava", "messages", "hf")  # formats that can hold conversations (hf: a messages column)
-
-
-class RecipeError(VlmTuneError, ValueError):
-    """A recipe that cannot be used; the message lists every problem found, one per line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,10 +113,7 @@ class DataSourceConfig:
     format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf", "llava", "messages"] = field(
         default="coco", metadata={"help": "layout of the set (llava, messages: conversations; hf: either)"}
     )
-    path: str = field(
-        default="",
-        metadata={"help": "annotation file (coco, karpathy, jsonl, csv, llava, messages) or folder (imagefolder, hf)"},
-    )
+    path: str = field(default="", metadata={"help": "annotation file, or folder (formats imagefolder, hf)"})
     images: Optional[str] = field(
         default=None,
         metadata={
@@ -138,16 +131,12 @@ class DataSourceConfig:
     caption_column: str = field(
         default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
     )
-    messages_column: str = field(
-        default="messages",
-        metadata={"help": "hf: column holding a conversation (used when there is no caption column)"},
-    )
+    messages_column: str = field(default="messages", metadata={"help": "hf: column of conversations (no captions)"})
     images_column: str = field(
         default="images", metadata={"help": "hf: column holding a conversation's images (a list, or absent)"}
     )
     task: Literal["caption", "vqa"] = field(
-        default="caption",
-        metadata={"help": "what evaluation scores: caption metrics, or VQA answers (exact match, VQA accuracy, ANLS)"},
+        default="caption", metadata={"help": "evaluation scores captions, or answers (exact match, VQA acc., ANLS)"}
     )
     limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images (conversations)"})
 
@@ -182,11 +171,7 @@ class DataConfig:
         default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
     )
     max_length: int = field(
-        default=512,
-        metadata={
-            "help": "longest token sequence; captions are shortened, conversations cut at a turn end, "
-            "image tokens never cut"
-        },
+        default=512, metadata={"help": "longest sequence; captions shortened, conversations cut after a turn"}
     )
     train_on: Literal["all", "last"] = field(
         default="all", metadata={"help": "conversations: the loss covers every assistant turn, or only the last"}
@@ -227,10 +212,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk (0: keep all)"})
     eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: only at the end)"})
     eval_generate_every: int = field(
-        default=0,
-        metadata={
-            "help": "caption or VQA metrics (data.eval.task) on eval.generate_limit samples every N steps (0: off)"
-        },
+        default=0, metadata={"help": "data.eval.task metrics on eval.generate_limit samples every N steps (0: off)"}
     )
     log_every: int = field(default=1, metadata={"help": "log a line every N steps"})
     resume: Optional[str] = field(
@@ -277,11 +259,9 @@ class EvalConfig:
     output_dir: Optional[str] = field(
         default=None, metadata={"help": "evaluation folder (default: <checkpoint or output_dir>/eval-<split>)"}
     )
+    contact_sheet_images: int = field(default=16, metadata={"help": "images drawn on contact_sheet.png (0: none)"})
     use_java: Optional[bool] = field(
         default=None, metadata={"help": "Java PTB tokenizer + METEOR: null detects Java, false never, true requires it"}
-    )
-    contact_sheet_images: int = field(
-        default=16, metadata={"help": "images drawn on contact_sheet.png (0: no contact sheet)"}
     )
 
     def _check(self) -> list[str]:
@@ -338,10 +318,8 @@ class RelevanceConfig:
             errors.append(f"hidden_size: must be a positive integer, got {self.hidden_size}")
         if self.temperature <= 0:
             errors.append(f"temperature: must be positive, got {self.temperature}")
-        if self.exploration < 0:
-            errors.append(f"exploration: must be >= 0, got {self.exploration}")
-        if self.start_step < 0:
-            errors.append(f"start_step: must be >= 0, got {self.start_step}")
+        non_negative = {"exploration": self.exploration, "start_step": self.start_step}
+        errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         return errors
 
 
@@ -379,34 +357,6 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b.c=value` into its key path and YAML-parsed value.
-
-    Raises:
-        RecipeError: the text has no `=` or an empty key.
-    """
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override '{text}': expected key.path=value, e.g. train.lr=1e-4")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each `a.b=value` override in the plain recipe mapping `raw` (in place) and return it."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override '{text}': {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
-            node = child
-        node[keys[-1]] = value
-    return raw
-
-
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     """Validate plain data into a `Recipe`.
 
@@ -419,36 +369,6 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise RecipeError(f"{source}: {len(errors)} problem(s) in the recipe:\n{lines}")
     return recipe
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    """`override` on top of `base`; mappings merge key by key, anything else replaces."""
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = (
-            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
-
-
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file, merged on top of the file named by its `base:` key (relative to it)."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found" + (f" (named by base: in {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise RecipeError(f"{path}: base: recipes form a cycle: {' -> '.join(str(p) for p in chain)}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, components, data, train...)")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: base: expected the path of another recipe, got {base!r}")
-    return _deep_merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), raw)
 
 
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
@@ -465,7 +385,7 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     Raises:
         RecipeError: the file is missing or not YAML, or the recipe has problems (all listed).
     """
-    raw = _read_yaml(Path(path))
+    raw = read_recipe_file(Path(path))
     return recipe_from_dict(apply_overrides(raw, list(overrides or [])), source=str(path))
 
 

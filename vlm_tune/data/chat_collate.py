@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import torch
 
+from vlm_tune.constants import IGNORE_INDEX
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.data.collate import (
-    IGNORE_INDEX,
     SEQUENCE_KEYS,
     CaptionEncoder,
     GenerateCollator,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from vlm_tune.constants import IGNORE_INDEX
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.data.families import caption_style, chat_messages, image_budget, image_placeholder, special_token_ids
 from vlm_tune.data.images import fit_within
@@ -22,7 +23,6 @@ from vlm_tune.recipe import DataConfig
 
 logger = logging.getLogger("vlm_tune.data")
 
-IGNORE_INDEX = -100
 # Processor outputs laid out [batch, sequence, ...]: cut together when a sequence is shortened.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
 UNREADABLE = "image could not be read (named in the log)"

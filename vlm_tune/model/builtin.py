@@ -86,6 +86,7 @@ def fetch_smollm2_gguf() -> Path:
     return target
 
 
+# over 60 lines: one model's build read top to bottom (tokenizer, processor, config, weights), no step reused
 def _build_smolvlm_demo(folder: Path) -> None:
     """Write the demo model and its processor into `folder`."""
     import torch

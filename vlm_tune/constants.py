@@ -1,0 +1,4 @@
+"""Values that several packages must agree on (data collation, relevance, the train loop, the builder)."""
+
+IGNORE_INDEX = -100  # label of positions without loss (the transformers convention)
+RELEVANCE_GROUP = "relevance"  # name of the relevance modules' report row and AdamW parameter group

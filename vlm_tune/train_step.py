@@ -1,0 +1,225 @@
+"""One optimizer step of the training loop, and the work after it: log, eval loss, caption metrics, save.
+
+The loss of a step is normalised by its label tokens over all micro-batches and processes, so a micro-batch
+with more caption tokens weighs more, as if the step were one large batch. After a step, `after_step` runs
+each of the other jobs when its cadence (`due`) falls on the step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
+from vlm_tune.errors import VlmTuneError
+from vlm_tune.recipe import Recipe
+from vlm_tune.run_log import RunLog
+
+
+class TrainingError(VlmTuneError):
+    """Training cannot start as set up (the message names the recipe key and the fix)."""
+
+
+class TrainingStopped(TrainingError):
+    """Training had to stop (for instance the loss became NaN); exit code 1, since the input may be fine."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainingData:
+    """The training set and loader, and the evaluation set and loader (None without data.eval)."""
+
+    train_set: Any
+    sampler: Any
+    train_loader: Any
+    eval_set: Any = None
+    eval_loader: Any = None
+
+
+@dataclass
+class TrainingPosition:
+    """Where training stands: optimizer steps done, the epoch, and micro-batches done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+
+@dataclass
+class TrainingRun:
+    """What the loop and its after-step work share."""
+
+    recipe: Recipe
+    accelerator: Any
+    run_dir: Path
+    model: Any
+    processor: Any
+    data: TrainingData
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    log: RunLog
+    progress: Any
+    summary: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # bad samples met in batches
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def every_process_has_data(group: list[dict], accelerator) -> bool:
+    """True when every process has a usable micro-batch for this step (all processes skip a step alike)."""
+    if accelerator.num_processes == 1:
+        return bool(group)
+    flag = torch.tensor(int(bool(group)), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "min").item())
+
+
+def label_tokens(batch: dict) -> int:
+    """Tokens that carry loss: labels other than IGNORE_INDEX, after the one-token shift."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+def clip_gradients(optimizer, accelerator, max_grad_norm: float) -> Optional[dict[str, float]]:
+    """Clip the model's gradients and the relevance modules' gradients, each to `max_grad_norm`.
+
+    Clipped apart so that spiky gradients of the small scoring modules never scale down the model's update.
+
+    Returns:
+        {"model": norm before clipping, "relevance": ...} (relevance only when it trains), or None if disabled.
+    """
+    if max_grad_norm <= 0:
+        return None
+    parts = {
+        "model": [p for g in optimizer.param_groups if g.get("name") != RELEVANCE_GROUP for p in g["params"]],
+        RELEVANCE_GROUP: [p for g in optimizer.param_groups if g.get("name") == RELEVANCE_GROUP for p in g["params"]],
+    }
+    return {part: float(accelerator.clip_grad_norm_(params, max_grad_norm)) for part, params in parts.items() if params}
+
+
+def train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_grad_norm: float, step: int):
+    """Forward/backward over the micro-batches of one optimizer step, then clip and step.
+
+    Returns:
+        (loss per label token over all processes, gradient norms (see clip_gradients) or None,
+        input tokens over all processes)
+    Raises:
+        TrainingStopped: the loss is NaN or infinite (checked on every process alike, before the update).
+    """
+    tokens_per_batch = [label_tokens(batch) for batch in group]
+    input_tokens = sum(int(batch["attention_mask"].sum()) for batch in group)
+    counts = accelerator.reduce(torch.tensor([sum(tokens_per_batch), input_tokens], device=accelerator.device), "sum")
+    step_label_tokens, step_input_tokens = (int(c) for c in counts.tolist())
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for index, (batch, n_tokens) in enumerate(zip(group, tokens_per_batch)):
+        last = index == len(group) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = model(**batch).loss  # mean over this micro-batch's label tokens
+            # DDP averages gradients over processes, hence the factor num_processes.
+            accelerator.backward(loss * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
+        loss_sum += loss.detach().float() * n_tokens
+    step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
+    if not math.isfinite(step_loss):
+        raise TrainingStopped(f"the loss became {step_loss} at step {step + 1}")
+    grad_norm = clip_gradients(optimizer, accelerator, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, step_input_tokens
+
+
+@torch.no_grad()
+def eval_loss(model, loader, accelerator) -> float:
+    """Mean loss per label token over the evaluation set."""
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device)  # [loss sum, label tokens]
+    for batch in loader:
+        batch.pop("skipped", None)
+        if "input_ids" not in batch:  # every sample of it was bad
+            continue
+        n_tokens = label_tokens(batch)
+        totals += torch.tensor([model(**batch).loss.item() * n_tokens, n_tokens], device=accelerator.device)
+    model.train()
+    totals = accelerator.reduce(totals, "sum")
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> dict[str, float]:
+    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples (main process)."""
+    from torch.utils.data import Subset
+
+    from vlm_tune.captioning import generate_captions, score_predictions
+
+    subset = Subset(eval_set, range(min(recipe.eval.generate_limit, len(eval_set))))
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    with accelerator.autocast():
+        rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
+    unwrapped.train()
+    return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
+
+
+def step_record(position: TrainingPosition, loss: float, grad_norm, optimizer, tokens_per_s: float) -> dict:
+    """The log line of one optimizer step (all processes)."""
+    record = {
+        "step": position.step,
+        "epoch": position.epoch,
+        "loss": loss,
+        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        "tokens_per_s": tokens_per_s,
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm["model"]
+        if RELEVANCE_GROUP in grad_norm:
+            record["relevance_grad_norm"] = grad_norm[RELEVANCE_GROUP]
+    return record
+
+
+def due(every: int, step: int, total: int) -> bool:
+    """True when a cadence of `every` steps falls on `step`; the last step (`total`) always counts.
+
+    `every` 0 means only at the last step.
+    """
+    return step == total or (every > 0 and step % every == 0)
+
+
+def save_run(run: TrainingRun, position: TrainingPosition) -> None:
+    """Write `checkpoint-STEP` of the run (main process; every process waits for it)."""
+    from vlm_tune.checkpoint import save_checkpoint
+
+    if run.main:
+        save_checkpoint(
+            run.run_dir,
+            position.step,
+            run.accelerator.unwrap_model(run.model),
+            {"epoch": position.epoch, "batches_done": position.batches_done},
+            run.optimizer,
+            run.scheduler,
+            keep=run.recipe.train.keep_checkpoints,
+        )
+    run.accelerator.wait_for_everyone()
+
+
+def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> None:
+    """Log, compute the eval loss and caption metrics, and save, each when its cadence falls on this step."""
+    cfg, step, total = run.recipe.train, position.step, run.total_steps
+    if due(cfg.log_every, step, total):
+        run.log.write(record)
+    if run.data.eval_loader is not None and due(cfg.eval_every, step, total):
+        run.summary["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
+        run.log.write({"step": step, "eval_loss": run.summary["eval_loss"]})
+        run.progress.write(f"step {step}: eval loss {run.summary['eval_loss']:.4f}")
+    captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
+    if captions_due and run.data.eval_set is not None and run.main:
+        scores = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
+        run.log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+        run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if due(cfg.save_every, step, total):
+        save_run(run, position)
