@@ -86,14 +86,14 @@ if sys.argv[3] == "no-dummy":  # the collective mismatch this guards against (a 
     import vlm_tune.data.keepalive as keepalive
     keepalive.vision_side_trains = lambda recipe: False
 seen = {}
-real_step = train_module._train_step
+real_step = train_module.train_step
 
 def recording_step(model, group, *args, **kwargs):
     seen["model"] = model
     seen.setdefault("rows", []).append(group[0]["input_ids"].shape[0])  # 2: text-only sample + dummy image
     return real_step(model, group, *args, **kwargs)
 
-train_module._train_step = recording_step
+train_module.train_step = recording_step
 train_module.train(load_recipe(sys.argv[1]))
 rank = torch.distributed.get_rank()
 params = {n: p.detach().cpu().contiguous() for n, p in seen["model"].named_parameters() if p.requires_grad}
