@@ -208,3 +208,19 @@ def test_recipe_fields_of_conversation_data_are_checked():
     message = str(error.value)
     assert "data.train_on: expected one of 'all', 'last', got 'first'" in message
     assert "data.eval.task: vqa scores answers to questions, which format coco cannot hold" in message
+
+
+def test_hf_table_with_image_paths_or_no_images_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    make_image(tmp_path / "set" / "pics" / "a.png", COLOURS[2])
+    turns = [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+    ]
+    datasets.Dataset.from_dict({"messages": [turns], "images": [["pics/a.png"]]}).save_to_disk(tmp_path / "set")
+    item = build_dataset(source(tmp_path / "set", "hf"), data_cfg(), train=True)[0]
+    assert near(item["images"][0].getpixel((1, 1)), COLOURS[2])  # paths relative to the dataset folder
+    text_only = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    datasets.Dataset.from_dict({"chat": text_only}).save_to_disk(tmp_path / "text")
+    dataset = build_dataset(source(tmp_path / "text", "hf", messages_column="chat"), data_cfg(), train=True)
+    assert dataset[0]["images"] == [] and dataset[0]["messages"][1]["content"] == [_text("hello")]
