@@ -108,7 +108,9 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
 def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
     from torch.utils.data import DataLoader
 
-    from vlm_tune.data import TrainCollator, build_dataset, build_train_sampler
+    from vlm_tune.data import build_dataset, build_train_sampler
+    from vlm_tune.data.chat_collate import train_collator_for
+    from vlm_tune.data.keepalive import vision_side_trains
 
     if recipe.data.train is None:
         raise TrainingError(
@@ -116,17 +118,16 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    collator = TrainCollator(processor, recipe.data)
-    loader_args = {
-        "batch_size": recipe.train.batch_size,
-        "collate_fn": collator,
-        "num_workers": recipe.data.num_workers,
-    }
-    train_loader = accelerator.prepare_data_loader(DataLoader(train_set, sampler=sampler, **loader_args))
-    data = TrainingData(train_set, sampler, train_loader)
+    busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
+    collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
+    loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
+    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, **loader_args)
+    data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
     if recipe.data.eval is not None:
         data.eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        data.eval_loader = accelerator.prepare_data_loader(DataLoader(data.eval_set, shuffle=False, **loader_args))
+        collator = train_collator_for(data.eval_set, processor, recipe.data)  # no backward: no DDP wait
+        eval_loader = DataLoader(data.eval_set, shuffle=False, collate_fn=collator, **loader_args)
+        data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
 
 
