@@ -133,7 +133,9 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
 def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+    from vlm_tune.model.speed import build_optimizer
+
+    optimizer = build_optimizer(groups, recipe.speed, recipe.train.lr)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps
