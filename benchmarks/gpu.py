@@ -63,7 +63,7 @@ def synthetic_specs(models: list[str], batch_size: int) -> list[dict]:
                     **common,
                     "system": "vlm_tune",
                     "checkpointing": True,
-                    "variants": _variants(True),
+                    "variants": _variants(True) if setting == "qlora" else [_variants(True)[0], _variants(False)[0]],
                     "count_flops": True,
                 }
             )
