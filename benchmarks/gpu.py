@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 3}
+FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
 PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth")
 PLAIN = {"loss": "model", "padding_tiles": "keep", "optimizer": "adamw"}  # the vlm_tune model path
