@@ -12,9 +12,10 @@ process of their loaded model. Plans:
   proofs     vlm_tune under torch.cuda.set_per_process_memory_fraction (consumer-GPU memory sizes)
   unsloth    Unsloth's FastVisionModel next to vlm_tune (needs the unsloth wheels)
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
-of one batch counted by torch.utils.flop_counter on vlm_tune's path (which skips only work that cannot change the
-result), vision side once (frozen: forward only), language side twice (forward + input-gradient backward;
-frozen weights get no weight gradient, LoRA's own FLOPs are left out). Recomputation is not useful work.
+of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
+4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
+language side twice (forward + input-gradient backward; frozen weights get no weight gradient, LoRA's own
+products are left out). Recomputation is not useful work. benchmarks/gpu_flops.py counts the same on a CPU.
 """
 
 from __future__ import annotations

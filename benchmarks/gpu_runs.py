@@ -120,22 +120,61 @@ def time_steps(step, batches: list[dict], steps: dict) -> dict:
     }
 
 
-def count_flops(model, batch: dict, vision_modules: list) -> dict:
-    """Forward FLOPs (torch.utils.flop_counter) of one batch, and the vision side's share of them."""
-    from torch.utils.flop_counter import FlopCounterMode
+def count_flops(model, batch: dict, cmap, forward_only: tuple = ("vision", "projector")) -> dict:
+    """Forward FLOPs of one batch by component: Linear layers (4-bit ones too) as 2 x rows x in x out, every
+    other op (attention, convolutions, matrix products outside Linear layers) by torch's FLOP formulas.
 
-    counter = FlopCounterMode(display=False)
-    marks: list[int] = []
-    hooks = [m.register_forward_pre_hook(lambda *a: marks.append(counter.get_total_flops())) for m in vision_modules]
-    hooks += [m.register_forward_hook(lambda *a: marks.append(counter.get_total_flops())) for m in vision_modules]
-    with _autocast(), counter:  # with autograd on: the counter's module tracker needs it
-        model(**batch).loss.detach()
-    for hook in hooks:
-        hook.remove()
-    marks.sort()
-    vision = sum(end - start for start, end in zip(marks[0::2], marks[1::2]))
-    total = counter.get_total_flops()
-    return {"forward_flops": total, "vision_flops": vision, "useful_flops": vision + 2 * (total - vision)}
+    torch's own FlopCounterMode misses bitsandbytes' 4-bit matrix products (custom ops), hence this counter.
+    Returns forward FLOPs, the forward-only part (frozen vision side) and the useful FLOPs of a step.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    from vlm_tune.model.targeting import base_name
+
+    flops: dict[str, float] = {}
+    stack: list[tuple[str, bool]] = []  # (component, is a Linear layer) of the modules running, innermost last
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def add(amount: float) -> None:
+        component = next((c for c, _ in reversed(stack) if c), "other")
+        flops[component] = flops.get(component, 0.0) + amount
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in flop_registry and not (stack and stack[-1][1]):
+                add(flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out))
+            return out
+
+    def enter(module, args):
+        name = names.get(id(module), "")
+        linear = isinstance(module, torch.nn.Linear)
+        stack.append((cmap.component_of(base_name(name)) or "", linear))
+        if linear and "lora_" not in name:  # LoRA's own products are left out
+            add(2.0 * args[0].numel() * module.out_features)
+
+    def leave(module, args, output):
+        stack.pop()
+
+    hooks = []
+    for module in model.modules():
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with _autocast(), Ops():
+            model(**batch).loss.detach()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    once = sum(v for k, v in flops.items() if k in forward_only)
+    total = sum(flops.values())
+    return {
+        "forward_flops": total,
+        "forward_only_flops": once,
+        "useful_flops": once + 2 * (total - once),
+        "flops_by_component": flops,
+    }
 
 
 def profile_steps(step, batch: dict, path: str) -> None:
@@ -225,9 +264,9 @@ def run_vlm_tune(spec: dict) -> list[dict]:
         step = make_step(stepped, optimizer)
         result = time_steps(step, batches, steps)
         if spec.get("count_flops") and not results:
-            result.update(count_flops(stepped, batches[0], [base.get_submodule(m) for m in cmap.modules["vision"]]))
+            result.update(_guarded(count_flops, stepped, batches[0], cmap))
         if spec.get("profile") and not results:
-            profile_steps(step, batches[0], spec["profile"])
+            result.update(_guarded(profile_steps, step, batches[0], spec["profile"]) or {})
         results.append({**result, "variant": variant["name"], "weights_gib": weights_gib, **_batch_stats(batches)})
         patches.remove()
         del optimizer, step, stepped
@@ -235,6 +274,14 @@ def run_vlm_tune(spec: dict) -> list[dict]:
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
     return results
+
+
+def _guarded(function, *args) -> dict:
+    """A measurement that must not cost the timing already taken: its error becomes a field."""
+    try:
+        return function(*args) or {}
+    except Exception as error:  # noqa: BLE001 - reported in the results, the run goes on
+        return {f"{function.__name__}_error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
 def _batch_stats(batches: list[dict]) -> dict:
