@@ -238,6 +238,9 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, loss, grad_norm, run.optimizer, tokens_per_s)
+            record["train_seconds"] = train_seconds
+            if torch.cuda.is_available():
+                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             run.progress.update(1)
             lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
             run.progress.set_postfix(loss=f"{loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")
