@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 def count(layers: int, batch_size: int = 4) -> dict[str, float]:
     import torch
     import transformers as tf
+    from gpu_measure import count_flops
     from gpu_models import _processor, _qwen_config, synthetic_items
-    from gpu_runs import count_flops
 
     from vlm_tune.data import TrainCollator
     from vlm_tune.model.components import find_components

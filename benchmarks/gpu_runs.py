@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from gpu_measure import autocast, count_flops, profile_steps, sync, time_steps  # noqa: E402
+
 LORA = {"mode": "lora", "rank": 16, "alpha": 32.0, "targets": ["attention", "mlp"]}
 QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
 # The baseline's LoRA targets: the language model's attention and MLP (mllama: its cross-attention too).
@@ -83,131 +85,11 @@ def make_batches(spec: dict, processor, recipe, count: int) -> list[dict]:
     return batches
 
 
-# --- timing, memory, FLOPs, profile ---------------------------------------------------------------------
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_steps(step, batches: list[dict], steps: dict) -> dict:
-    """Warm-up steps, then windows of steps; seconds per step of each window, peak memory over all of them."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    losses = [step(batches[i % len(batches)]) for i in range(steps["warmup"])]
-    windows, done = [], steps["warmup"]
-    for _ in range(steps["windows"]):
-        _sync()
-        start = time.perf_counter()
-        for _ in range(steps["per_window"]):
-            losses.append(step(batches[done % len(batches)]))
-            done += 1
-        _sync()
-        windows.append((time.perf_counter() - start) / steps["per_window"])
-    cuda = torch.cuda.is_available()
-    return {
-        "step_s": statistics.median(windows),
-        "step_s_min": min(windows),
-        "step_s_max": max(windows),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "last_loss": float(losses[-1]),
-    }
-
-
-def count_flops(model, batch: dict, cmap, forward_only: tuple = ("vision", "projector")) -> dict:
-    """Forward FLOPs of one batch by component: Linear layers (4-bit ones too) as 2 x rows x in x out, every
-    other op (attention, convolutions, matrix products outside Linear layers) by torch's FLOP formulas.
-
-    torch's own FlopCounterMode misses bitsandbytes' 4-bit matrix products (custom ops), hence this counter.
-    Returns forward FLOPs, the forward-only part (frozen vision side) and the useful FLOPs of a step.
-    """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    from vlm_tune.model.targeting import base_name
-
-    flops: dict[str, float] = {}
-    stack: list[tuple[str, bool]] = []  # (component, is a Linear layer) of the modules running, innermost last
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def add(amount: float) -> None:
-        component = next((c for c, _ in reversed(stack) if c), "other")
-        flops[component] = flops.get(component, 0.0) + amount
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func._overloadpacket in flop_registry and not (stack and stack[-1][1]):
-                add(flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out))
-            return out
-
-    def enter(module, args):
-        name = names.get(id(module), "")
-        linear = isinstance(module, torch.nn.Linear)
-        stack.append((cmap.component_of(base_name(name)) or "", linear))
-        if linear and "lora_" not in name:  # LoRA's own products are left out
-            add(2.0 * args[0].numel() * module.out_features)
-
-    def leave(module, args, output):
-        stack.pop()
-
-    hooks = []
-    for module in model.modules():
-        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    try:
-        with _autocast(), Ops():
-            model(**batch).loss.detach()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    once = sum(v for k, v in flops.items() if k in forward_only)
-    total = sum(flops.values())
-    return {
-        "forward_flops": total,
-        "forward_only_flops": once,
-        "useful_flops": once + 2 * (total - once),
-        "flops_by_component": flops,
-    }
-
-
-def profile_steps(step, batch: dict, path: str) -> None:
-    """torch.profiler over 3 steps: the top kernels by GPU time and the GPU-busy share, written to `path`."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync()
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step(batch)
-        _sync()
-    wall = time.perf_counter() - start
-    events = prof.key_averages()
-    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    kernels = sum(getattr(e, key) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    header = f"wall {wall:.3f} s for 3 steps; GPU kernel time {kernels:.3f} s ({100 * kernels / wall:.0f}% busy)\n"
-    Path(path).write_text(header + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
-
-
-def _autocast():
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16)
-
-
 def make_step(model, optimizer):
     """One training step: bf16 autocast forward, backward, optimizer step."""
 
     def step(batch):
-        with _autocast():
+        with autocast():
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -293,14 +175,31 @@ def _batch_stats(batches: list[dict]) -> dict:
     }
 
 
+def time_peft_model(spec: dict, model, name: str, weights_gib) -> list[dict]:
+    """Time a PEFT model of another system (AdamW over its trainable parameters) on the spec's batches."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vlm_tune.recipe import recipe_from_dict
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    processor = AutoProcessor.from_pretrained(spec["folder"])
+    steps = spec["steps"]
+    count = steps["warmup"] + steps["windows"] * steps["per_window"]
+    batches = make_batches(spec, processor, recipe_from_dict(recipe_dict(spec)), count)
+    vision_dtype = next(p for n, p in model.named_parameters() if "vision" in n or "visual" in n).dtype
+    batches = [_to_device(b, device, vision_dtype) for b in batches]
+    result = time_steps(make_step(model, optimizer), batches, steps)
+    return [{**result, "variant": name, "weights_gib": weights_gib, **_batch_stats(batches)}]
+
+
 def run_baseline(spec: dict) -> list[dict]:
     """The common recipe: bnb NF4 + double quant, prepare_model_for_kbit_training, non-reentrant checkpointing,
     LoRA r16 / alpha 32 / dropout 0.05 on the language model's attention and MLP, AdamW, bf16 autocast."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-
-    from vlm_tune.recipe import recipe_from_dict
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0} if device == "cuda" else None}
@@ -322,15 +221,7 @@ def run_baseline(spec: dict) -> list[dict]:
     targets = rf".*{TEXT_MODEL[spec['model']]}.*\.({LEAVES})"
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    processor = AutoProcessor.from_pretrained(spec["folder"])
-    recipe = recipe_from_dict(recipe_dict(spec))
-    steps = spec["steps"]
-    batches = make_batches(spec, processor, recipe, steps["warmup"] + steps["windows"] * steps["per_window"])
-    vision_dtype = next(p for n, p in model.named_parameters() if "vision" in n or "visual" in n).dtype
-    batches = [_to_device(b, device, vision_dtype) for b in batches]
-    result = time_steps(make_step(model, optimizer), batches, steps)
-    return [{**result, "variant": "baseline", "weights_gib": weights_gib, **_batch_stats(batches)}]
+    return time_peft_model(spec, model, "baseline", weights_gib)
 
 
 def run_unsloth(spec: dict) -> list[dict]:
@@ -338,10 +229,7 @@ def run_unsloth(spec: dict) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import unsloth  # noqa: F401 - must come before transformers
-    from transformers import AutoProcessor
     from unsloth import FastVisionModel
-
-    from vlm_tune.recipe import recipe_from_dict
 
     model, _ = FastVisionModel.from_pretrained(
         spec["folder"],
@@ -362,15 +250,7 @@ def run_unsloth(spec: dict) -> list[dict]:
         bias="none",
     )
     FastVisionModel.for_training(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    processor = AutoProcessor.from_pretrained(spec["folder"])
-    recipe = recipe_from_dict(recipe_dict(spec))
-    steps = spec["steps"]
-    batches = make_batches(spec, processor, recipe, steps["warmup"] + steps["windows"] * steps["per_window"])
-    vision_dtype = next(p for n, p in model.named_parameters() if "vision" in n or "visual" in n).dtype
-    batches = [_to_device(b, "cuda", vision_dtype) for b in batches]
-    result = time_steps(make_step(model, optimizer), batches, steps)
-    return [{**result, "variant": "unsloth", "weights_gib": weights_gib, **_batch_stats(batches)}]
+    return time_peft_model(spec, model, "unsloth", weights_gib)
 
 
 def run_matmul(spec: dict) -> list[dict]:
@@ -380,10 +260,10 @@ def run_matmul(spec: dict) -> list[dict]:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     times = []
     for i in range(13):
-        _sync()
+        sync()
         start = time.perf_counter()
         a @ b
-        _sync()
+        sync()
         times.append(time.perf_counter() - start) if i >= 3 else None
     return [{"variant": "matmul", "tflops": 2 * 8192**3 / statistics.median(times) / 1e12}]
 
