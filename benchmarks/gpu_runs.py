@@ -106,24 +106,19 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     """vlm_tune's model path, one result per variant (variants share the loaded model)."""
     import torch
 
-    from vlm_tune.model.components import find_components
-    from vlm_tune.model.load import _enable_checkpointing, load_model
+    from vlm_tune.model.build import build_model
+    from vlm_tune.model.load import _enable_checkpointing
     from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers
-    from vlm_tune.model.targeting import apply_targeting, param_groups
     from vlm_tune.recipe import RelevanceConfig, recipe_from_dict
 
-    recipe = recipe_from_dict(recipe_dict(spec))
+    recipe = recipe_from_dict(recipe_dict(spec, {"loss": "model", "padding_tiles": "keep"}))  # levers per variant
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_model(recipe.model, recipe.components, verbose=False)
-    model, report = apply_targeting(model, recipe.components)
+    built = build_model(recipe, training=True)  # the builder the train command uses
+    model, processor, cmap, groups = built.model, built.processor, built.components, built.groups
     model.to(device) if spec["setting"] != "qlora" else None  # 4-bit weights are placed at load
     model.train()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     base = model.get_base_model()
-    cmap = find_components(base, recipe.components)
-    groups = param_groups(model, report, recipe.train.lr, 0.0)
-    for param in (p for g in groups for p in g["params"]):
-        param.data = param.data.float()  # fp32 masters, as the train loop keeps them under autocast
     steps = spec["steps"]
     batches = make_batches(spec, processor, recipe, steps["warmup"] + steps["windows"] * steps["per_window"])
     vision_dtype = next(base.get_submodule(cmap.modules["vision"][0]).parameters()).dtype

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vlm_tune.constants import IGNORE_INDEX
 
 
 def _chunk_loss_sum(head: nn.Module, softcap: Optional[float], hidden: torch.Tensor, targets: torch.Tensor):
