@@ -2,3 +2,4 @@
 
 IGNORE_INDEX = -100  # label of positions without loss (the transformers convention)
 RELEVANCE_GROUP = "relevance"  # name of the relevance modules' report row and AdamW parameter group
+COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")  # the parts of every VLM

@@ -13,10 +13,11 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from vlm_tune.constants import COMPONENT_NAMES  # noqa: F401 - re-exported: the components of every VLM
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
+from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
 
-COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
 CONVERSATION_FORMATS = ("llava", "messages", "hf")  # formats that can hold conversations (hf: a messages column)
 
 
@@ -331,6 +332,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "caption generation and metrics"})
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig, metadata={"help": "visual token selection"})
+    speed: SpeedConfig = field(default_factory=SpeedConfig, metadata={"help": "speed and memory levers"})
 
     def _check(self) -> list[str]:
         errors = [

@@ -134,7 +134,9 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
 def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+    from vlm_tune.model.speed import build_optimizer
+
+    optimizer = build_optimizer(groups, recipe.speed, recipe.train.lr)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps
@@ -237,6 +239,9 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, loss, grad_norm, run.optimizer, tokens_per_s)
+            record["train_seconds"] = train_seconds
+            if torch.cuda.is_available():
+                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             run.progress.update(1)
             lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
             run.progress.set_postfix(loss=f"{loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")
