@@ -58,11 +58,12 @@ def _to_device(value, device, dtype):
     return value.to(device)
 
 
-def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig) -> list[dict]:
+def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig, synced: bool) -> list[dict]:
     """Generate for one collated batch; one `{"image_id", ("question",) "prediction", "references"}` per sample."""
-    output = model.generate(
-        **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
-    )
+    settings = {"max_new_tokens": eval_cfg.max_new_tokens, "num_beams": eval_cfg.num_beams, "do_sample": False}
+    if synced:  # sharded weights: every process runs every generation step, until all have finished
+        settings["synced_gpus"] = True
+    output = model.generate(**inputs, **settings)
     sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
     texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
     questions = meta.get("questions") or [None] * len(texts)  # conversations: the question asked
@@ -78,7 +79,13 @@ def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalCon
 
 
 def generate_captions(
-    model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
+    model,
+    processor,
+    dataset,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    show_progress: bool = True,
+    synced: bool = False,
 ) -> list[dict]:
     """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches; for a conversation
     set, answer the last question of every sample instead.
@@ -91,6 +98,7 @@ def generate_captions(
         data_cfg: the `data` section (prompt, image size) for the generation collator.
         eval_cfg: batch size, number of beams, max new tokens, limit.
         show_progress: draw a tqdm progress bar.
+        synced: the model is sharded (FSDP) and every process calls this on the same samples.
     Returns:
         `[{"image_id", ("question",) "prediction", "references"}]`, without skipped samples (logged).
     """
@@ -129,7 +137,7 @@ def generate_captions(
                 for record in meta.get("skipped", []):
                     logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
                 inputs = {key: _to_device(value, device, dtype) for key, value in inputs.items()}
-                rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg)
+                rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg, synced)
     finally:
         model.train(was_training)
     if skipped:

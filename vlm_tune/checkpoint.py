@@ -55,24 +55,33 @@ def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
     return peft_model
 
 
-def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters that the PEFT adapter folder does not hold."""
+def _extra_trained_state(peft_model: torch.nn.Module, full: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Trainable parameters that the PEFT adapter folder does not hold (their values from `full` when given)."""
     return {
-        name: param.detach().contiguous().cpu()
+        name: (param if full is None else full[name]).detach().contiguous().cpu()
         for name, param in peft_model.named_parameters()
         if param.requires_grad and "lora_" not in name and ".modules_to_save." not in name
     }
 
 
-def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+def _save_weights(model: torch.nn.Module, folder: Path, full: Optional[dict] = None) -> None:
+    """Write the adapter, the other trained weights and the relevance modules; `full` (keyed as
+    `model.state_dict()`) holds their gathered values when the model is sharded."""
     peft_model = _peft_model(model)
-    peft_model.save_pretrained(folder / "adapter")
-    extra = _extra_trained_state(peft_model)
+    wrapper = _relevance_wrapper(model)
+    prefix = "model." if wrapper is not None else ""  # the PEFT model's keys inside the wrapper
+    peft_full = None if full is None else {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+    peft_model.save_pretrained(folder / "adapter", state_dict=peft_full)
+    extra = _extra_trained_state(peft_model, peft_full)
     if extra:
         save_file(extra, folder / "trained.safetensors")
-    wrapper = _relevance_wrapper(model)
     if wrapper is not None:
-        wrapper.save(folder)
+        relevance = (
+            None
+            if full is None
+            else {k.removeprefix("relevance."): v for k, v in full.items() if k.startswith("relevance.")}
+        )
+        wrapper.save(folder, relevance)
 
 
 def save_checkpoint(
@@ -83,6 +92,7 @@ def save_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     keep: int = 0,
+    full_state: Any = None,
 ) -> Path:
     """Write `checkpoint-STEP` atomically and prune old ones.
 
@@ -93,6 +103,8 @@ def save_checkpoint(
         state: JSON-serialisable training position (epoch, batches done in the epoch, losses...).
         optimizer, scheduler: saved with the RNG states for an exact resume.
         keep: newest complete checkpoints to keep (0: all).
+        full_state: under FSDP, the `distributed.FullState` gathered from every process: its full weights and
+            optimizer state are written instead of the model's and optimizer's shards (same layout).
     Returns:
         The checkpoint folder.
     """
@@ -100,9 +112,13 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
     try:
-        _save_weights(model, staging)
+        _save_weights(model, staging, full_state.weights if full_state is not None else None)
+        if full_state is not None:
+            optimizer_state = full_state.optimizer
+        else:
+            optimizer_state = optimizer.state_dict() if optimizer is not None else None
         training_state = {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": {
                 "python": random.getstate(),

@@ -22,6 +22,7 @@ from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_trainin
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
+from vlm_tune.distributed import fsdp_plugin, is_sharded, prepare, state_loader
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
@@ -51,7 +52,8 @@ def _setup_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    # fsdp_plugin: None unless launched with an FSDP accelerate config (recipes/accelerate/fsdp.yaml)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, fsdp_plugin=fsdp_plugin(recipe))
     set_seed(recipe.train.seed)
     return accelerator
 
@@ -118,14 +120,18 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
+    # Text-only batches get a dummy image: DDP waits for the gradients of a vision side that trains; FSDP
+    # gathers the vision layers' weights in every forward, frozen or not, and every process must take part.
+    sharded = is_sharded(accelerator)
+    busy = accelerator.num_processes > 1 and (vision_side_trains(recipe) or sharded)
     collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
     loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
     train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, **loader_args)
     data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
     if recipe.data.eval is not None:
         data.eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        collator = train_collator_for(data.eval_set, processor, recipe.data)  # no backward: no DDP wait
+        busy = accelerator.num_processes > 1 and sharded  # no backward: no DDP wait, but FSDP gathers
+        collator = train_collator_for(data.eval_set, processor, recipe.data, keep_vision_busy=busy)
         eval_loader = DataLoader(data.eval_set, shuffle=False, collate_fn=collator, **loader_args)
         data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
@@ -157,7 +163,7 @@ def _resume(checkpoint: Optional[Path], optimizer, scheduler) -> TrainingPositio
     RNG states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
-    state = load_training_state(checkpoint, optimizer, scheduler)
+    state = load_training_state(checkpoint, state_loader(optimizer), scheduler)  # FSDP: cut to the shards
     logger.info("Resumed from %s (step %d)", checkpoint, state["step"])
     return TrainingPosition(state["step"], state["epoch"], state["batches_done"])
 
@@ -174,7 +180,7 @@ def _setup(recipe: Recipe) -> tuple[TrainingRun, TrainingPosition]:
     cfg = recipe.train
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
     optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
-    model, optimizer = accelerator.prepare(built.model, optimizer)
+    model, optimizer = prepare(accelerator, built.model, optimizer)  # DDP, or FSDP with the model's layers as units
     position = _resume(resume_from, optimizer, scheduler)
     main = accelerator.is_main_process
     progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -267,7 +273,8 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
     """
     run, position = _setup(recipe)
     cfg, data, main = recipe.train, run.data, run.main
-    if cfg.eval_generate_every and position.step == 0 and data.eval_set is not None and main:
+    generates = main or is_sharded(run.accelerator)  # FSDP: every process takes part in generation
+    if cfg.eval_generate_every and position.step == 0 and data.eval_set is not None and generates:
         scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
         run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})  # before training
     run.model.train()

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
+from vlm_tune.distributed import is_sharded
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.recipe import Recipe
 from vlm_tune.run_log import RunLog
@@ -142,8 +143,8 @@ def eval_loss(model, loader, accelerator) -> float:
     totals = torch.zeros(2, device=accelerator.device)  # [loss sum, label tokens]
     for batch in loader:
         batch.pop("skipped", None)
-        if "input_ids" not in batch:  # every sample of it was bad
-            continue
+        if not every_process_has_data([batch] if "input_ids" in batch else [], accelerator):
+            continue  # every sample of it was bad (on some process: under FSDP all forward together)
         n_tokens = label_tokens(batch)
         totals += torch.tensor([model(**batch).loss.item() * n_tokens, n_tokens], device=accelerator.device)
     model.train()
@@ -152,7 +153,11 @@ def eval_loss(model, loader, accelerator) -> float:
 
 
 def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> dict[str, float]:
-    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples (main process)."""
+    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples.
+
+    Runs on the main process; under FSDP on every process (each generation step gathers the weights), the main
+    one scoring. Returns the scores ({} on the other processes).
+    """
     from torch.utils.data import Subset
 
     from vlm_tune.captioning import generate_captions, score_predictions
@@ -160,9 +165,14 @@ def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> 
     subset = Subset(eval_set, range(min(recipe.eval.generate_limit, len(eval_set))))
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
+    sharded = is_sharded(accelerator)
     with accelerator.autocast():
-        rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
+        rows = generate_captions(
+            unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False, synced=sharded
+        )
     unwrapped.train()
+    if not accelerator.is_main_process:
+        return {}
     return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
 
 
@@ -191,18 +201,23 @@ def due(every: int, step: int, total: int) -> bool:
 
 
 def save_run(run: TrainingRun, position: TrainingPosition) -> None:
-    """Write `checkpoint-STEP` of the run (main process; every process waits for it)."""
+    """Write `checkpoint-STEP` of the run (main process; every process waits for it, and under FSDP first
+    gathers the full weights and optimizer state with the others)."""
     from vlm_tune.checkpoint import save_checkpoint
+    from vlm_tune.distributed import gather_full_state
 
+    model = run.accelerator.unwrap_model(run.model)
+    full_state = gather_full_state(run.accelerator, model, run.optimizer)  # None unless FSDP
     if run.main:
         save_checkpoint(
             run.run_dir,
             position.step,
-            run.accelerator.unwrap_model(run.model),
+            model,
             {"epoch": position.epoch, "batches_done": position.batches_done},
             run.optimizer,
             run.scheduler,
             keep=run.recipe.train.keep_checkpoints,
+            full_state=full_state,
         )
     run.accelerator.wait_for_everyone()
 
@@ -217,9 +232,11 @@ def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> No
         run.log.write({"step": step, "eval_loss": run.summary["eval_loss"]})
         run.progress.write(f"step {step}: eval loss {run.summary['eval_loss']:.4f}")
     captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
-    if captions_due and run.data.eval_set is not None and run.main:
+    generates = run.main or is_sharded(run.accelerator)  # FSDP: every process takes part in generation
+    if captions_due and run.data.eval_set is not None and generates:
         scores = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
-        run.log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
-        run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if run.main:
+            run.log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+            run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if due(cfg.save_every, step, total):
         save_run(run, position)

@@ -145,12 +145,17 @@ def bnb_config(quant: QuantizationConfig, cmap: ComponentMap, heads: list[str]):
         ) from None
     from transformers import BitsAndBytesConfig
 
+    from vlm_tune.distributed import fsdp_requested
+
     keep = [m for comp in quant.keep_16bit for m in cmap.modules.get(comp, [])] + heads
+    # FSDP shards floating-point tensors only: packed 4-bit weights are then stored as the compute dtype
+    storage = {"bnb_4bit_quant_storage": DTYPES[quant.compute_dtype]} if fsdp_requested() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        **storage,
         # anchored at a module boundary: transformers matches these as regex prefixes
         llm_int8_skip_modules=[re.escape(name) + r"(?:\.|$)" for name in keep],
     )
@@ -248,8 +253,12 @@ def ensure_pad_token(processor) -> None:
 
 
 def _device_map(quantized: bool):
+    from vlm_tune.distributed import fsdp_requested
+
     if not quantized or not torch.cuda.is_available():
         return None  # 16-bit weights load on CPU; the training loop moves them
+    if fsdp_requested():  # no placement hooks: FSDP places the shards (transformers loads on the current GPU)
+        return None
     return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}  # 4-bit: place at load
 
 

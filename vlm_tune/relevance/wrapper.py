@@ -178,9 +178,13 @@ class RelevanceWrapper(nn.Module):
         output.sequences = full
         return output
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> Path:
         """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
 
+        Args:
+            folder: where to write them.
+            state: their weights gathered from a sharded (FSDP) model, keyed as `relevance.state_dict()`;
+                None reads them from the modules.
         Returns:
             The weights file.
         """
@@ -188,7 +192,8 @@ class RelevanceWrapper(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {key: tensor.detach().contiguous().cpu() for key, tensor in self.relevance.state_dict().items()}
+        state = self.relevance.state_dict() if state is None else state
+        state = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
         save_file(state, str(folder / RELEVANCE_FILE))
         (folder / RELEVANCE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.settings), indent=2))
         return folder / RELEVANCE_FILE
