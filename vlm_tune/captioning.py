@@ -125,7 +125,7 @@ def generate_captions(
     try:
         with (
             tqdm(total=count, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as progress,
-            torch.inference_mode(),
+            torch.no_grad() if synced else torch.inference_mode(),  # FSDP reuses its gather buffers in training
         ):
             for collated, n_items, n_usable in loader:
                 progress.update(n_items)

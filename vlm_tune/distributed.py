@@ -93,18 +93,21 @@ def layer_classes(model: nn.Module) -> list[str]:
     """Class names of the modules that become FSDP units of their own: the model's repeated layers.
 
     Those are the layers transformers can checkpoint one by one (decoder, vision encoder and cross-attention
-    layers of every family), else the model's `_no_split_modules`; and the relevance modules, which compute
-    in fp32 outside the language model.
+    layers), and the model's `_no_split_modules` outside them (mllama's vision layers are not checkpointed
+    layer by layer); and the relevance modules, which compute in fp32 outside the language model.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    names = dict.fromkeys(type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
-    if not names:
-        present = {type(m).__name__ for m in model.modules()}
-        for module in model.modules():
-            for name in getattr(module, "_no_split_modules", None) or []:
-                if name in present:
-                    names[name] = None
+    names: dict[str, None] = {}
+    no_split = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
+    layers: list[str] = []  # qualified names of the checkpointable layers
+    for name, module in model.named_modules():
+        inside = any(name.startswith(layer + ".") for layer in layers)
+        if isinstance(module, GradientCheckpointingLayer):
+            layers.append(name)
+            names[type(module).__name__] = None
+        elif type(module).__name__ in no_split and not inside:
+            names[type(module).__name__] = None
     relevance = getattr(model, "relevance", None)
     if relevance is not None and any(True for _ in relevance.parameters()):
         names[type(relevance).__name__] = None
@@ -130,6 +133,14 @@ def prepare(accelerator, model: nn.Module, optimizer):
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     register_fsdp_forward_method(model, "generate")  # caption metrics: generate gathers the root's weights too
+    if accelerator.native_amp:  # accelerate autocasts the forward of every model but an FSDP2 one
+        forward = model.forward
+
+        def autocast_forward(*args, **kwargs):
+            with accelerator.autocast():
+                return forward(*args, **kwargs)
+
+        model.forward = autocast_forward
     return model, optimizer
 
 

@@ -150,8 +150,9 @@ class Attending(nn.Module):
         noise on the relevance when choosing in training."""
         super().__init__()
         self.exploration = exploration
-        # Learned log inverse temperature of the gate (how far from the cut a token still gets gradient).
-        self.log_sharpness = nn.Parameter(torch.tensor(-math.log(temperature)))
+        # Learned log inverse temperature of the gate (how far from the cut a token still gets gradient);
+        # shape [1], not a scalar: FSDP shards no 0-dim parameter.
+        self.log_sharpness = nn.Parameter(torch.tensor([-math.log(temperature)]))
         # Learned marker that tells the language model "this token summarises dropped ones".
         self.summary_embedding = nn.Parameter(torch.zeros(feature_size)) if summary_token else None
 

@@ -214,7 +214,13 @@ class RelevanceWrapper(nn.Module):
                 f"{path}: no relevance weights; was this checkpoint trained with relevance.enabled?"
             )
         state = load_file(str(path), device=str(next(self.relevance.parameters(), torch.empty(0)).device))
-        problems = _misfits(state, self.relevance.state_dict())
+        expected = self.relevance.state_dict()
+        # Checkpoints before FSDP support saved attending.log_sharpness as a scalar; it is now shape [1].
+        state = {
+            key: value.reshape(1) if value.dim() == 0 and key in expected and expected[key].shape == (1,) else value
+            for key, value in state.items()
+        }
+        problems = _misfits(state, expected)
         if problems:
             raise RelevanceError(
                 f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
