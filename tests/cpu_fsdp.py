@@ -6,8 +6,12 @@
 accelerate 1.15 turns an FSDP config into FSDP only on GPU-like backends (accelerate/state.py); CPU processes
 become MULTI_CPU and the FSDP plugin is dropped. This entry point sets the state to FSDP once accelerate has
 built it. Everything else (accelerate's FSDP2 prepare, torch's fully_shard over gloo, vlm_tune) runs as on GPUs.
+With CPU_FSDP_SHARDS=file.json, the main process writes each parameter's full and local (shard) shape after
+`prepare`, so a test can see what was sharded.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +35,30 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = build_then_shard
 
 
+def record_shards(path: str) -> None:
+    """After `vlm_tune.distributed.prepare`, write {name: [full shape, local shape, dtype]} (main process)."""
+    import vlm_tune.distributed as distributed
+    import vlm_tune.train as train_module
+
+    real_prepare = distributed.prepare
+
+    def prepare_and_record(accelerator, model, optimizer):
+        model, optimizer = real_prepare(accelerator, model, optimizer)
+        if accelerator.is_main_process:
+            shapes = {
+                name: [list(p.shape), list(p.to_local().shape if hasattr(p, "to_local") else p.shape), str(p.dtype)]
+                for name, p in model.named_parameters()
+            }
+            Path(path).write_text(json.dumps(shapes))
+        return model, optimizer
+
+    train_module.prepare = prepare_and_record
+
+
 if __name__ == "__main__":
     allow_fsdp_on_cpu()
+    if os.environ.get("CPU_FSDP_SHARDS"):
+        record_shards(os.environ["CPU_FSDP_SHARDS"])
     from vlm_tune.train import main
 
     sys.exit(main(sys.argv[1:]))

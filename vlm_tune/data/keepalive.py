@@ -3,8 +3,10 @@
 DDP all-reduces the gradient of every trainable parameter after each backward and waits until all of them
 have one. A micro-batch without an image leaves the vision encoder, projector, cross-attention layers (and
 relevance modules) out of the graph on that process, and the other processes wait forever (the known
-DDP/ZeRO hang). The conversation collator then adds `dummy_sample()`: one tiny image and a one-word exchange
-whose labels are all ignored, so the loss is unchanged and those parameters get a (zero) gradient.
+DDP/ZeRO hang). Under FSDP every layer gathers its weights from all processes when it runs, so a vision side
+that only some processes run hangs even when it is frozen. The conversation collator then adds
+`dummy_sample()`: one tiny image and a one-word exchange whose labels are all ignored, so the loss is unchanged,
+those parameters get a (zero) gradient and every process runs the vision side (vlm_tune/train.py decides when).
 """
 
 from __future__ import annotations
