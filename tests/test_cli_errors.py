@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class BadInput:
-    """One mistake: `python -m MODULE ARGS` (run in `cwd`, default the repository root) must say `says`."""
+    """One mistake: `python -m MODULE ARGS` (run in `cwd`, default the repository root, with `env` added to
+    the environment) must say `says`."""
 
     name: str
     module: str
     args: Callable[[dict], list[str]]
     says: str
     cwd: Callable[[dict], Path] = lambda files: ROOT
+    env: tuple[tuple[str, str], ...] = ()
 
 
 BAD_INPUTS = [
@@ -67,6 +69,13 @@ BAD_INPUTS = [
     ),
     BadInput(  # fails after the tiny model loads
         "train: no training set", "vlm_tune.train", lambda f: [f["recipe"], "data.train=null"], "data.train is not set"
+    ),
+    BadInput(  # what `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets
+        "train: FSDP with the paged 8-bit optimizer",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "speed.optimizer=paged_adamw_8bit"],
+        "speed.optimizer: paged_adamw_8bit cannot step sharded parameters",
+        env=(("ACCELERATE_USE_FSDP", "true"), ("FSDP_VERSION", "2")),
     ),
     # python -m vlm_tune.evaluate
     BadInput("evaluate: nothing to do", "vlm_tune.evaluate", lambda f: [], "give a recipe"),
@@ -154,7 +163,7 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 
 def _run(bad: BadInput, files: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(bad.env)}
     return subprocess.run(
         [sys.executable, "-m", bad.module, *bad.args(files)],
         capture_output=True,

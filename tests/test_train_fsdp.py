@@ -282,3 +282,24 @@ def test_accelerate_configs_are_read_by_accelerate(config):
     assert str(loaded.distributed_type).split(".")[-1] == expected
     if expected == "FSDP":
         assert loaded.fsdp_config["fsdp_version"] == 2 and not loaded.fsdp_config["fsdp_activation_checkpointing"]
+
+
+def _agree_on_data(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE="2", ACCELERATE_USE_CPU="1")
+    from accelerate import Accelerator
+
+    from vlm_tune.train_step import every_process_has_data
+
+    accelerator = Accelerator(cpu=True)
+    results[rank] = [every_process_has_data(group, accelerator) for group in ([{}], [] if rank else [{}], [])]
+    accelerator.wait_for_everyone()
+
+
+def test_a_step_runs_only_when_every_process_has_a_micro_batch():
+    """All processes skip a step alike: under FSDP a process without a batch would leave the others waiting."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree_on_data, args=(_free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: [True, False, False], 1: [True, False, False]}

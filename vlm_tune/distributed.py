@@ -144,6 +144,14 @@ def prepare(accelerator, model: nn.Module, optimizer):
     return model, optimizer
 
 
+def peak_gpu_gib(accelerator) -> Optional[float]:
+    """The highest `torch.cuda.max_memory_allocated` of the processes, in GiB (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=accelerator.device)
+    return float(accelerator.reduce(peak, "max")) if accelerator.num_processes > 1 else float(peak)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: full state out, shards back in
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_trainin
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
-from vlm_tune.distributed import fsdp_plugin, is_sharded, prepare, state_loader
+from vlm_tune.distributed import fsdp_plugin, is_sharded, peak_gpu_gib, prepare, state_loader
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
@@ -247,7 +247,7 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             record = step_record(position, loss, grad_norm, run.optimizer, tokens_per_s)
             record["train_seconds"] = train_seconds
             if torch.cuda.is_available():
-                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                record["gpu_peak_gib"] = peak_gpu_gib(accelerator)  # the largest of the processes
             run.progress.update(1)
             lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
             run.progress.set_postfix(loss=f"{loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")

@@ -79,8 +79,8 @@ def every_process_has_data(group: list[dict], accelerator) -> bool:
     """True when every process has a usable micro-batch for this step (all processes skip a step alike)."""
     if accelerator.num_processes == 1:
         return bool(group)
-    flag = torch.tensor(int(bool(group)), device=accelerator.device)
-    return bool(accelerator.reduce(flag, "min").item())
+    empty = torch.tensor(int(not group), device=accelerator.device)
+    return not bool(accelerator.reduce(empty, "max").item())  # accelerate reduces by sum, mean or max only
 
 
 def label_tokens(batch: dict) -> int:

@@ -79,6 +79,26 @@ def test_save_and_load_restore_the_modules(tmp_path):
         fresh.load(tmp_path / "missing")
 
 
+def test_checkpoints_with_a_scalar_sharpness_still_load(tmp_path):
+    """Before FSDP support (which shards no 0-dim parameter) attending.log_sharpness was saved as a scalar."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = model_and_processor("llava")
+    cfg = RelevanceConfig(enabled=True, keep=0.25)
+    trained = attach_relevance(model, cfg, component_map(model))
+    with torch.no_grad():
+        trained.relevance.attending.log_sharpness.fill_(0.75)
+    trained.save(tmp_path)
+    state = load_file(tmp_path / RELEVANCE_FILE)
+    save_file(
+        {**state, "attending.log_sharpness": state["attending.log_sharpness"].reshape(())}, tmp_path / RELEVANCE_FILE
+    )
+    fresh = attach_relevance(model, cfg, component_map(model))
+    fresh.load(tmp_path)
+    assert fresh.relevance.attending.log_sharpness.shape == (1,)
+    assert fresh.relevance.attending.log_sharpness.item() == 0.75
+
+
 def test_unsupported_family_is_refused_with_the_supported_list():
     model, _ = model_and_processor("blip2")
     with pytest.raises(ValueError, match=r"'blip-2' is not supported; supported: .*idefics3.*qwen2_5_vl"):
