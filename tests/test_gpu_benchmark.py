@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
 from gpu_measure import count_flops  # noqa: E402
 from gpu_table import markdown_table  # noqa: E402
+from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
+from multi_gpu import markdown_table as multi_gpu_table  # noqa: E402
 from vlm_batches import make_batch  # noqa: E402
 
 from vlm_tune.model.components import find_components  # noqa: E402
@@ -67,3 +69,38 @@ def test_table_ratios_and_mfu_use_the_rows_of_the_same_workload():
     levers = next(line for line in table.splitlines() if "| levers |" in line)
     assert "| 8.00 | 800 | 10.0 | 20% | 4.00x | 0.50x |" in levers  # 80 TFLOP / 0.5 s / 800 TFLOP/s
     assert "error: out of memory" in table
+
+
+def test_multi_gpu_runs_share_one_global_batch():
+    specs = run_specs(["mllama"], ["bf16"], [1, 2, 4], batch_size=4)
+    assert [(s["mode"], s["gpus"], s["grad_accum"]) for s in specs] == [
+        ("one GPU", 1, 4),
+        ("ddp", 2, 2),
+        ("fsdp", 2, 2),
+        ("ddp", 4, 1),
+        ("fsdp", 4, 1),
+    ]
+    assert {s["gpus"] * s["grad_accum"] * s["batch_size"] for s in specs} == {16}
+
+
+def test_multi_gpu_efficiency_memory_and_loss_difference():
+    def log(seconds_per_step, loss_shift, peak):
+        return [
+            {"step": s, "loss": 2.0 - s / 10 + loss_shift, "train_seconds": s * seconds_per_step, "gpu_peak_gib": peak}
+            for s in range(1, 6)
+        ]
+
+    common = {"model": "mllama", "setting": "bf16", "batch_size": 4, "global_batch": 8}
+    rows = [
+        {**common, "mode": "one GPU", "gpus": 1, "grad_accum": 2, **measure(log(2.0, 0.0, 40.0), 2, 8)},
+        {**common, "mode": "ddp", "gpus": 2, "grad_accum": 1, **measure(log(1.25, 0.01, 40.0), 2, 8)},
+        {**common, "mode": "fsdp", "gpus": 2, "grad_accum": 1, **measure(log(1.0, -0.02, 20.0), 2, 8)},
+    ]
+    assert rows[0]["samples_s"] == pytest.approx(4.0)  # 3 steps x 8 samples in 6 s, after the 2 warm-up steps
+    single, ddp, fsdp = compare(rows)
+    assert ddp["efficiency"] == pytest.approx(0.8) and fsdp["efficiency"] == pytest.approx(1.0)
+    assert fsdp["peak_vs_ddp"] == pytest.approx(0.5) and "peak_vs_ddp" not in ddp
+    assert ddp["max_loss_diff"] == pytest.approx(0.01) and fsdp["max_loss_diff"] == pytest.approx(0.02)
+    table = multi_gpu_table(rows)
+    assert "| Llama-3.2-11B-Vision | bf16 | 2 | fsdp | 4 x 1 | 8.00 | 1.000 | 1.00 | 20.0 | 0.50 | 0.0200 |" in table
+    assert "| 5 | 1.5000 | 1.5100 | 1.4800 |" in loss_table(rows)

@@ -73,7 +73,8 @@ def launch(recipe: dict, tmp_path: Path, config: str = "fsdp.yaml", gpu: bool = 
     (CPU: through tests/cpu_fsdp.py, since accelerate keeps FSDP for GPU backends only)."""
     path = tmp_path / f"{Path(recipe['train']['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    paths = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps a carried site folder
+    environment = {**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1", **(env or {})}
     if not gpu:
         environment["ACCELERATE_USE_CPU"] = "1"
     entry = ["-m", "vlm_tune.train"] if gpu else [str(REPO / "tests" / "cpu_fsdp.py")]
