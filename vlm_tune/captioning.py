@@ -78,6 +78,23 @@ def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalCon
     ]
 
 
+def _loader(dataset, processor, data_cfg: DataConfig, eval_cfg: EvalConfig):
+    """(items to caption, a loader of their generation batches with item counts)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from vlm_tune.data.chat_collate import generate_collator_for
+
+    count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
+    loader = DataLoader(
+        Subset(dataset, range(count)),
+        batch_size=eval_cfg.batch_size,
+        shuffle=False,
+        num_workers=data_cfg.num_workers,
+        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
+    )
+    return count, loader
+
+
 def generate_captions(
     model,
     processor,
@@ -103,19 +120,9 @@ def generate_captions(
         `[{"image_id", ("question",) "prediction", "references"}]`, without skipped samples (logged).
     """
     import torch
-    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from vlm_tune.data.chat_collate import generate_collator_for
-
-    count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
-    loader = DataLoader(
-        Subset(dataset, range(count)),
-        batch_size=eval_cfg.batch_size,
-        shuffle=False,
-        num_workers=data_cfg.num_workers,
-        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
-    )
+    count, loader = _loader(dataset, processor, data_cfg, eval_cfg)
     tokenizer = getattr(processor, "tokenizer", processor)
     device, dtype = _device_and_dtype(model)
     was_training = model.training

@@ -220,7 +220,7 @@ class _ShardingLoader:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state = {}
         for index, entry in full["state"].items():
-            param = params[int(index)]
+            param = params[int(index)] if int(index) < len(params) else None  # else load_state_dict says why
             state[index] = {
                 key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
                 if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape
