@@ -156,26 +156,36 @@ SPECS = {
 # --- running ----------------------------------------------------------------------------------------------
 
 
-def run_process(spec: dict, log, timeout: int) -> list[dict]:
-    """One spec in its own process; its RESULT lines (or one error row)."""
+def run_logged(command: list[str], log, timeout: int, title: str, **kwargs) -> tuple[str, bool, float]:
+    """Run `command` (subprocess.run keyword arguments in `kwargs`); append its output's tail to `log`.
+
+    Returns:
+        (stdout + stderr, whether it failed or timed out, seconds).
+    """
     start = time.perf_counter()
     try:
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gpu_runs.py"), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
         output, failed = done.stdout + done.stderr, done.returncode != 0
     except subprocess.TimeoutExpired as error:
         output, failed = f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {timeout} s", True
     seconds = time.perf_counter() - start
-    log.write(f"\n===== {json.dumps(spec)} ({seconds:.0f} s)\n{output[-6000:]}\n")
+    log.write(f"\n===== {title} ({seconds:.0f} s)\n{output[-6000:]}\n")
     log.flush()
+    return output, failed, seconds
+
+
+def last_line(output: str) -> str:
+    """The last non-empty line of a process's output (its error, when it failed), cut to 200 characters."""
+    return ([line for line in output.strip().splitlines() if line.strip()][-1:] or ["no output"])[0][:200]
+
+
+def run_process(spec: dict, log, timeout: int) -> list[dict]:
+    """One spec in its own process; its RESULT lines (or one error row)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_runs.py"), json.dumps(spec)]
+    output, failed, seconds = run_logged(command, log, timeout, json.dumps(spec))
     rows = [json.loads(line[7:]) for line in output.splitlines() if line.startswith("RESULT ")]
     if failed and not rows:
-        last = [line for line in output.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        rows = [{"variant": spec["system"], "error": last[0][:200]}]
+        rows = [{"variant": spec["system"], "error": last_line(output)}]
     return [{**row, "process_s": seconds} for row in rows]
 
 

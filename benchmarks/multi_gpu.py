@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,6 +114,7 @@ def measure(records: list[dict], warmup: int, global_batch: int) -> dict:
 def run(spec: dict, args, folder: Path, captions: Path, log) -> dict:
     """One run in its own process(es); its measurements, or an error."""
     import yaml
+    from gpu import last_line, run_logged
 
     name = f"{spec['model']}-{spec['setting']}-{spec['mode'].replace(' ', '')}-{spec['gpus']}"
     run_dir = args.root / "multi" / name
@@ -123,20 +123,11 @@ def run(spec: dict, args, folder: Path, captions: Path, log) -> dict:
     (run_dir / "log.jsonl").unlink(missing_ok=True)
     recipe_path.write_text(yaml.safe_dump(_recipe(spec, args, folder, captions, run_dir)))
     line, env = command(spec, recipe_path, args.tiny)
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(line, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.run_timeout)
-        output, failed = done.stdout + done.stderr, done.returncode != 0
-    except subprocess.TimeoutExpired as error:
-        output, failed = f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {args.run_timeout} s", True
-    seconds = time.perf_counter() - start
-    log.write(f"\n===== {' '.join(line)} ({seconds:.0f} s)\n{output[-6000:]}\n")
-    log.flush()
+    output, failed, seconds = run_logged(line, log, args.run_timeout, " ".join(line), env=env, cwd=ROOT)
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()] if not failed else []
     row = {**spec, "tiny": args.tiny, "process_s": seconds, **measure(records, args.warmup, spec["global_batch"])}
     if failed or "samples_s" not in row:
-        last = [x for x in output.strip().splitlines() if x.strip()][-1:] or ["no output"]
-        row["error"] = last[0][:200]
+        row["error"] = last_line(output)
     return row
 
 
