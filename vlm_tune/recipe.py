@@ -208,6 +208,14 @@ class TrainConfig:
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "let a fresh run start in an output_dir holding checkpoints (they are pruned first)"},
+    )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "steps with a NaN/inf loss or gradient norm skipped (no update) before training stops"},
+    )
 
     def _check(self) -> list[str]:
         errors = []
@@ -226,6 +234,7 @@ class TrainConfig:
             "eval_every": self.eval_every,
             "eval_generate_every": self.eval_generate_every,
             "keep_checkpoints": self.keep_checkpoints,
+            "skip_nonfinite_steps": self.skip_nonfinite_steps,
             "max_grad_norm": self.max_grad_norm,
             "weight_decay": self.weight_decay,
         }

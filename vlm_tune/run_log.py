@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,11 +32,14 @@ class RunLog:
                 logger.info("tensorboard is not installed: logging to %s only", self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (it must hold `step`) to log.jsonl and tensorboard."""
+        """Append one record (it must hold `step`) to log.jsonl and tensorboard.
+
+        NaN and infinite numbers are written as null, so every line stays valid JSON.
+        """
         if not self.enabled:
             return
         with open(self.path, "a") as sink:
-            sink.write(json.dumps(record) + "\n")
+            sink.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -54,19 +58,50 @@ class RunLog:
         plot_losses(self.path, self.run_dir / "loss.png")
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 def read_log(path: str | Path) -> list[dict]:
-    """All records of a log.jsonl file (an empty list if it does not exist)."""
+    """All records of a log.jsonl file (an empty list if it does not exist).
+
+    A last line cut short (the process was killed while writing it) is left out.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # an empty line, or one a kill cut short
+    return records
+
+
+def trim_log(path: str | Path, last_step: int) -> None:
+    """Keep only the records of steps up to `last_step` (a resumed run logs the later steps again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [r for r in read_log(path) if isinstance(r, dict) and r.get("step", 0) <= last_step]
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    os.replace(staging, path)  # atomic: a kill leaves the old log or the trimmed one
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path) -> Optional[Path]:
     """Plot training and eval loss against the step into a PNG; None when there is nothing to plot."""
     records = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
     import matplotlib

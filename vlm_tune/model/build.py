@@ -77,7 +77,7 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     if training and recipe.train.mixed_precision != "no":
         _fp32_masters(groups)
     if checkpoint is not None:  # after the fp32 cast, so fp32 checkpoint weights are not rounded through 16 bit
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, components)
     return BuiltModel(model, loaded.processor, components, report, groups)
 
 
