@@ -132,6 +132,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     staging = None
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
         _save_weights(model, staging)
         save_training_state(staging, optimizer, scheduler, rng)

@@ -2,3 +2,13 @@
 
 IGNORE_INDEX = -100  # label of positions without loss (the transformers convention)
 RELEVANCE_GROUP = "relevance"  # name of the relevance modules' report row and AdamW parameter group
+# model.attn_implementation: transformers' names (a hub kernel `org/name` is accepted as well)
+ATTENTION_IMPLEMENTATIONS = (
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+    "paged|eager",
+)

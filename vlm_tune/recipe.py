@@ -7,12 +7,14 @@ path and reported together in one `RecipeError`, so a user fixes a recipe in one
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
 
+from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.typed_config import build_dataclass
 
@@ -65,6 +67,15 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint folder"})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+
+    def _check(self) -> list[str]:
+        known = self.attn_implementation in ATTENTION_IMPLEMENTATIONS
+        if known or re.fullmatch(r"[^/:@]+/[^/:@]+(@[^/:]+)?(:[^/:]+)?", self.attn_implementation):
+            return []
+        return [
+            f"attn_implementation: unknown '{self.attn_implementation}', expected one of "
+            f"{list(ATTENTION_IMPLEMENTATIONS)} or a hub kernel such as kernels-community/flash-attn"
+        ]
 
 
 @dataclass
@@ -173,6 +184,9 @@ class DataConfig:
             errors.append(f"max_length: must be a positive integer, got {self.max_length}")
         if self.num_workers < 0:
             errors.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        for name, value in {"image_size": self.image_size, "max_pixels": self.max_pixels}.items():
+            if value is not None and value < 1:
+                errors.append(f"{name}: must be a positive integer or null, got {value}")
         return errors
 
 
@@ -208,14 +222,8 @@ class TrainConfig:
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
     )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "let a fresh run start in an output_dir holding checkpoints (they are pruned first)"},
-    )
-    skip_nonfinite_steps: int = field(
-        default=0,
-        metadata={"help": "steps with a NaN/inf loss or gradient norm skipped (no update) before training stops"},
-    )
+    overwrite: bool = field(default=False, metadata={"help": "a fresh run may start in an output_dir with checkpoints"})
+    skip_nonfinite_steps: int = field(default=0, metadata={"help": "NaN/inf steps skipped (no update) before stopping"})
 
     def _check(self) -> list[str]:
         errors = []
