@@ -93,3 +93,24 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_dead_holders_lock_is_t
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
     folder.release()
     assert (run_dir / LOCK_FILE).read_text() == ""  # released: the next run takes it without a warning
+
+
+def test_a_full_disk_is_named_with_the_path_that_could_not_be_written(tmp_path, monkeypatch):
+    import errno
+
+    import vlm_tune.run_log as run_log_module
+    from vlm_tune.run_dir import lock_run_folder
+    from vlm_tune.run_log import RunLog
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = RunLog(tmp_path, enabled=True)
+    monkeypatch.setattr(run_log_module, "open", disk_full, raising=False)
+    with pytest.raises(VlmTuneError, match=r"cannot write .*log.jsonl \(the disk is full"):
+        log.write({"step": 1, "loss": 1.0})
+    monkeypatch.undo()
+    log.close()
+    monkeypatch.setattr(Path, "mkdir", disk_full)
+    with pytest.raises(VlmTuneError, match=r"train.output_dir: cannot write the run folder .*new \(the disk is full"):
+        lock_run_folder(tmp_path / "new")

@@ -19,7 +19,6 @@ moment leaves a complete checkpoint of the step (or of the step before). Pruning
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -31,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.errors import VlmTuneError, disk_error
 from vlm_tune.training_state import (
     PICKLED_FILE,
     TrainingStateError,
@@ -152,13 +151,6 @@ def save_checkpoint(
     if keep:
         prune_checkpoints(output_dir, keep)
     return final
-
-
-def disk_error(exc: OSError) -> str:
-    """Why a write failed, in words (a full disk is named as such)."""
-    if exc.errno == errno.ENOSPC:
-        return "the disk is full (no space left on device); free space or choose another train.output_dir"
-    return exc.strerror or str(exc)
 
 
 def _move_into_place(staging: Path, final: Path) -> None:

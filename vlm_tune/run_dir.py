@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from vlm_tune.checkpoint import clean_temporary_folders, disk_error, list_checkpoints
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.checkpoint import clean_temporary_folders, list_checkpoints
+from vlm_tune.errors import VlmTuneError, disk_error
 from vlm_tune.run_log import trim_log
 
 try:

@@ -9,7 +9,13 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from vlm_tune.errors import VlmTuneError, disk_error
+
 logger = logging.getLogger("vlm_tune.train")
+
+
+class RunLogError(VlmTuneError):
+    """log.jsonl cannot be written (the message names the file, and a full disk as such)."""
 
 
 class RunLog:
@@ -38,8 +44,11 @@ class RunLog:
         """
         if not self.enabled:
             return
-        with open(self.path, "a") as sink:
-            sink.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as sink:
+                sink.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        except OSError as exc:
+            raise RunLogError(f"train.output_dir: cannot write {self.path} ({disk_error(exc)})") from None
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
