@@ -146,10 +146,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
     def load_vlm_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
         loaded = real_load_vlm(*args, **kwargs)
 
-        def poison(module, inputs, output):
+        def count(module, inputs):
             calls["forward"] += 1
+
+        def poison(module, inputs, output):
             return output * float("nan") if calls["forward"] >= 5 else output
 
+        loaded.model.register_forward_pre_hook(count)  # one model forward per step (the head may run per loss chunk)
         loaded.model.get_output_embeddings().register_forward_hook(poison)
         return loaded
 

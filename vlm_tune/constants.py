@@ -2,6 +2,7 @@
 
 IGNORE_INDEX = -100  # label of positions without loss (the transformers convention)
 RELEVANCE_GROUP = "relevance"  # name of the relevance modules' report row and AdamW parameter group
+COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")  # the parts of every VLM
 # model.attn_implementation: transformers' names (a hub kernel `org/name` is accepted as well)
 ATTENTION_IMPLEMENTATIONS = (
     "eager",

@@ -1,12 +1,12 @@
-"""`python -m vlm_tune.evaluate RECIPE.yaml [--checkpoint DIR] [--split NAME] [key=value ...]`: caption metrics.
+"""`python -m vlm_tune.evaluate RECIPE.yaml [--checkpoint DIR] [--split NAME] [key=value ...]`: caption / VQA metrics.
 
-Generates a caption for every image of `data.eval` with the base model or a trained checkpoint
-(batched, greedy or beam search), scores them against all references (vlm_tune.metrics) and writes
-the evaluation folder:
-    metrics.json       scores and what was evaluated (model, checkpoint, set, decoding)
-    predictions.jsonl  one {"image_id", "prediction", "references"} per image
+Generates a caption for every image of `data.eval` (or, with `data.eval.task: vqa`, an answer to every
+question) with the base model or a trained checkpoint (batched, greedy or beam search), scores them against
+all references (vlm_tune.metrics, vlm_tune.vqa_metrics) and writes the evaluation folder:
+    metrics.json       scores and what was evaluated (model, checkpoint, set, task, decoding)
+    predictions.jsonl  one {"image_id", ("question",) "prediction", "references"} per image or question
     summary.md         the metrics table, the settings and the first predictions
-    contact_sheet.png  the first images with their predicted and first reference captions
+    contact_sheet.png  the first images with their (question,) predicted and first reference text
 `python -m vlm_tune.evaluate --compare DIR_A DIR_B` puts two evaluation folders side by side.
 """
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vlm_tune.captioning import generate_captions
+from vlm_tune.captioning import generate_captions, score_predictions
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.recipe import DataSourceConfig, Recipe, load_recipe
@@ -30,6 +30,7 @@ logger = logging.getLogger("vlm_tune.evaluate")
 
 COCO_SPLIT_FILE = re.compile(r"^captions_(?P<split>.+)\.json$")  # captions_val.json, captions_test_novel.json
 SPLIT_FIELD_FORMATS = ("karpathy", "hf")  # formats whose `split` field selects the split
+FILE_PER_SPLIT_FORMATS = ("llava", "messages")  # <split>.jsonl (or .json) beside the file: --split swaps it
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "summary.md", "contact_sheet.png")
 
 
@@ -46,7 +47,8 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
     """The evaluation set to use and its split name (for the folder name).
 
     `split` selects another split: for karpathy/hf sets it replaces `data.eval.split`; for a COCO file
-    named `captions_<split>.json` it swaps the file for `captions_<NEW>.json` in the same folder.
+    named `captions_<split>.json` it swaps the file for `captions_<NEW>.json` in the same folder; for llava and
+    messages sets, `<split>.jsonl` for `<NEW>.jsonl`.
 
     Raises:
         EvaluationError: no `data.eval` in the recipe, or the split cannot be selected.
@@ -62,18 +64,20 @@ def eval_source(recipe: Recipe, split: Optional[str] = None) -> tuple[DataSource
     if split is not None:
         if source.format in SPLIT_FIELD_FORMATS:
             source.split = split
-        elif coco_match:
-            source.path = str(path.with_name(f"captions_{split}.json"))
+        elif coco_match or source.format in FILE_PER_SPLIT_FORMATS:
+            pattern = "captions_{}.json" if coco_match else "{}" + path.suffix
+            source.path = str(path.with_name(pattern.format(split)))
             if not Path(source.path).is_file():
-                found = sorted(p.name for p in path.parent.glob("captions_*.json"))
+                found = sorted(p.name for p in path.parent.glob(pattern.format("*")))
                 raise EvaluationError(
-                    f"--split {split}: {source.path} not found; COCO files in {path.parent}: "
+                    f"--split {split}: {source.path} not found; {source.format} files in {path.parent}: "
                     f"{', '.join(found) or 'none'}"
                 )
         else:
             raise EvaluationError(
                 f"--split {split}: cannot select a split of {source.path} (format {source.format}): --split sets "
-                f"data.eval.split for karpathy/hf sets and swaps captions_<split>.json for COCO files; "
+                f"data.eval.split for karpathy/hf sets and swaps captions_<split>.json for COCO files (<split>.jsonl "
+                f"for llava/messages); "
                 f"give the file instead with data.eval.path=..."
             )
     name = split or source.split or (coco_match.group("split") if coco_match else path.stem) or "eval"
@@ -187,8 +191,10 @@ def _make_output_dir(output_dir: Path) -> None:
         raise EvaluationError(f"eval.output_dir: cannot write the evaluation folder {output_dir} ({exc})") from None
 
 
-def _check_java(recipe: Recipe) -> None:
-    """Fail before loading anything when the recipe requires Java and there is none."""
+def _check_java(recipe: Recipe, task: str) -> None:
+    """Fail before loading anything when the recipe requires Java and there is none (VQA scoring needs none)."""
+    if task == "vqa":
+        return
     from vlm_tune.metrics import java_available
 
     if recipe.eval.use_java and not java_available():
@@ -198,20 +204,21 @@ def _check_java(recipe: Recipe) -> None:
         )
 
 
-def _score(rows: list[dict], use_java: Optional[bool]) -> tuple[dict[str, float], bool]:
-    """Caption metrics of the rows, and whether the Java tokenizer was used."""
-    from vlm_tune.metrics import java_available, score_captions
+def _score(rows: list[dict], task: str, use_java: Optional[bool]) -> tuple[dict[str, float], dict]:
+    """Caption or VQA metrics of the rows, and what metrics.json records about the scoring."""
+    if task == "vqa":
+        return score_predictions(rows, task, use_java=False), {"task": task}
+    from vlm_tune.metrics import java_available
 
     java = java_available() if use_java is None else use_java
-    predictions = {r["image_id"]: r["prediction"] for r in rows}
-    references = {r["image_id"]: r["references"] for r in rows}
-    return score_captions(predictions, references, use_java=java), java
+    tokenizer = "Stanford PTB (Java)" if java else "Python PTB"
+    return score_predictions(rows, task, use_java=java), {"task": task, "tokenizer": tokenizer}
 
 
 def evaluate_run(
     recipe: Recipe, checkpoint: Optional[str | Path] = None, split: Optional[str] = None, show_progress: bool = True
 ) -> dict:
-    """Caption `data.eval` with the base model or a checkpoint, score, and write the evaluation folder.
+    """Caption (or answer) `data.eval` with the base model or a checkpoint, score, write the evaluation folder.
 
     Args:
         recipe: the run's recipe (model, components and relevance must match the checkpoint's run).
@@ -230,7 +237,7 @@ def evaluate_run(
     checkpoint_dir = resolve_eval_checkpoint(recipe, checkpoint)
     output_dir = default_output_dir(recipe, checkpoint_dir, split_name)
     _make_output_dir(output_dir)
-    _check_java(recipe)
+    _check_java(recipe, source.task)
     dataset = _build_eval_set(source, recipe)
     attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
     what = f" + {checkpoint_dir}" if checkpoint_dir else " (base model)"
@@ -250,7 +257,7 @@ def evaluate_run(
     if not rows:
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")
     _unique_ids(rows)
-    metrics, java = _score(rows, recipe.eval.use_java)
+    metrics, scoring = _score(rows, source.task, recipe.eval.use_java)
     info = {
         "metrics": metrics,
         "model": recipe.model.name_or_path,
@@ -262,7 +269,7 @@ def evaluate_run(
         "skipped_images": attempted - len(rows),
         "num_beams": recipe.eval.num_beams,
         "max_new_tokens": recipe.eval.max_new_tokens,
-        "tokenizer": "Stanford PTB (Java)" if java else "Python PTB",
+        **scoring,
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = write_outputs(output_dir, info, rows, dataset, recipe.eval.contact_sheet_images)
@@ -336,7 +343,9 @@ def _parser() -> CommandParser:
         help="RUN_DIR/checkpoint-N, a run folder or 'latest' for the newest checkpoint (default: the base model)",
     )
     parser.add_argument("--output-dir", help="evaluation folder (same as eval.output_dir=...)")
-    parser.add_argument("--split", help="another split of data.eval (karpathy/hf split, or captions_<split>.json)")
+    parser.add_argument(
+        "--split", help="another split of data.eval (karpathy/hf split, captions_<split>.json, <split>.jsonl)"
+    )
     parser.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two evaluation folders")
     parser.add_argument("--out", help="with --compare: also write the comparison to this markdown file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

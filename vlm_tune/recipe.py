@@ -14,11 +14,12 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS
+from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, COMPONENT_NAMES  # noqa: F401 - COMPONENT_NAMES re-exported
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
+from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
 
-COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
+CONVERSATION_FORMATS = ("llava", "messages", "hf")  # formats that can hold conversations (hf: a messages column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,12 +121,10 @@ class ComponentConfig:
 
 @dataclass
 class DataSourceConfig:
-    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = field(
-        default="coco", metadata={"help": "layout of the set"}
+    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf", "llava", "messages"] = field(
+        default="coco", metadata={"help": "layout of the set (llava, messages: conversations; hf: either)"}
     )
-    path: str = field(
-        default="", metadata={"help": "annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)"}
-    )
+    path: str = field(default="", metadata={"help": "annotation file, or folder (formats imagefolder, hf)"})
     images: Optional[str] = field(
         default=None,
         metadata={
@@ -143,12 +142,24 @@ class DataSourceConfig:
     caption_column: str = field(
         default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
     )
-    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images"})
+    messages_column: str = field(default="messages", metadata={"help": "hf: column of conversations (no captions)"})
+    images_column: str = field(
+        default="images", metadata={"help": "hf: column holding a conversation's images (a list, or absent)"}
+    )
+    task: Literal["caption", "vqa"] = field(
+        default="caption", metadata={"help": "evaluation scores captions, or answers (exact match, VQA acc., ANLS)"}
+    )
+    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images (conversations)"})
 
     def _check(self) -> list[str]:
         errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
         if self.limit is not None and self.limit <= 0:
             errors.append(f"limit: must be a positive integer, got {self.limit}")
+        if self.task == "vqa" and self.format not in CONVERSATION_FORMATS:
+            errors.append(
+                f"task: vqa scores answers to questions, which format {self.format} cannot hold; "
+                f"use one of {list(CONVERSATION_FORMATS)}"
+            )
         return errors
 
 
@@ -171,7 +182,10 @@ class DataConfig:
         default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
     )
     max_length: int = field(
-        default=512, metadata={"help": "longest token sequence; captions are shortened, image tokens never cut"}
+        default=512, metadata={"help": "longest sequence; captions shortened, conversations cut after a turn"}
+    )
+    train_on: Literal["all", "last"] = field(
+        default="all", metadata={"help": "conversations: the loss covers every assistant turn, or only the last"}
     )
     group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length to cut padding"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
@@ -212,7 +226,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk (0: keep all)"})
     eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: only at the end)"})
     eval_generate_every: int = field(
-        default=0, metadata={"help": "caption metrics on eval.generate_limit samples every N steps (0: off)"}
+        default=0, metadata={"help": "data.eval.task metrics on eval.generate_limit samples every N steps (0: off)"}
     )
     log_every: int = field(default=1, metadata={"help": "log a line every N steps"})
     resume: Optional[str] = field(
@@ -334,6 +348,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "caption generation and metrics"})
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig, metadata={"help": "visual token selection"})
+    speed: SpeedConfig = field(default_factory=SpeedConfig, metadata={"help": "speed and memory levers"})
 
     def _check(self) -> list[str]:
         errors = [

@@ -117,7 +117,9 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
 def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
     from torch.utils.data import DataLoader
 
-    from vlm_tune.data import TrainCollator, build_dataset, build_train_sampler
+    from vlm_tune.data import build_dataset, build_train_sampler
+    from vlm_tune.data.chat_collate import train_collator_for
+    from vlm_tune.data.keepalive import vision_side_trains
 
     if recipe.data.train is None:
         raise TrainingError(
@@ -125,28 +127,27 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    collator = TrainCollator(processor, recipe.data)
-    loader_args = {
-        "batch_size": recipe.train.batch_size,
-        "collate_fn": collator,
-        "num_workers": recipe.data.num_workers,
-    }
+    busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
+    collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
+    loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
     # Its own generator: a loader drawing its worker seed from the global RNG would shift a resumed run's draws.
     generator = torch.Generator().manual_seed(recipe.train.seed)
-    train_loader = accelerator.prepare_data_loader(
-        DataLoader(train_set, sampler=sampler, generator=generator, **loader_args)
-    )
-    data = TrainingData(train_set, sampler, train_loader)
+    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, generator=generator, **loader_args)
+    data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
     if recipe.data.eval is not None:
         data.eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        data.eval_loader = accelerator.prepare_data_loader(DataLoader(data.eval_set, shuffle=False, **loader_args))
+        collator = train_collator_for(data.eval_set, processor, recipe.data)  # no backward: no DDP wait
+        eval_loader = DataLoader(data.eval_set, shuffle=False, collate_fn=collator, **loader_args)
+        data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
 
 
 def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+    from vlm_tune.model.speed import build_optimizer
+
+    optimizer = build_optimizer(groups, recipe.speed, recipe.train.lr)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps
@@ -264,6 +265,9 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, result, run.optimizer, tokens_per_s)
+            record["train_seconds"] = train_seconds
+            if torch.cuda.is_available():
+                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             run.progress.update(1)
             lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
             run.progress.set_postfix(loss=f"{result.loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")

@@ -220,11 +220,10 @@ def eval_loss(model, loader, accelerator) -> float:
 
 
 def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> dict[str, float]:
-    """Caption metrics on the first eval.generate_limit evaluation images (main process)."""
+    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples (main process)."""
     from torch.utils.data import Subset
 
-    from vlm_tune.captioning import generate_captions
-    from vlm_tune.metrics import score_captions
+    from vlm_tune.captioning import generate_captions, score_predictions
 
     subset = Subset(eval_set, range(min(recipe.eval.generate_limit, len(eval_set))))
     unwrapped = accelerator.unwrap_model(model)
@@ -232,11 +231,7 @@ def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> 
     with accelerator.autocast():
         rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
     unwrapped.train()
-    return score_captions(
-        {r["image_id"]: r["prediction"] for r in rows},
-        {r["image_id"]: r["references"] for r in rows},
-        use_java=recipe.eval.use_java,
-    )
+    return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
 
 
 def step_record(position: TrainingPosition, result: StepResult, optimizer, tokens_per_s: float) -> dict:
