@@ -63,8 +63,8 @@ def _assert_same_losses(run_dir, straight):
 
 
 def _on_forward(monkeypatch, numbers, action):
-    """In the model built next, call `action(logits)` in its forward passes `numbers` (counted from 1; a
-    step is 2 forward passes); a tensor it returns replaces the logits."""
+    """In the model built next, call `action(hidden)` on the language decoder's output in its forward passes
+    `numbers` (counted from 1; one per micro-batch, so a step is 2); a tensor it returns replaces the output."""
     real_load_vlm = load_module.load_vlm
     count = {"forward": 0}
 
@@ -73,9 +73,12 @@ def _on_forward(monkeypatch, numbers, action):
 
         def hook(module, inputs, output):
             count["forward"] += 1
-            return action(output) if count["forward"] in numbers else None
+            replaced = action(output.last_hidden_state) if count["forward"] in numbers else None
+            if replaced is not None:
+                output.last_hidden_state = replaced
+            return output
 
-        loaded.model.get_output_embeddings().register_forward_hook(hook)
+        loaded.model.get_decoder().register_forward_hook(hook)
         return loaded
 
     monkeypatch.setattr(load_module, "load_vlm", load_vlm_with_hook)
@@ -101,8 +104,8 @@ class _InfGradient(torch.autograd.Function):
     """Identity forward, infinite gradient backward: a finite loss whose gradient norm is not finite."""
 
     @staticmethod
-    def forward(ctx, logits):
-        return logits.view_as(logits)
+    def forward(ctx, hidden):
+        return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad):
