@@ -173,6 +173,9 @@ def test_epochs_end_with_the_data_even_when_a_batch_was_wholly_bad(setup, tmp_pa
     records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
     assert summary["step"] == 11 and {r["epoch"] for r in records} == {0}  # one epoch, one batch short
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-11" and summary["eval_loss"] > 0
+    bad = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert {b["file"] for b in bad} == {str(data / "images" / "3.png")}  # the image path, from the worker's item
+    assert all(b["image_id"] == "3" and b["reason"].startswith("unreadable image") for b in bad)
 
 
 def _killed_in_child(run) -> int:

@@ -218,8 +218,9 @@ def _setup_training(recipe: Recipe, accelerator, folder: RunFolder, resume_from:
 def _nothing_usable_message(batches: int, skipped: list[dict], run_dir: Path) -> str:
     """Why training stopped after `batches` micro-batches in a row without one usable sample."""
     latest = skipped[-1] if skipped else {"image_id": None, "reason": "unknown"}  # one of this streak's
+    which = latest.get("file") or f"image {latest['image_id']}"
     return (
-        f"the last {batches} batches in a row had no usable sample (latest: image {latest['image_id']}: "
+        f"the last {batches} batches in a row had no usable sample (latest: {which}: "
         f"{latest['reason']}). When every sample fails alike, the processor or the model does not fit the data "
         f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
         f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}"
