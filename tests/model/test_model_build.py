@@ -122,6 +122,7 @@ def test_mixed_precision_keeps_fp32_masters_and_loads_checkpoint_weights_unround
 
 def test_a_checkpoint_of_another_lora_rank_names_the_component_and_both_ranks(folder, tmp_path):
     built = build_model(_recipe(folder), training=True)  # language rank 4
+    (tmp_path / "run").mkdir()
     checkpoint = save_checkpoint(tmp_path / "run", 1, built.model, {"epoch": 0, "batches_done": 0})
     other = _recipe(folder)
     other.components["language"].rank = 8
