@@ -20,8 +20,6 @@ from vlm_tune.errors import VlmTuneError
 
 logger = logging.getLogger("vlm_tune.metrics")
 
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
-
 
 class MetricsError(VlmTuneError, ValueError):
     """Captions that cannot be scored as given (ids that do not match, images without a reference caption)."""

@@ -135,7 +135,9 @@ def summary_markdown(info: dict, rows: list[dict], examples: int = 10) -> str:
         lines += ["", "METEOR was skipped: it needs Java (" + info.get("tokenizer", "") + " tokenizer used)."]
     lines += [
         "",
-        f"- evaluation set: `{info['data']}` (split `{info['split']}`), {info['num_images']} images scored"
+        f"- evaluation set: `{info['data']}`"
+        + (f" (split `{info['split']}`)" if info.get("split") else "")
+        + f", {info['num_images']} images scored"
         + (f", {info['skipped_images']} skipped (unreadable)" if info.get("skipped_images") else ""),
         f"- decoding: {decoding}, at most {info['max_new_tokens']} new tokens",
         f"- checkpoint: `{info['checkpoint']}`" if info.get("checkpoint") else "- checkpoint: none (base model)",
