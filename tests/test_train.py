@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from vlm_tune.run_log import read_log
 from vlm_tune.train import TrainingError, main, train
 from vlm_tune.train_step import due
 
+ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
@@ -75,6 +77,16 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "train/loss" in r}
 
 
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class SimulatedCrash(Exception):
     """Stands for the process being killed between two steps."""
 
@@ -90,9 +102,14 @@ def test_loss_falls_and_run_folder_is_complete(setup, tmp_path):
     assert checkpoint.name == "checkpoint-12"
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert "eval_loss" in summary and summary["eval_loss"] > 0
-    start, record = read_log(tmp_path / "run" / "log.jsonl")[:2]
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    start, record = records[:2]
     assert start["event"] == "start" and start["total_steps"] == 12
     assert set(record["train/lr"]) == {"projector", "language"} and record["train/tokens_per_s"] > 0
+    sweep = _benchmark("relevance_sweep")  # the benchmark reads these logs
+    assert sweep.read_last_logged(tmp_path / "run", "eval/loss", "eval_loss") == summary["eval_loss"]
+    last_speed = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r][-1]
+    assert sweep.read_last_logged(tmp_path / "run", "train/tokens_per_s", "tokens_per_s") == last_speed
 
 
 def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
@@ -174,15 +191,22 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
-    """Run the training command as `accelerate launch` would (torchrun for several CPU processes, since
-    accelerate launch starts multi-CPU jobs through mpirun; Accelerator then picks the gloo backend)."""
+def readme_command(program: str) -> list[str]:
+    """The README's command line that starts with `program` (the documented way to run something)."""
+    readme = (ROOT / "README.md").read_text()
+    return shlex.split(next(line for line in readme.splitlines() if line.startswith(f"{program} ")))
+
+
+def _launch(recipe, tmp_path, num_processes: int, cpu: bool) -> subprocess.CompletedProcess:
+    """Run the training command as documented: the README's torchrun command for several CPU processes,
+    `accelerate launch` otherwise."""
     path = tmp_path / f"recipe-{num_processes}.yaml"
     path.write_text(yaml.safe_dump(recipe.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if cpu and num_processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
+        command = readme_command("torchrun")  # torchrun --standalone --nproc_per_node 2 -m vlm_tune.train RECIPE
+        assert command[-1].endswith(".yaml") and command[command.index("--nproc_per_node") + 1] == str(num_processes)
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:-1], str(path)]  # torchrun's module
     else:
         launcher = [
             "accelerate.commands.launch",
@@ -197,14 +221,10 @@ def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
             *(["--cpu"] if cpu else []),
             *(["--multi_gpu"] if num_processes > 1 else []),
         ]
-    result = subprocess.run(
-        [sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+        command = [sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -226,11 +246,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     for recipe in (one, two):
         recipe.components["language"].dropout = 0.0
     _launch(one, tmp_path, 1, cpu=device == "cpu")
-    _launch(two, tmp_path, 2, cpu=device == "cpu")
+    result = _launch(two, tmp_path, 2, cpu=device == "cpu")
     single, data_parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(single) == sorted(data_parallel) == [1, 2, 3, 4]
     for step in single:  # same samples per step, loss normalised by the tokens of all processes
         assert data_parallel[step] == pytest.approx(single[step], abs=1e-4), step
+    # Two processes of one group, one log: one start record saying so, every step once, one summary printed.
+    records = read_log(tmp_path / "two" / "log.jsonl")
+    (start,) = [r for r in records if r.get("event") == "start"]
+    assert start["world_size"] == 2 and start["devices"].startswith(f"2 x {device}") and start["effective_batch"] == 4
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert result.stdout.count("Training plan") == 1 and result.stdout.count("Done: 4 steps") == 1
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused_in_one_line(setup, tmp_path):
+    """accelerate launch --cpu starts one process whatever --num_processes says: refused, not a silent copy."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(setup, tmp_path / "run").to_dict()))
+    launch = ["accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", *launch, "-m", "vlm_tune.train", str(path)], capture_output=True, text=True, env=env
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: `accelerate launch --cpu --num_processes N` started one process, not N")
+    assert "torchrun --standalone --nproc_per_node N -m vlm_tune.train" in errors[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder, the data or the model
 
 
 def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tmp_path):

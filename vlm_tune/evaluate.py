@@ -207,7 +207,7 @@ def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
         hint = (
             f"; evaluation folders inside it: {', '.join(nearby)}"
             if nearby
-            else "; give a folder written by `python -m vlm_tune.evaluate` (e.g. RUN/checkpoint-N/eval-val)"
+            else "; give a folder written by `python -m vlm_tune.evaluate` (e.g. RUN/checkpoint-N/eval-shapes-test)"
         )
         raise EvaluationError(f"{folder}: no metrics.json here{hint}")
     try:

@@ -221,7 +221,7 @@ def _setup(recipe: Recipe, show_progress: Optional[bool] = None) -> tuple[Traini
         recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
     )
     run.best = best
-    run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
+    run.summary.update(run_dir=str(run_dir), total_steps=total_steps, main_process=main)
     return run, position
 
 
@@ -361,7 +361,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     def command() -> int:
         summary = train(load_recipe(args.recipe, args.overrides), show_progress=False if args.no_progress else None)
         stopped = f" ({summary['stopped_early']})" if "stopped_early" in summary else ""
-        print(f"Done: {summary['step']} steps{stopped}, run folder {summary['run_dir']}")
+        if summary["main_process"]:
+            print(f"Done: {summary['step']} steps{stopped}, run folder {summary['run_dir']}")
         return 130 if summary.get("interrupted") else 0
 
     return run_command(command)
