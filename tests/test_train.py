@@ -184,7 +184,7 @@ def test_a_cadence_falls_on_every_nth_step_and_always_on_the_last():
 def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"components": {"vision": {"mode": "lora", "rank": 0}}, "trian": {}}))
-    assert main([str(path)]) == 2
+    assert main([str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "components.vision.rank: must be a positive integer, got 0" in err
     assert "trian: unknown key (did you mean 'train'?)" in err

@@ -269,7 +269,7 @@ def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> No
     improved = False
     if run.best is not None and scores:
         improved = run.best.update(step, scores)  # the same scores on every process: they decide alike
-        if run.best.exhausted:
+        if run.best.exhausted and step < total:
             run.stop_reason = f"early stopping: {run.best.describe()}"
     if due(cfg.save_every, step, total) or (improved and run.best.keep) or run.stop_reason:
         save_run(run, position)
