@@ -161,12 +161,20 @@ def plan_warnings(recipe: Recipe, plan: TrainingPlan) -> list[str]:
         )
     warnings += ineffective_settings(recipe)
     watched = cfg.keep_best or ("eval_loss" if cfg.early_stopping_patience else None)
+    if watched == "METEOR" and not _java(recipe.eval.use_java):
+        warnings.append("train.keep_best: METEOR needs Java (see eval.use_java); without it no checkpoint is the best")
     if watched == "eval_loss" and not cfg.eval_every:
         warnings.append(
             "train.keep_best / early_stopping_patience: the eval loss is computed only at the last step "
             "(train.eval_every is 0); set train.eval_every"
         )
     return warnings
+
+
+def _java(use_java) -> bool:
+    from vlm_tune.metrics import java_available
+
+    return java_available() if use_java is None else use_java
 
 
 def tracker_config(recipe: Recipe, plan: TrainingPlan) -> dict[str, Any]:
