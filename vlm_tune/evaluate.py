@@ -119,6 +119,11 @@ def _score(rows: list[dict], use_java: Optional[bool]) -> tuple[dict[str, float]
     return score_captions(predictions, references, use_java=java), java
 
 
+def _set_info(source: DataSourceConfig, set_label: str) -> dict:
+    """What metrics.json says of the evaluated set."""
+    return {"data": str(source.path), "format": source.format, "set": set_label, "split": split_name(source)}
+
+
 def evaluate_run(
     recipe: Recipe,
     checkpoint: Optional[str | Path] = None,
@@ -151,15 +156,9 @@ def evaluate_run(
     _check_java(recipe)
     dataset = _build_eval_set(source, recipe, split)
     attempted = len(dataset) if recipe.eval.limit is None else min(recipe.eval.limit, len(dataset))
-    what = f" + {checkpoint_dir}" if checkpoint_dir else " (base model)"
+    what = f"{recipe.model.name_or_path}" + (f" + {checkpoint_dir}" if checkpoint_dir else " (base model)")
     logger.info(
-        "Evaluating %s%s on %d of the %d images of %s into %s",
-        recipe.model.name_or_path,
-        what,
-        attempted,
-        len(dataset),
-        source.path,
-        output_dir,
+        "Evaluating %s on %d of the %d images of %s into %s", what, attempted, len(dataset), source.path, output_dir
     )
     model, processor = load_for_inference(recipe, checkpoint_dir)
     rows = generate_captions(
@@ -173,10 +172,7 @@ def evaluate_run(
         "metrics": metrics,
         "model": recipe.model.name_or_path,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
-        "data": str(source.path),
-        "format": source.format,
-        "set": set_label,
-        "split": split_name(source),
+        **_set_info(source, set_label),
         "num_images": len(rows),
         "skipped_images": attempted - len(rows),
         "num_beams": recipe.eval.num_beams,
