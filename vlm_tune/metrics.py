@@ -16,6 +16,7 @@ from typing import Optional
 
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+from vlm_tune.constants import METRIC_NAMES  # noqa: F401 (re-exported: the metric names, in order)
 from vlm_tune.errors import VlmTuneError
 
 logger = logging.getLogger("vlm_tune.metrics")
