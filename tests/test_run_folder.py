@@ -58,7 +58,7 @@ def test_overwrite_starts_a_new_run_whose_checkpoints_outrank_the_old_ones(setup
     train(recipe)
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-3"]  # the old ones went first
     assert latest_checkpoint(run_dir).name == "checkpoint-3"
-    assert [r["step"] for r in read_log(run_dir / "log.jsonl") if "loss" in r] == [1, 2, 3]  # this run alone
+    assert [r["step"] for r in read_log(run_dir / "log.jsonl") if "train/loss" in r] == [1, 2, 3]  # this run alone
     carried = yaml.safe_load((run_dir / "checkpoint-3" / "recipe.yaml").read_text())
     assert carried == yaml.safe_load((run_dir / "recipe.yaml").read_text()) == recipe.to_dict()
 

@@ -50,9 +50,9 @@ def straight(setup, tmp_path_factory) -> dict[int, float]:
 
 
 def _one_loss_per_step(run_dir) -> dict[int, float]:
-    steps = [r["step"] for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_log(Path(run_dir) / "log.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)), f"log.jsonl repeats steps: {steps}"
-    return {r["step"]: r["loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "train/loss" in r}
 
 
 def _assert_same_losses(run_dir, straight):
@@ -142,8 +142,8 @@ def test_skip_nonfinite_steps_skips_the_update_counts_it_and_logs_valid_json(set
     _on_forward(monkeypatch, {5, 6}, _InfGradient.apply)
     summary = train(_faults_recipe(setup, run_dir, max_steps=5, save_every=0, skip_nonfinite_steps=1))
     assert summary["step"] == 5
-    records = {r["step"]: r for r in _strict_json_lines(run_dir / "log.jsonl") if "loss" in r}
-    assert records[3]["grad_norm"] is None and "update skipped" in records[3]["skipped"]
+    records = {r["step"]: r for r in _strict_json_lines(run_dir / "log.jsonl") if "train/loss" in r}
+    assert records[3]["train/grad_norm"] is None and "update skipped" in records[3]["skipped"]
     assert records[3]["nonfinite_skipped"] == 1 and "skipped" not in records[4]
     checkpoint = latest_checkpoint(run_dir)
     assert _all_finite(checkpoint) and json.loads((checkpoint / "state.json").read_text())["nonfinite_skipped"] == 1
@@ -170,7 +170,7 @@ def test_epochs_end_with_the_data_even_when_a_batch_was_wholly_bad(setup, tmp_pa
     recipe = _recipe({**setup, "data": str(data / "captions.json")}, tmp_path / "run", max_steps=None, epochs=1)
     recipe.train.batch_size, recipe.train.grad_accum, recipe.train.save_every = 1, 1, 0
     summary = train(recipe)
-    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "train/loss" in r]
     assert summary["step"] == 11 and {r["epoch"] for r in records} == {0}  # one epoch, one batch short
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-11" and summary["eval_loss"] > 0
     bad = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ A checkpoint is written under a temporary name (`.checkpoint-STEP-*`) and rename
 replaces an older folder of the same step moves that one aside first and deletes it last, so a kill at any
 moment leaves a complete checkpoint of the step (or of the step before). Pruning renames before it deletes.
 "Newest" means written last (`serial`), so an older run's higher step numbers never outrank this run's.
+`RUN_DIR/best.json` names the best checkpoint (train.keep_best), which pruning keeps besides the newest ones.
 """
 
 from __future__ import annotations
@@ -27,15 +28,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlm_tune.errors import VlmTuneError, disk_error
 from vlm_tune.training_state import (
-    PICKLED_FILE,
-    TrainingStateError,
-    read_training_state,
-    restore_rng,
     save_training_state,
 )
 
@@ -43,6 +39,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-(\d+)-")  # staging, replaced or pruned folders
 REPLACED_TAG = "-replaced-"  # a complete checkpoint moved aside while its successor is renamed in
 COMPLETE_MARKER = "COMPLETE"
+BEST_FILE = "best.json"  # in the run folder: {"checkpoint": "checkpoint-N", "step", "metric", "value"}
 
 
 class CheckpointError(VlmTuneError):
@@ -53,18 +50,18 @@ class NonFiniteWeightsError(CheckpointError):
     """The weights to save hold NaN or infinite values; no checkpoint is written."""
 
 
-def _relevance_wrapper(model: torch.nn.Module):
+def relevance_wrapper_of(model: torch.nn.Module):
     """The relevance wrapper when `model` is one, else None."""
     from vlm_tune.relevance import RelevanceWrapper
 
     return model if isinstance(model, RelevanceWrapper) else None
 
 
-def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
+def peft_model_of(model: torch.nn.Module) -> torch.nn.Module:
     """The PEFT model itself, or the one inside a relevance wrapper."""
     from peft import PeftModel
 
-    wrapper = _relevance_wrapper(model)
+    wrapper = relevance_wrapper_of(model)
     peft_model = wrapper.model if wrapper is not None else model
     if not isinstance(peft_model, PeftModel):
         raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
@@ -81,12 +78,12 @@ def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]
 
 
 def _save_weights(model: torch.nn.Module, folder: Path) -> None:
-    peft_model = _peft_model(model)
+    peft_model = peft_model_of(model)
     peft_model.save_pretrained(folder / "adapter")
     extra = _extra_trained_state(peft_model)
     if extra:
         save_file(extra, folder / "trained.safetensors")
-    wrapper = _relevance_wrapper(model)
+    wrapper = relevance_wrapper_of(model)
     if wrapper is not None:
         wrapper.save(folder)
 
@@ -166,11 +163,12 @@ def _move_into_place(staging: Path, final: Path) -> None:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest (last written) complete checkpoints; return the deleted ones.
+    """Delete all but the `keep` newest (last written) complete checkpoints and the best one; return the deleted.
 
     Each is renamed to a temporary name first, so a kill while deleting never leaves a partial checkpoint-N.
     """
-    doomed = list_checkpoints(output_dir)[:-keep]
+    best = best_checkpoint(output_dir)
+    doomed = [old for old in list_checkpoints(output_dir)[:-keep] if old != best]  # the best is kept besides
     for old in doomed:
         hidden = Path(tempfile.mkdtemp(prefix=f".{old.name}-pruned-", dir=old.parent))
         hidden.rmdir()
@@ -237,8 +235,25 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
+def write_best(output_dir: str | Path, checkpoint: Path, metric: str, value: float) -> None:
+    """Name `checkpoint` the run's best in `best.json` (train.keep_best)."""
+    record = {"checkpoint": checkpoint.name, "step": int(checkpoint.name.split("-")[1]), "metric": metric}
+    (Path(output_dir) / BEST_FILE).write_text(json.dumps({**record, "value": value}, indent=1) + "\n")
+
+
+def best_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint that `best.json` of a run folder names, or None."""
+    best_file = Path(output_dir) / BEST_FILE
+    try:
+        folder = Path(output_dir) / json.loads(best_file.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):  # no best.json (keep_best unset) or a garbled one
+        return None
+    return folder if (folder / COMPLETE_MARKER).is_file() else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint folder `path`, or the newest complete checkpoint of the run folder `path`.
+    """The complete checkpoint folder `path`, the newest complete checkpoint of the run folder `path`, or,
+    for `RUN/best`, the best checkpoint of RUN (train.keep_best).
 
     Raises:
         CheckpointError: naming the path and listing the complete checkpoints next to it.
@@ -246,6 +261,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / COMPLETE_MARKER).is_file():
         return path
+    if path.name == "best" and not path.exists():
+        best = best_checkpoint(path.parent)
+        if best is None:
+            raise CheckpointError(
+                f"{path.parent} has no best checkpoint ({BEST_FILE}): train with train.keep_best=eval_loss "
+                f"(or a caption metric), or name a checkpoint"
+            )
+        return best
     temporary = TEMPORARY_PATTERN.match(path.name) is not None
     newest = latest_checkpoint(path) if not CHECKPOINT_PATTERN.match(path.name) and not temporary else None
     if newest is not None:
@@ -259,125 +282,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
     else:
         reason = "is not a complete checkpoint (no COMPLETE marker)"
     raise CheckpointError(f"checkpoint {path} {reason}. Complete checkpoints found there: {listing}")
-
-
-def checkpoint_is_finite(checkpoint: Path) -> bool:
-    """True when every weight file of the checkpoint holds only finite values."""
-    files = [checkpoint / "adapter" / "adapter_model.safetensors", *checkpoint.glob("*.safetensors")]
-    files = [f for f in files if f.is_file() and f.name != "training_state.safetensors"]
-    try:
-        return all(torch.isfinite(t).all() for f in files for t in load_file(f).values() if t.is_floating_point())
-    except (OSError, SafetensorError):
-        return False
-
-
-def last_finite_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint whose weights are all finite, or None."""
-    return next((c for c in reversed(list_checkpoints(output_dir)) if checkpoint_is_finite(c)), None)
-
-
-LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-
-
-def _rank_mismatch(file: Path, tensors: dict, peft_model, components) -> Optional[str]:
-    """The first LoRA weight whose rank differs from the model's, as a message naming the component."""
-    params = dict(peft_model.named_parameters())
-    for key, tensor in tensors.items():
-        match = LORA_KEY.match(key)
-        if match is None:
-            continue
-        part = match.group("part")
-        target = params.get(key.replace(f".lora_{part}.", f".lora_{part}.{peft_model.active_adapter}."))
-        if target is None or target.shape == tensor.shape:
-            continue
-        rank_dim = 0 if part == "A" else 1  # lora_A: [rank, in], lora_B: [out, rank]
-        saved, wanted = tensor.shape[rank_dim], target.shape[rank_dim]
-        component = components.component_of(match.group("module")) if components is not None else None
-        who = f"components.{component}" if component else f"module {match.group('module')}"
-        fix = f"set components.{component}.rank={saved}" if component else f"set the rank of its component to {saved}"
-        return f"{file}: {who} was trained with LoRA rank {saved}, the recipe gives it rank {wanted}; {fix}"
-    return None
-
-
-def _load_state(load, file: Path, tensors: dict) -> Any:
-    """Run `load(tensors)`; a tensor that does not fit the model becomes a CheckpointError naming it."""
-    try:
-        return load(tensors)
-    except RuntimeError as exc:  # torch's "size mismatch for NAME: copying a param with shape ..."
-        lines = [line.strip() for line in str(exc).splitlines() if "mismatch" in line] or [str(exc)]
-        raise CheckpointError(f"{file}: does not fit the recipe's model: {lines[0]}") from None
-
-
-def load_weights(model: torch.nn.Module, checkpoint: str | Path, components: Any = None) -> None:
-    """Load a checkpoint's adapter, fully trained parts and relevance modules into a prepared model.
-
-    `model` must already carry the same targeting (and relevance wrapper) as the run that saved it;
-    `checkpoint` is a checkpoint folder or a run folder (its newest complete checkpoint); `components`
-    (the model's ComponentMap) lets errors name the component.
-
-    Raises:
-        CheckpointError: the checkpoint is missing or incomplete, a parameter of it has no place in the model
-            or another shape (a LoRA rank: naming the component and both ranks), or it holds relevance
-            modules that the model lacks or that do not fit.
-    """
-    from peft import set_peft_model_state_dict
-
-    from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
-
-    checkpoint = resolve_checkpoint(checkpoint)
-    peft_model = _peft_model(model)
-    adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
-    adapter = load_file(adapter_file)
-    mismatch = _rank_mismatch(adapter_file, adapter, peft_model, components)
-    if mismatch:
-        raise CheckpointError(mismatch)
-    result = _load_state(lambda t: set_peft_model_state_dict(peft_model, t), adapter_file, adapter)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
-    extra_file = checkpoint / "trained.safetensors"
-    if extra_file.is_file():
-        extra = load_file(extra_file)
-        missing_unexpected = _load_state(lambda t: peft_model.load_state_dict(t, strict=False), extra_file, extra)
-        if missing_unexpected.unexpected_keys:
-            raise CheckpointError(
-                f"{extra_file}: weights with no place in the model: {missing_unexpected.unexpected_keys[:5]}"
-            )
-    if (checkpoint / RELEVANCE_FILE).is_file():
-        wrapper = _relevance_wrapper(model)
-        if wrapper is None:
-            raise CheckpointError(f"{checkpoint} holds relevance modules: set relevance.enabled=true to load it")
-        try:
-            wrapper.load(checkpoint)
-        except RelevanceError as error:  # weights of another relevance method / size
-            raise CheckpointError(str(error)) from None
-
-
-def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the saved position (state.json).
-
-    Nothing is unpickled: the states are read from safetensors + JSON (vlm_tune.training_state).
-
-    Raises:
-        CheckpointError: the checkpoint has only a pickled training_state.pt (written by an earlier
-            vlm_tune; refused, since unpickling it could run code), or its training state is damaged.
-    """
-    checkpoint = resolve_checkpoint(checkpoint)
-    try:
-        training_state = read_training_state(checkpoint)
-    except TrainingStateError as error:
-        if (checkpoint / PICKLED_FILE).is_file():
-            raise CheckpointError(
-                f"{checkpoint}: its optimizer state is a pickled {PICKLED_FILE} (an earlier vlm_tune wrote it); "
-                f"it is not loaded, since unpickling a file can run code hidden in it. Continue from its weights "
-                f"with train.init_from={checkpoint} (fresh optimizer and schedule) instead of train.resume"
-            ) from None
-        raise CheckpointError(f"{checkpoint}: cannot resume from it: {error}") from None
-    if optimizer is not None and training_state["optimizer"] is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-    if scheduler is not None and training_state["scheduler"] is not None:
-        scheduler.load_state_dict(training_state["scheduler"])
-    restore_rng(training_state["rng"])
-    state = json.loads((checkpoint / "state.json").read_text())
-    state["rng"] = training_state["rng"]
-    return state

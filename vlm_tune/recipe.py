@@ -14,8 +14,9 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, COMPONENT_NAMES  # noqa: F401 - COMPONENT_NAMES re-exported
+from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - COMPONENT_NAMES re-exported
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
+from vlm_tune.recipe_hints import FOREIGN_KEYS
 from vlm_tune.relevance_config import RelevanceConfig
 from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
@@ -244,20 +245,28 @@ class TrainConfig:
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
     )
+    report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = field(
+        default=None,
+        metadata={"help": "trackers (through accelerate): tensorboard, mlflow, wandb; null: tensorboard if installed"},
+    )
+    keep_best: Optional[str] = field(
+        default=None,
+        metadata={"help": "also keep the best checkpoint by eval_loss or a caption metric (CIDEr-D, BLEU-4...)"},
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "stop after N evaluations without improvement (of keep_best, else eval_loss)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "a fresh run may start in an output_dir with checkpoints"})
     skip_nonfinite_steps: int = field(default=0, metadata={"help": "NaN/inf steps skipped (no update) before stopping"})
 
     def _check(self) -> list[str]:
         errors = []
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "log_every": self.log_every,
-        }
-        errors += [f"{name}: must be a positive integer, got {value}" for name, value in positive.items() if value <= 0]
-        if self.max_steps is not None and self.max_steps <= 0:
-            errors.append(f"max_steps: must be a positive integer, got {self.max_steps}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive.update({"log_every": self.log_every, "max_steps": self.max_steps})  # max_steps: None or > 0
+        positive["early_stopping_patience"] = self.early_stopping_patience  # None or > 0
+        invalid = {name: value for name, value in positive.items() if value is not None and value <= 0}
+        errors += [f"{name}: must be a positive integer, got {value}" for name, value in invalid.items()]
         non_negative = {
             "warmup_steps": self.warmup_steps,
             "save_every": self.save_every,
@@ -271,6 +280,8 @@ class TrainConfig:
         errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         if self.lr <= 0:
             errors.append(f"lr: must be positive, got {self.lr}")
+        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+            errors.append(f"keep_best: unknown metric '{self.keep_best}', expected one of {list(BEST_METRICS)}")
         return errors
 
 
@@ -282,7 +293,7 @@ class EvalConfig:
     limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first N images"})
     generate_limit: int = field(default=32, metadata={"help": "images scored by train.eval_generate_every"})
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "evaluation folder (default: <checkpoint or output_dir>/eval-<split>)"}
+        default=None, metadata={"help": "evaluation folder (default: <checkpoint>/eval-<set>-<split>, see Evaluation)"}
     )
     contact_sheet_images: int = field(default=16, metadata={"help": "images drawn on contact_sheet.png (0: none)"})
     use_java: Optional[bool] = field(
@@ -328,7 +339,15 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        return errors
+        return errors + self._check_best()
+
+    def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric
+        setting = "train.keep_best" if self.train.keep_best else "train.early_stopping_patience"
+        if (self.train.keep_best or self.train.early_stopping_patience) and self.data.eval is None:
+            return [f"{setting}: needs an evaluation set; set data.eval.path"]
+        if self.train.keep_best not in (None, "eval_loss") and not self.train.eval_generate_every:
+            return [f"{setting}: {self.train.keep_best} is computed every train.eval_generate_every steps, set it"]
+        return []
 
     def component(self, name: str) -> ComponentConfig:
         """The policy of one component; components not named in the recipe are frozen."""
@@ -346,7 +365,7 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
         RecipeError: listing every problem, each with its dotted path.
     """
     errors: list[str] = []
-    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors)
+    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors, renamed=FOREIGN_KEYS)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise RecipeError(f"{source}: {len(errors)} problem(s) in the recipe:\n{lines}")

@@ -146,7 +146,9 @@ def summary_markdown(info: dict, rows: list[dict], examples: int = 10) -> str:
         lines += ["", "METEOR was skipped: it needs Java (" + info.get("tokenizer", "") + " tokenizer used)."]
     lines += [
         "",
-        f"- evaluation set: `{info['data']}` (split `{info['split']}`), {info['num_images']} "
+        f"- evaluation set: `{info['data']}`"
+        + (f" (split `{info['split']}`)" if info.get("split") else "")
+        + f", {info['num_images']} "
         + ("questions" if vqa else "images")
         + " scored"
         + (f", {info['skipped_images']} skipped (unreadable)" if info.get("skipped_images") else ""),

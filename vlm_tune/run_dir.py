@@ -21,7 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from vlm_tune.checkpoint import clean_temporary_folders, list_checkpoints
+from vlm_tune.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    clean_temporary_folders,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 from vlm_tune.errors import VlmTuneError, disk_error
 from vlm_tune.run_log import trim_log
 
@@ -32,7 +39,7 @@ except ImportError:  # Windows: no advisory file locks, so no protection against
 
 logger = logging.getLogger("vlm_tune.train")
 LOCK_FILE = "run.lock"
-RUN_RECORDS = ("log.jsonl", "loss.png", "bad_samples.jsonl", "tensorboard")  # written anew by each fresh run
+RUN_RECORDS = ("log.jsonl", "loss.png", "bad_samples.jsonl", "best.json", "tensorboard")  # anew in each fresh run
 
 
 class RunFolderError(VlmTuneError):
@@ -174,3 +181,39 @@ def on_main_process(accelerator, action: Callable[[], Any]) -> Any:
     if failure is not None:
         raise failure
     return result
+
+
+def open_run_folder(recipe: Any, accelerator) -> tuple[RunFolder, Optional[Path]]:
+    """Lock the recipe's run folder, find the checkpoint to resume from, and start this run's records there.
+
+    Returns:
+        (the locked folder, to release when the run ends; the checkpoint train.resume names, or None)
+    Raises:
+        RunFolderError, CheckpointError: on every process (see `lock_run_folder`, `start_records`,
+            `resume_checkpoint`).
+    """
+    run_dir = Path(recipe.train.output_dir)
+    folder = on_main_process(accelerator, lambda: lock_run_folder(run_dir)) or RunFolder(run_dir)
+    try:
+        resume_from = resume_checkpoint(recipe, run_dir)
+        resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+        on_main_process(accelerator, lambda: start_records(run_dir, resume_step, recipe))
+    except BaseException:
+        folder.release()
+        raise
+    return folder, resume_from
+
+
+def resume_checkpoint(recipe: Any, run_dir: Path) -> Optional[Path]:
+    """The checkpoint train.resume names (auto: the newest complete one of the run folder), or None."""
+    if not recipe.train.resume:
+        return None
+    if recipe.train.resume == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            logger.info("train.resume=auto: no complete checkpoint in %s, starting fresh", run_dir)
+        return found
+    try:
+        return resolve_checkpoint(recipe.train.resume)
+    except CheckpointError as error:
+        raise CheckpointError(f"train.resume: {error}") from None

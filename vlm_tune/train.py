@@ -18,20 +18,16 @@ from typing import Optional
 
 import torch
 
-from vlm_tune.checkpoint import (
-    CheckpointError,
-    checkpoint_step,
-    last_finite_checkpoint,
-    latest_checkpoint,
-    load_training_state,
-    resolve_checkpoint,
-)
+from vlm_tune.best_tracker import BestTracker
+from vlm_tune.checkpoint import CheckpointError
+from vlm_tune.checkpoint_load import last_finite_checkpoint, load_training_state
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.interrupts import agreed_interrupt, catch_interrupts, shielded
+from vlm_tune.progress import lr_text, make_progress
 from vlm_tune.recipe import Recipe, load_recipe
-from vlm_tune.run_dir import RunFolder, lock_run_folder, on_main_process, start_records
+from vlm_tune.run_dir import open_run_folder
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
     TrainingData,
@@ -57,42 +53,25 @@ EMPTY_BATCH_LIMIT = 8  # micro-batches in a row without one usable sample before
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup_accelerator(recipe: Recipe):
+def _setup_accelerator(recipe: Recipe, run_dir: Path):
+    """The Accelerator with the run's trackers; processes that were started but do not form one group are refused."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    from vlm_tune.launch import cpu_group, launch_problem
+    from vlm_tune.run_log import chosen_trackers, make_trackers
+
+    trackers = make_trackers(chosen_trackers(recipe.train.report_to), run_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        cpu=cpu_group(torch.cuda.is_available()),  # processes started on a machine without a GPU join over gloo
+        log_with=trackers or None,
+    )
+    problem = launch_problem(accelerator.num_processes)
+    if problem is not None:
+        raise TrainingError(problem)
     set_seed(recipe.train.seed)
     return accelerator
-
-
-def _setup_run_dir(recipe: Recipe, accelerator) -> tuple[RunFolder, Optional[Path]]:
-    """Lock the run folder, find the checkpoint to resume from, and start this run's records there."""
-    run_dir = Path(recipe.train.output_dir)
-    folder = on_main_process(accelerator, lambda: lock_run_folder(run_dir)) or RunFolder(run_dir)
-    try:
-        resume_from = _resume_checkpoint(recipe, run_dir)
-        resume_step = checkpoint_step(resume_from) if resume_from is not None else None
-        on_main_process(accelerator, lambda: start_records(run_dir, resume_step, recipe))
-    except BaseException:
-        folder.release()
-        raise
-    return folder, resume_from
-
-
-def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> Optional[Path]:
-    """The checkpoint train.resume names (auto: the newest complete one of the run folder), or None."""
-    if not recipe.train.resume:
-        return None
-    if recipe.train.resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            logger.info("train.resume=auto: no complete checkpoint in %s, starting fresh", run_dir)
-        return found
-    try:
-        return resolve_checkpoint(recipe.train.resume)
-    except CheckpointError as error:
-        raise CheckpointError(f"train.resume: {error}") from None
 
 
 def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Optional[Path]):
@@ -114,18 +93,29 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
     return built
 
 
-def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
-    from torch.utils.data import DataLoader
-
-    from vlm_tune.data import build_dataset, build_train_sampler
-    from vlm_tune.data.chat_collate import train_collator_for
-    from vlm_tune.data.keepalive import vision_side_trains
+def _setup_datasets(recipe: Recipe) -> tuple:
+    """The training and evaluation sets (None without data.eval): read before the model loads, so that a wrong
+    path or column name is reported at once, not after the model has loaded."""
+    from vlm_tune.data import build_dataset
 
     if recipe.data.train is None:
         raise TrainingError(
             "data.train is not set: name a training set, e.g. data.train.path=data/shapes/captions_train.json"
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
+    eval_set = None
+    if recipe.data.eval is not None:
+        eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
+    return train_set, eval_set
+
+
+def _setup_loaders(recipe: Recipe, train_set, eval_set, processor, accelerator) -> TrainingData:
+    from torch.utils.data import DataLoader
+
+    from vlm_tune.data import build_train_sampler
+    from vlm_tune.data.chat_collate import train_collator_for
+    from vlm_tune.data.keepalive import vision_side_trains
+
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
     busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
     collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
@@ -134,10 +124,10 @@ def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
     generator = torch.Generator().manual_seed(recipe.train.seed)
     train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, generator=generator, **loader_args)
     data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
-    if recipe.data.eval is not None:
-        data.eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        collator = train_collator_for(data.eval_set, processor, recipe.data)  # no backward: no DDP wait
-        eval_loader = DataLoader(data.eval_set, shuffle=False, collate_fn=collator, **loader_args)
+    if eval_set is not None:
+        data.eval_set = eval_set
+        collator = train_collator_for(eval_set, processor, recipe.data)  # no backward: no DDP wait
+        eval_loader = DataLoader(eval_set, shuffle=False, collate_fn=collator, **loader_args)
         data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
 
@@ -163,50 +153,67 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     return optimizer, scheduler
 
 
-def _resume(checkpoint: Optional[Path], optimizer, scheduler) -> TrainingPosition:
-    """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler and
-    RNG states restored; its weights were loaded when the model was built)."""
+def _resume(checkpoint: Optional[Path], optimizer, scheduler, best: Optional[BestTracker]) -> TrainingPosition:
+    """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler, RNG
+    and best-checkpoint states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
     try:
         state = load_training_state(checkpoint, optimizer, scheduler)
     except CheckpointError as error:
         raise CheckpointError(f"train.resume: {error}") from None
+    if best is not None:
+        best.restore(state.get("best"))
     logger.info("Resumed from %s (step %d)", checkpoint, state["step"])
     skipped = state.get("nonfinite_skipped", 0)
     return TrainingPosition(state["step"], state["epoch"], state["batches_done"], skipped, state["rng"])
 
 
-def _setup(recipe: Recipe) -> tuple[TrainingRun, TrainingPosition]:
+def _announce(recipe: Recipe, data: TrainingData, built, accelerator, total_steps: int, log: RunLog, start: int):
+    """Print the start summary and its warnings, write it as the first record, start the trackers (main process)."""
+    from vlm_tune.run_summary import tracker_config, training_plan
+
+    plan = training_plan(recipe, data, built.report, accelerator, total_steps, log.run_dir, start)
+    if accelerator.is_main_process:
+        print("\n".join(plan.lines()), flush=True)
+        for warning in plan.warnings:
+            logger.warning(warning)
+    log.start(tracker_config(recipe, plan))
+    log.write(plan.record())
+
+
+def _setup(recipe: Recipe, show_progress: Optional[bool] = None) -> tuple[TrainingRun, TrainingPosition]:
     """Everything the loop needs, and the position it starts from (fresh, or the checkpoint resumed from)."""
-    accelerator = _setup_accelerator(recipe)
-    folder, resume_from = _setup_run_dir(recipe, accelerator)
+    accelerator = _setup_accelerator(recipe, Path(recipe.train.output_dir))
+    folder, resume_from = open_run_folder(recipe, accelerator)
     try:
-        return _setup_training(recipe, accelerator, folder, resume_from)
+        run, position = _setup_training(recipe, accelerator, folder.path, resume_from, show_progress)
     except BaseException:
         folder.release()
         raise
+    run.folder = folder
+    return run, position
 
 
-def _setup_training(recipe: Recipe, accelerator, folder: RunFolder, resume_from: Optional[Path]):
-    from tqdm.auto import tqdm
-
-    run_dir = folder.path
+def _setup_training(recipe: Recipe, accelerator, run_dir: Path, resume_from: Optional[Path], show_progress):
+    """`_setup` once the run folder is locked: data, model, optimizer, position, log and progress."""
+    train_set, eval_set = _setup_datasets(recipe)
     built = _setup_model(recipe, accelerator, run_dir, resume_from)
-    data = _setup_data(recipe, built.processor, accelerator)
-    cfg = recipe.train
+    data = _setup_loaders(recipe, train_set, eval_set, built.processor, accelerator)
+    cfg, main = recipe.train, accelerator.is_main_process
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
     optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
     model, optimizer = accelerator.prepare(built.model, optimizer)
-    position = _resume(resume_from, optimizer, scheduler)
-    main = accelerator.is_main_process
-    progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
-    log = RunLog(run_dir, enabled=main)
+    best = BestTracker.from_recipe(cfg)
+    position = _resume(resume_from, optimizer, scheduler, best)
+    log = RunLog(run_dir, accelerator, enabled=main)
+    _announce(recipe, data, built, accelerator, total_steps, log, position.step)
+    progress = make_progress(total_steps, position.step, cfg.log_every, enabled=main, bar=show_progress)
     run = TrainingRun(
         recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
     )
-    run.folder = folder
-    run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
+    run.best = best
+    run.summary.update(run_dir=str(run_dir), total_steps=total_steps, main_process=main)
     return run, position
 
 
@@ -218,9 +225,8 @@ def _setup_training(recipe: Recipe, accelerator, folder: RunFolder, resume_from:
 def _nothing_usable_message(batches: int, skipped: list[dict], run_dir: Path) -> str:
     """Why training stopped after `batches` micro-batches in a row without one usable sample."""
     latest = skipped[-1] if skipped else {"image_id": None, "reason": "unknown"}  # one of this streak's
-    which = latest.get("file") or f"image {latest['image_id']}"
     return (
-        f"the last {batches} batches in a row had no usable sample (latest: {which}: "
+        f"the last {batches} batches in a row had no usable sample (latest: image {latest['image_id']}: "
         f"{latest['reason']}). When every sample fails alike, the processor or the model does not fit the data "
         f"path (a tokenizer without a padding token, a transformers version), rather than the data being bad. "
         f"Every skipped sample is listed in {run_dir / 'bad_samples.jsonl'}"
@@ -266,19 +272,22 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, result, run.optimizer, tokens_per_s)
-            record["train_seconds"] = train_seconds
+            record["train/seconds"] = train_seconds
             if torch.cuda.is_available():
-                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                record["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            run.losses.append(result.loss)  # logged as their mean every train.log_every steps
+            window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
+            run.progress.set_postfix(
+                loss=window_loss, lr=lr_text(run.optimizer.param_groups), tok_s=f"{tokens_per_s:.0f}"
+            )
             run.progress.update(1)
-            lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
-            run.progress.set_postfix(loss=f"{result.loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")
             run.summary["loss"] = result.loss
             if result.skipped:
                 run.progress.write(f"step {position.step}: {result.skipped}; its update was skipped")
             after_step(run, record, position)
             if on_step is not None:
                 on_step(position.step)
-            if position.step == run.total_steps:
+            if position.step == run.total_steps or run.stop_reason:
                 return
             mark = time.perf_counter()
         position.next_epoch()  # the epoch ran out before the last step
@@ -287,8 +296,10 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
         after_step(run, None, position)
 
 
-def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Train as the recipe says; return a summary (steps, last loss, eval loss, run folder).
+def train(
+    recipe: Recipe, on_step: Optional[Callable[[int], None]] = None, show_progress: Optional[bool] = None
+) -> dict:
+    """Train as the recipe says; return a summary (steps, last loss, eval loss, run folder, early stop).
 
     Ctrl-C stops training: the last complete step is saved (unless this run saved it already) and the summary
     says `interrupted`; a second Ctrl-C during that save waits for it.
@@ -296,12 +307,14 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
     Args:
         recipe: a validated recipe.
         on_step: called with the step number after every optimizer step (tests use it to simulate a crash).
+        show_progress: True: a progress bar; False: plain lines every train.log_every steps; None: a bar
+            when stderr is a terminal.
     Raises:
         TrainingStopped: a non-finite loss or gradient norm (the message names the last finite checkpoint).
         TrainingError, DataError, CheckpointError, RunFolderError...: a setup that cannot train (the message
             says the fix).
     """
-    run, position = _setup(recipe)
+    run, position = _setup(recipe, show_progress)
     with catch_interrupts(immediate=run.accelerator.num_processes == 1):
         try:
             _first_eval(run, position)
@@ -323,6 +336,8 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
                 _save_bad_samples(run.data, run.skipped, run.run_dir, run.main)
                 run.folder.release()
     run.summary["step"] = position.step
+    if run.stop_reason:
+        run.summary["stopped_early"] = run.stop_reason
     return run.summary
 
 
@@ -363,12 +378,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = CommandParser(prog="python -m vlm_tune.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4 components.vision.rank=16")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="plain progress lines every train.log_every steps, no bar"
+    )
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def command() -> int:
-        summary = train(load_recipe(args.recipe, args.overrides))
-        print(f"Done: {summary['step']} steps, run folder {summary['run_dir']}")
+        summary = train(load_recipe(args.recipe, args.overrides), show_progress=False if args.no_progress else None)
+        stopped = f" ({summary['stopped_early']})" if "stopped_early" in summary else ""
+        if summary["main_process"]:
+            print(f"Done: {summary['step']} steps{stopped}, run folder {summary['run_dir']}")
         return 130 if summary.get("interrupted") else 0
 
     return run_command(command)

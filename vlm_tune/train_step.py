@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from vlm_tune.best_tracker import BestTracker
 from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.interrupts import deferred
@@ -102,6 +103,9 @@ class TrainingRun:
     skipped: list[dict] = field(default_factory=list)  # bad samples met in batches
     saved_steps: set[int] = field(default_factory=set)  # checkpoints this run wrote
     folder: Any = None  # the locked run folder (vlm_tune.run_dir.RunFolder)
+    best: Optional[BestTracker] = None  # train.keep_best / early_stopping_patience
+    losses: list[float] = field(default_factory=list)  # losses of the steps since the last log line
+    stop_reason: Optional[str] = None  # set when early stopping ends the run before the last step
 
     @property
     def main(self) -> bool:
@@ -235,17 +239,17 @@ def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> 
 
 
 def step_record(position: TrainingPosition, result: StepResult, optimizer, tokens_per_s: float) -> dict:
-    """The log line of one optimizer step (all processes)."""
+    """The log line of one optimizer step (all processes); `after_step` replaces the loss by the window's mean."""
     record = {
         "step": position.step,
         "epoch": position.epoch,
-        "loss": result.loss,
-        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-        "tokens_per_s": tokens_per_s,
-        "grad_norm": result.grad_norm.get("model"),
+        "train/loss": result.loss,
+        "train/lr": {g["name"]: g["lr"] for g in optimizer.param_groups},  # the lr of the next step
+        "train/tokens_per_s": tokens_per_s,  # running average over the run
+        "train/grad_norm": result.grad_norm.get("model"),
     }
     if RELEVANCE_GROUP in result.grad_norm:
-        record["relevance_grad_norm"] = result.grad_norm[RELEVANCE_GROUP]
+        record["train/relevance_grad_norm"] = result.grad_norm[RELEVANCE_GROUP]
     if result.skipped is not None:
         record["skipped"] = f"{result.skipped}: update skipped"
         record["nonfinite_skipped"] = position.nonfinite_skipped
@@ -277,13 +281,16 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
         )
     if position.step in run.saved_steps:  # never replace a complete checkpoint of this run
         return
+    state = position.saved()
+    if run.best is not None:
+        state["best"] = run.best.state()
     with deferred():
         if run.main:
             save_checkpoint(
                 run.run_dir,
                 position.step,
                 model,
-                position.saved(),
+                state,
                 run.optimizer,
                 run.scheduler,
                 keep=run.recipe.train.keep_checkpoints,
@@ -294,22 +301,68 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
         run.accelerator.wait_for_everyone()
 
 
-def after_step(run: TrainingRun, record: Optional[dict], position: TrainingPosition) -> None:
-    """Log, compute the eval loss and caption metrics, and save, each when its cadence falls on this step
-    (`record` None: the step was logged already)."""
-    cfg, step, total = run.recipe.train, position.step, run.total_steps
-    if record is not None and due(cfg.log_every, step, total):
-        run.log.write(record)
+def _log_window(run: TrainingRun, record: dict) -> None:
+    """Log the step's record with `train/loss` the mean over the steps since the last log line."""
+    step = record["step"]
+    first = step - len(run.losses) + 1
+    finite = [loss for loss in run.losses if math.isfinite(loss)]  # a skipped step's NaN loss stays out
+    mean = sum(finite) / len(finite) if finite else None
+    record = {**record, "train/loss": mean, "loss_over_steps": [first, step]}
+    run.losses.clear()
+    run.log.write(record)
+
+
+def _evaluate(run: TrainingRun, step: int) -> dict[str, float]:
+    """The eval loss and caption metrics due at this step ({"eval_loss": ..., "CIDEr-D": ...}; {} if none)."""
+    cfg, total = run.recipe.train, run.total_steps
+    scores: dict[str, float] = {}
     if run.data.eval_loader is not None and due(cfg.eval_every, step, total):
         with preserved_rng():  # evaluating never changes what training draws next
-            run.summary["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
-        run.log.write({"step": step, "eval_loss": run.summary["eval_loss"]})
-        run.progress.write(f"step {step}: eval loss {run.summary['eval_loss']:.4f}")
+            scores["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
+        run.summary["eval_loss"] = scores["eval_loss"]
+        run.log.write({"step": step, "eval/loss": scores["eval_loss"]})
+        run.progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}")
     captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
-    if captions_due and run.data.eval_set is not None and run.main:
-        with preserved_rng():
-            scores = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
-        run.log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
-        run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    if due(cfg.save_every, step, total):
+    if captions_due and run.data.eval_set is not None:
+        metrics = {}
+        if run.main:  # generation runs on the main process; the others wait for its scores
+            with preserved_rng():
+                metrics = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
+            run.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        scores.update(_shared_scores(metrics, run.accelerator) if run.best is not None else metrics)
+    return scores
+
+
+def _shared_scores(scores: dict[str, float], accelerator) -> dict[str, float]:
+    """The main process's scores on every process (caption metrics are computed on the main one only)."""
+    if accelerator.num_processes == 1:
+        return scores
+    from accelerate.utils import broadcast_object_list
+
+    shared = [scores]
+    broadcast_object_list(shared, from_process=0)
+    return shared[0]
+
+
+def after_step(run: TrainingRun, record: Optional[dict], position: TrainingPosition) -> None:
+    """Log, evaluate (eval loss, caption metrics), keep the best, save, and stop early, each when due
+    (`record` None: the step was logged already)."""
+    from vlm_tune.checkpoint import write_best
+
+    cfg, step, total = run.recipe.train, position.step, run.total_steps
+    if record is not None and due(cfg.log_every, step, total):
+        _log_window(run, record)
+    scores = _evaluate(run, step)
+    improved = False
+    if run.best is not None and scores:
+        improved = run.best.update(step, scores)  # the same scores on every process: they decide alike
+        if run.best.exhausted and step < total:
+            run.stop_reason = f"early stopping: {run.best.describe()}"
+    if due(cfg.save_every, step, total) or (improved and run.best.keep) or run.stop_reason:
         save_run(run, position)
+    if improved and run.best.keep and run.main:
+        write_best(run.run_dir, run.run_dir / f"checkpoint-{step}", run.best.metric, run.best.value)
+    if run.stop_reason:
+        run.log.write({"step": step, "event": "early_stop", "reason": run.stop_reason})
+        run.progress.write(f"step {step}: {run.stop_reason}; stopping")
