@@ -1,5 +1,5 @@
-"""Checkpoint files without training: no unpickling, exact state round trip, atomic replacement, safe pruning,
-cleanup of what kills leave, finite weights only, and errors that name the fix."""
+"""Checkpoint files (vlm_tune.checkpoint, checkpoint_load) without training: no unpickling, exact state round
+trip, atomic replacement, safe pruning, cleanup of what kills leave, finite weights only, errors that name the fix."""
 
 import errno
 import json
@@ -21,11 +21,10 @@ from vlm_tune.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
-    load_training_state,
-    load_weights,
     resolve_checkpoint,
     save_checkpoint,
 )
+from vlm_tune.checkpoint_load import load_training_state, load_weights
 
 
 class SimulatedKill(Exception):
@@ -167,7 +166,8 @@ def test_newest_means_written_last_so_another_runs_higher_steps_never_outrank_th
 
 
 def test_weights_with_nan_are_never_saved_and_the_last_finite_checkpoint_is_named(tmp_path):
-    from vlm_tune.checkpoint import NonFiniteWeightsError, last_finite_checkpoint
+    from vlm_tune.checkpoint import NonFiniteWeightsError
+    from vlm_tune.checkpoint_load import last_finite_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
