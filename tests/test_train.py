@@ -444,7 +444,7 @@ def test_start_summary_counts_what_will_happen_and_warns_in_one_line_each(setup,
 
     def recording_train_step(*args, **kwargs):
         result = real_train_step(*args, **kwargs)
-        losses.append(result[0])
+        losses.append(result.loss)
         return result
 
     real_train_step = train_module.train_step
