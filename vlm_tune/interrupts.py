@@ -22,8 +22,13 @@ def _on_sigint(signum, frame) -> None:
     if _state["immediate"] and _state["depth"] == 0 and not _state["shielded"]:
         raise KeyboardInterrupt
     if not _state["pending"] or _state["shielded"]:
-        what = "the checkpoint is being written" if _state["shielded"] else "finishing the update or save"
-        print(f"\nCtrl-C: {what}; stopping right after it", file=sys.stderr, flush=True)
+        if _state["shielded"]:
+            what = "the checkpoint is being written; exiting right after it"
+        elif _state["immediate"]:
+            what = "finishing the update or save; stopping right after it"
+        else:
+            what = "every process stops after this step"
+        print(f"\nCtrl-C: {what}", file=sys.stderr, flush=True)
     _state["pending"] = True
 
 
