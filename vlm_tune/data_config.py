@@ -42,6 +42,9 @@ class DataSourceConfig:
         default="caption", metadata={"help": "evaluation scores captions, or answers (exact match, VQA acc., ANLS)"}
     )
     limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images (conversations)"})
+    allow_outside_paths: bool = field(
+        default=False, metadata={"help": "let image paths lead out of the image folder (`..`, absolute paths)"}
+    )
 
     def _check(self) -> list[str]:
         errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
@@ -73,6 +76,9 @@ class DataConfig:
     max_pixels: Optional[int] = field(
         default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
     )
+    max_image_pixels: Optional[int] = field(
+        default=40_000_000, metadata={"help": "bigger image files: JPEG downscaled while decoding, others skipped"}
+    )
     max_length: int = field(
         default=512, metadata={"help": "longest sequence; captions shortened, conversations cut after a turn"}
     )
@@ -90,4 +96,8 @@ class DataConfig:
             errors.append(f"max_length: must be a positive integer, got {self.max_length}")
         if self.num_workers < 0:
             errors.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        for name in ("image_size", "max_pixels", "max_image_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"{name}: must be a positive integer or null, got {value}")
         return errors
