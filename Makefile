@@ -11,15 +11,15 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 demo: install
-	$(PYTHON) -m vlm_tune.train recipes/demo.yaml
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo --output-dir runs/demo/eval-trained
+	$(PYTHON) -m vlm_tune.train recipes/demo.yaml train.overwrite=true  # a second make demo starts over in runs/demo
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo --output-dir runs/demo/eval-trained --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
 
 demo-vqa: install
 	$(PYTHON) -m vlm_tune.train recipes/demo_vqa.yaml
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo_vqa.yaml --output-dir runs/demo_vqa/eval-base
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo_vqa.yaml --checkpoint runs/demo_vqa --output-dir runs/demo_vqa/eval-trained
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo_vqa.yaml --output-dir runs/demo_vqa/eval-base --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo_vqa --output-dir runs/demo_vqa/eval-trained --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo_vqa/eval-base runs/demo_vqa/eval-trained --out runs/demo_vqa/compare.md
 
 lint:

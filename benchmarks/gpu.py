@@ -214,18 +214,18 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
         if (run_dir / "log.jsonl").is_file()
         else []
     )
-    records = [r for r in records if "train_seconds" in r]
+    records = [r for r in records if "train/seconds" in r]
     if len(records) <= steps["warmup"]:
         return [{"variant": "train command", "error": (output.strip().splitlines() or ["no log"])[-1][:200]}]
     first, last = records[steps["warmup"] - 1], records[-1]
-    step_s = (last["train_seconds"] - first["train_seconds"]) / (last["step"] - first["step"])
+    step_s = (last["train/seconds"] - first["train/seconds"]) / (last["step"] - first["step"])
     return [
         {
             "variant": "train command",
             "step_s": step_s,
-            "peak_gib": last.get("gpu_peak_gib"),
+            "peak_gib": last.get("train/gpu_peak_gib"),
             "batch_size": spec["batch_size"],
-            "tokens_per_sample": last["tokens_per_s"] * last["train_seconds"] / last["step"] / spec["batch_size"],
+            "tokens_per_sample": last["train/tokens_per_s"] * last["train/seconds"] / last["step"] / spec["batch_size"],
             "process_s": time.perf_counter() - start,
         }
     ]

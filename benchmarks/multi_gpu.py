@@ -90,7 +90,7 @@ def _recipe(spec: dict, args, folder: Path, captions: Path, run_dir: Path) -> di
     recipe["train"].update(
         max_steps=args.warmup + args.steps, grad_accum=spec["grad_accum"], output_dir=str(run_dir), seed=0
     )
-    recipe["train"]["keep_checkpoints"] = 1
+    recipe["train"].update(keep_checkpoints=1, overwrite=True)  # every call trains the run anew
     if args.tiny:
         recipe["data"]["num_workers"] = 0
     return recipe
@@ -98,14 +98,14 @@ def _recipe(spec: dict, args, folder: Path, captions: Path, run_dir: Path) -> di
 
 def measure(records: list[dict], warmup: int, global_batch: int) -> dict:
     """Samples/s between the end of step `warmup` and the last step, the peak GiB, and the loss per step."""
-    steps = [r for r in records if "train_seconds" in r]
+    steps = [r for r in records if "train/seconds" in r]
     result = {
-        "losses": {r["step"]: r["loss"] for r in steps},
-        "peak_gib": steps[-1].get("gpu_peak_gib") if steps else None,
+        "losses": {r["step"]: r["train/loss"] for r in steps},
+        "peak_gib": steps[-1].get("train/gpu_peak_gib") if steps else None,
     }
     if len(steps) > warmup >= 1:
         first, last = steps[warmup - 1], steps[-1]
-        seconds = last["train_seconds"] - first["train_seconds"]
+        seconds = last["train/seconds"] - first["train/seconds"]
         result["samples_s"] = (last["step"] - first["step"]) * global_batch / seconds
         result["step_s"] = seconds / (last["step"] - first["step"])
     return result

@@ -86,7 +86,12 @@ def test_multi_gpu_runs_share_one_global_batch():
 def test_multi_gpu_efficiency_memory_and_loss_difference():
     def log(seconds_per_step, loss_shift, peak):
         return [
-            {"step": s, "loss": 2.0 - s / 10 + loss_shift, "train_seconds": s * seconds_per_step, "gpu_peak_gib": peak}
+            {
+                "step": s,
+                "train/loss": 2.0 - s / 10 + loss_shift,
+                "train/seconds": s * seconds_per_step,
+                "train/gpu_peak_gib": peak,
+            }
             for s in range(1, 6)
         ]
 

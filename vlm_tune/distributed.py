@@ -152,6 +152,16 @@ def peak_gpu_gib(accelerator) -> Optional[float]:
     return float(accelerator.reduce(peak, "max")) if accelerator.num_processes > 1 else float(peak)
 
 
+def on_any_process(names: list[str], accelerator) -> list[str]:
+    """Under FSDP, the names any process found (each one checks only its own shards), so that every process
+    decides alike; otherwise `names` (DDP processes hold the same weights)."""
+    if not is_sharded(accelerator) or accelerator.num_processes == 1:
+        return names
+    from accelerate.utils import gather_object
+
+    return list(dict.fromkeys(name for found in gather_object([names]) for name in found))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: full state out, shards back in
 # ----------------------------------------------------------------------------------------------
