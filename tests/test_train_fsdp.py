@@ -305,3 +305,22 @@ def test_a_step_runs_only_when_every_process_has_a_micro_batch():
     results = mp.Manager().dict()
     mp.spawn(_agree_on_data, args=(_free_port(), results), nprocs=2, join=True)
     assert dict(results) == {0: [True, False, False], 1: [True, False, False]}
+
+
+def test_text_only_batches_get_the_dummy_image_under_fsdp_even_with_a_frozen_vision_side(setup):
+    from types import SimpleNamespace
+
+    from vlm_tune.data.keepalive import needs_dummy_images
+
+    frozen = _recipe(setup, "unused")
+    frozen["components"] = {"language": {"mode": "lora", "rank": 4}}
+    frozen["relevance"]["enabled"] = False
+    frozen, trains = recipe_from_dict(frozen), recipe_from_dict(_recipe(setup, "unused"))
+
+    def accelerator(processes, fsdp):
+        return SimpleNamespace(num_processes=processes, is_fsdp2=fsdp)
+
+    assert not needs_dummy_images(frozen, accelerator(2, False))  # DDP: nothing on the vision side waits
+    assert needs_dummy_images(trains, accelerator(2, False))  # DDP waits for the vision side's gradients
+    assert needs_dummy_images(frozen, accelerator(2, True))  # FSDP gathers the frozen vision layers too
+    assert not needs_dummy_images(trains, accelerator(1, True))  # one process waits for no one

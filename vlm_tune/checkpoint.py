@@ -108,6 +108,14 @@ def non_finite_parameters(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def _non_finite_to_save(model: torch.nn.Module, full_state: Any) -> list[str]:
+    """The weights to save that hold NaN or inf: the model's, or under FSDP the gathered ones (the model holds
+    only this process's shards)."""
+    if full_state is None:
+        return non_finite_parameters(model)
+    return [key for key, value in full_state.weights.items() if not torch.isfinite(value).all()]
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -140,10 +148,7 @@ def save_checkpoint(
         CheckpointError: the folder cannot be written (the disk is full, no permission...).
     """
     output_dir = Path(output_dir)
-    if full_state is None:
-        broken = non_finite_parameters(model)
-    else:  # the gathered weights: the model holds only this process's shards
-        broken = [key for key, value in full_state.weights.items() if not torch.isfinite(value).all()]
+    broken = _non_finite_to_save(model, full_state)
     if broken:
         raise NonFiniteWeightsError(f"{len(broken)} trained tensor(s) hold NaN or inf values, e.g. {broken[0]}")
     final = output_dir / f"checkpoint-{step}"

@@ -116,13 +116,10 @@ def _setup_loaders(recipe: Recipe, train_set, eval_set, processor, accelerator) 
 
     from vlm_tune.data import build_train_sampler
     from vlm_tune.data.chat_collate import train_collator_for
-    from vlm_tune.data.keepalive import vision_side_trains
+    from vlm_tune.data.keepalive import needs_dummy_images
 
     sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    # Text-only batches get a dummy image: DDP waits for the gradients of a vision side that trains; FSDP
-    # gathers the vision layers' weights in every forward, frozen or not, and every process must take part.
-    sharded = is_sharded(accelerator)
-    busy = accelerator.num_processes > 1 and (vision_side_trains(recipe) or sharded)
+    busy = needs_dummy_images(recipe, accelerator)  # text-only micro-batches get a dummy image
     collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
     loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
     # Its own generator: a loader drawing its worker seed from the global RNG would shift a resumed run's draws.
@@ -131,8 +128,7 @@ def _setup_loaders(recipe: Recipe, train_set, eval_set, processor, accelerator) 
     data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
     if eval_set is not None:
         data.eval_set = eval_set
-        busy = accelerator.num_processes > 1 and sharded  # no backward: no DDP wait, but FSDP gathers
-        collator = train_collator_for(eval_set, processor, recipe.data, keep_vision_busy=busy)
+        collator = train_collator_for(eval_set, processor, recipe.data, keep_vision_busy=is_sharded(accelerator))
         eval_loader = DataLoader(eval_set, shuffle=False, collate_fn=collator, **loader_args)
         data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
@@ -350,12 +346,10 @@ def train(
 def _first_eval(run: TrainingRun, position: TrainingPosition) -> None:
     """Caption metrics of the model before training (train.eval_generate_every, fresh runs)."""
     data, recipe = run.data, run.recipe
-    generates = run.main or is_sharded(run.accelerator)  # FSDP: every process takes part in generation
-    if recipe.train.eval_generate_every and position.step == 0 and data.eval_set is not None and generates:
+    if recipe.train.eval_generate_every and position.step == 0 and data.eval_set is not None and run.generates:
         with preserved_rng():
             scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
-        if run.main:
-            run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})
+        run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})  # main process only
 
 
 def _save_on_interrupt(run: TrainingRun, position: TrainingPosition) -> None:

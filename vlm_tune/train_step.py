@@ -112,6 +112,11 @@ class TrainingRun:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def generates(self) -> bool:
+        """Whether this process generates captions: the main one; under FSDP every one (each step gathers)."""
+        return self.main or is_sharded(self.accelerator)
+
 
 def every_process_has_data(group: list[dict], accelerator) -> bool:
     """True when every process has a usable micro-batch for this step (all processes skip a step alike)."""
@@ -339,9 +344,7 @@ def _evaluate(run: TrainingRun, step: int) -> dict[str, float]:
     captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
     if captions_due and run.data.eval_set is not None:
         metrics = {}
-        # Generation runs on the main process, the others waiting for its scores; under FSDP on every process
-        # (each generation step gathers the weights), the main one scoring.
-        if run.main or is_sharded(run.accelerator):
+        if run.generates:  # the main process (under FSDP every process), the others waiting for its scores
             with preserved_rng():
                 metrics = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
         if run.main:

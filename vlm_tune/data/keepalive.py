@@ -6,7 +6,7 @@ relevance modules) out of the graph on that process, and the other processes wai
 DDP/ZeRO hang). Under FSDP every layer gathers its weights from all processes when it runs, so a vision side
 that only some processes run hangs even when it is frozen. The conversation collator then adds
 `dummy_sample()`: one tiny image and a one-word exchange whose labels are all ignored, so the loss is unchanged,
-those parameters get a (zero) gradient and every process runs the vision side (vlm_tune/train.py decides when).
+those parameters get a (zero) gradient and every process runs the vision side (`needs_dummy_images` says when).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ DUMMY_ID = "<dummy image: no labels>"
 def vision_side_trains(recipe: Recipe) -> bool:
     """Whether a parameter that only images reach trains: a vision-side component or the relevance modules."""
     return recipe.relevance.enabled or any(recipe.component(name).mode != "frozen" for name in VISION_SIDE)
+
+
+def needs_dummy_images(recipe: Recipe, accelerator) -> bool:
+    """Whether text-only training micro-batches get the dummy image: with several processes, when a vision side
+    trains (DDP waits for its gradients), and always under FSDP (every forward gathers the vision layers'
+    weights, frozen or not, and every process must take part; so evaluation batches get it too under FSDP)."""
+    from vlm_tune.distributed import is_sharded
+
+    return accelerator.num_processes > 1 and (vision_side_trains(recipe) or is_sharded(accelerator))
 
 
 def dummy_sample() -> dict:
