@@ -174,9 +174,10 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """
     from peft import set_peft_model_state_dict
 
+    from vlm_tune.exported import weights_folder  # an adapter export holds the same weight files
     from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
 
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = weights_folder(checkpoint)
     peft_model = _peft_model(model)
     adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
     result = set_peft_model_state_dict(peft_model, load_file(adapter_file))
