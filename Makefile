@@ -15,10 +15,12 @@ demo: install
 	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base
 	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo --output-dir runs/demo/eval-trained
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
+	$(PYTHON) -m vlm_tune.export runs/demo --out runs/demo/export-merged --merge --overwrite
+	$(PYTHON) scripts/plain_transformers_caption.py runs/demo/export-merged data/shapes/images/test_00000.png data/shapes/images/test_00001.png
 
 lint:
-	$(PYTHON) -m ruff check vlm_tune tests benchmarks
-	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks
+	$(PYTHON) -m ruff check vlm_tune tests benchmarks scripts
+	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks scripts
 
 test: install lint
 	$(PYTHON) -m pytest -q --timeout 900

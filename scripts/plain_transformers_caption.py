@@ -14,14 +14,15 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
-def caption(folder: str, paths: list[str], prompt: str, max_new_tokens: int) -> list[list[int]]:
-    """Greedy new token ids per image, from the folder's model, processor and chat template."""
+def caption(folder: str, paths: list[str], prompt: str, max_new_tokens: int) -> tuple[list[list[int]], object]:
+    """Greedy new token ids per image from the folder's model, processor and chat template; and the processor."""
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": Image.open(path).convert("RGB")}, {"type": "text", "text": prompt}]}]
-        for path in paths
-    ]
+    conversations = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
+        conversations.append([{"role": "user", "content": content}])
     inputs = processor.apply_chat_template(
         conversations,
         add_generation_prompt=True,

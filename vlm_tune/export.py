@@ -36,6 +36,9 @@ logger = logging.getLogger("vlm_tune.export")
 
 DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_FILES = ("trained.safetensors", "relevance.safetensors", "relevance.json")  # besides adapter/
+# safetensors writes a shard through a memory map, whose pages count in the process's memory until the shard is
+# closed: shards of 1 GB keep a merge's peak near the 16-bit model plus one shard (transformers' default is 50 GB)
+MERGED_SHARD_SIZE = "1GB"
 
 
 def _staging_folder(out: Path, overwrite: bool) -> Path:
@@ -99,11 +102,13 @@ def _write_merged(recipe: Recipe, checkpoint: Path, folder: Path, dtype: Optiona
     quantized = [name for name, param in peft_model.named_parameters() if hasattr(param, "quant_state")]
     if quantized:  # load_for_export never loads 4-bit weights; merging into them would round the update away
         raise ExportError(f"internal error: 4-bit weights in the model to merge ({quantized[:3]}); please report it")
-    try:
-        merged = peft_model.merge_and_unload(safe_merge=True)
-    except ValueError as exc:  # PEFT's safe merge: the merged weights are not finite
-        raise ExportError(f"{checkpoint}: the adapter cannot be merged ({exc})") from None
-    merged.save_pretrained(folder)
+    # In place, not PEFT's safe_merge: that copies every merged weight while the loaded one (memory-mapped from the
+    # base's safetensors) stays mapped, doubling the peak memory; the merged weights are checked below instead.
+    merged = peft_model.merge_and_unload()
+    broken = [name for name, param in merged.named_parameters() if not bool(param.isfinite().all())]
+    if broken:
+        raise ExportError(f"{checkpoint}: the merged weights are not finite ({broken[:3]}); the adapter is broken")
+    merged.save_pretrained(folder, max_shard_size=MERGED_SHARD_SIZE)
     _export_processor(built.processor, recipe).save_pretrained(folder)
     if wrapper is not None:
         wrapper.save(folder / RELEVANCE_DIR)
@@ -156,6 +161,8 @@ def export_checkpoint(
 
     if dtype is not None and not merge:
         raise ExportError("--dtype sets the merged weights' dtype: add --merge (an adapter export keeps the weights)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {list(DTYPES)}")
     checkpoint = resolve_checkpoint(checkpoint)
     run = run_recipe(checkpoint, recipe=recipe)
     out = Path(out)

@@ -69,6 +69,8 @@ def load_generator(
 
     if (model is None) == (checkpoint is None):
         raise GenerateError("give one of --model DIR (an exported folder) or --checkpoint RUN_DIR")
+    if model is not None and recipe is not None:
+        raise GenerateError("--recipe goes with --checkpoint; an exported folder holds its own recipe.yaml")
     if model is not None:
         loaded, processor, used = load_exported(model, overrides)
     else:

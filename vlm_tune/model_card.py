@@ -33,8 +33,8 @@ def newest_evaluation(checkpoint: Path) -> Optional[tuple[Path, dict]]:
 def _front_matter(recipe: Recipe, merged: bool) -> str:
     base = recipe.model.name_or_path
     lines = ["---", f"library_name: {'transformers' if merged else 'peft'}", "pipeline_tag: image-text-to-text"]
-    if not merged and not base.startswith(("vlm_tune:", "/", ".", "~")):
-        lines.append(f"base_model: {base}")  # a hub id
+    if not base.startswith(("vlm_tune:", "/", ".", "~")):  # a hub id
+        lines += [f"base_model: {base}", f"base_model_relation: {'finetune' if merged else 'adapter'}"]
     lines += ["tags:", "  - vlm_tune", "  - lora" if not merged else "  - merged-lora", "---", ""]
     return "\n".join(lines)
 

@@ -3,6 +3,11 @@ one checkpoint whose every trained weight is non-zero and away from its initial 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +17,7 @@ from tiny import tiny_vlm_folder
 from vlm_tune.checkpoint import save_checkpoint
 from vlm_tune.data.collate import GenerateCollator
 from vlm_tune.data.images import load_rgb
-from vlm_tune.model.build import build_model
+from vlm_tune.model.build import build_model, load_for_inference
 from vlm_tune.recipe import Recipe, dump_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,3 +106,66 @@ def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """Float32 logits of the prompts ([B, T, V])."""
     with torch.no_grad():
         return model(**inputs).logits.float()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def with_dtype(recipe: Recipe, dtype: str) -> Recipe:
+    """The recipe with another model.dtype."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
+
+
+BF16_FACTOR = 3  # merged bfloat16 logits stay within 3x the adapter model's own bfloat16 rounding (vs float32)
+
+
+def bf16_noise(recipe: Recipe, checkpoint: Path, inputs: dict, expected16: torch.Tensor) -> float:
+    """How far the adapter model's own bfloat16 logits are from its float32 ones: the bfloat16 tolerance."""
+    model32, _ = load_for_inference(with_dtype(recipe, "float32"), checkpoint)
+    inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+    return max_diff(logits(model32, inputs32), expected16)
+
+
+# A fresh interpreter that refuses to import vlm_tune runs the shipped script, as a user without vlm_tune would.
+_PLAIN = """
+import importlib.abc, json, runpy, sys
+
+class NoVlmTune(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "vlm_tune":
+            raise ImportError("this process must not import vlm_tune")
+
+sys.meta_path.insert(0, NoVlmTune())
+script = runpy.run_path(sys.argv[1])
+folders, images = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tokens = {name: script["caption"](folder, images, "Describe the image.", 6)[0] for name, folder in folders.items()}
+print(json.dumps(tokens))
+"""
+
+
+def plain_transformers_tokens(folders: dict[str, Path], images: list[Path]) -> dict[str, list[list[int]]]:
+    """name -> greedy new tokens (6) per image of each merged folder, from scripts/plain_transformers_caption.py
+    in a fresh interpreter without vlm_tune on its path (and an import of it refused)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    arguments = [
+        json.dumps({name: str(folder) for name, folder in folders.items()}),
+        json.dumps([str(p) for p in images]),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN, str(ROOT / "scripts" / "plain_transformers_caption.py"), *arguments],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        cwd="/",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def greedy_tokens(model: torch.nn.Module, inputs: dict, max_new_tokens: int = 6) -> list[list[int]]:
+    """vlm_tune's greedy new tokens for the inputs."""
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[:, inputs["input_ids"].shape[1] :].tolist()

@@ -3,15 +3,26 @@ on a 4-bit base), plain transformers loads it in a process that never imports vl
 with plain PEFT, relevance modules go beside the merged weights, and an export never overwrites other files."""
 
 import dataclasses
+import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
-from deploy_runs import IMAGES, LANGUAGE_ONLY, ROOT, logits, make_run, prompt_inputs
+from deploy_runs import (
+    BF16_FACTOR,
+    IMAGES,
+    LANGUAGE_ONLY,
+    bf16_noise,
+    greedy_tokens,
+    logits,
+    make_run,
+    max_diff,
+    plain_transformers_tokens,
+    prompt_inputs,
+    with_dtype,
+)
 from transformers import AutoModelForImageTextToText
 
 from vlm_tune.export import export_checkpoint
@@ -19,7 +30,6 @@ from vlm_tune.exported import ExportError, read_export_info
 from vlm_tune.model.build import load_exported, load_for_inference
 
 ARCHS = ("llava", "qwen2_5_vl", "mllama")
-BF16_FACTOR = 3  # merged bfloat16 logits stay within 3x the adapter model's own bfloat16 rounding (vs float32)
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +47,6 @@ def runs(root) -> dict:
     return made
 
 
-def _with_dtype(recipe, dtype: str):
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def _bf16_noise(recipe, checkpoint, inputs: dict, expected16: torch.Tensor) -> float:
-    """How far the adapter model's own bfloat16 logits are from its float32 ones: the bfloat16 tolerance."""
-    model32, _ = load_for_inference(_with_dtype(recipe, "float32"), checkpoint)
-    inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-    return _max_diff(logits(model32, inputs32), expected16)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_logits_equal_the_adapter_models_in_float32_and_bfloat16(arch, runs, root):
     run_dir, recipe, merged_dir = runs[arch]
@@ -59,18 +54,21 @@ def test_merged_logits_equal_the_adapter_models_in_float32_and_bfloat16(arch, ru
     inputs = prompt_inputs(processor, recipe)
     expected = logits(adapter_model, inputs)
     base = AutoModelForImageTextToText.from_pretrained(recipe.model.name_or_path).eval()
-    base_gap = _max_diff(logits(base, inputs), expected)  # what the adapter changes
+    base_gap = max_diff(logits(base, inputs), expected)  # what the adapter changes
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
-    diff32 = _max_diff(logits(merged, inputs), expected)
+    diff32 = max_diff(logits(merged, inputs), expected)
 
+    base_file = Path(recipe.model.name_or_path) / "model.safetensors"
+    base_bytes = hashlib.sha256(base_file.read_bytes()).hexdigest()
     merged16_dir = export_checkpoint(run_dir, root / arch / "merged-bf16", merge=True, dtype="bfloat16")
+    assert hashlib.sha256(base_file.read_bytes()).hexdigest() == base_bytes  # merged in place, in memory only
     merged16 = AutoModelForImageTextToText.from_pretrained(merged16_dir, dtype="auto").eval()
     assert {p.dtype for p in merged16.parameters()} == {torch.bfloat16}
-    adapter16, _ = load_for_inference(_with_dtype(recipe, "bfloat16"), run_dir)
+    adapter16, _ = load_for_inference(with_dtype(recipe, "bfloat16"), run_dir)
     inputs16 = prompt_inputs(processor, recipe, dtype=torch.bfloat16)
     expected16 = logits(adapter16, inputs16)
-    diff16 = _max_diff(logits(merged16, inputs16), expected16)
-    noise = _bf16_noise(recipe, run_dir, inputs16, expected16)
+    diff16 = max_diff(logits(merged16, inputs16), expected16)
+    noise = bf16_noise(recipe, run_dir, inputs16, expected16)
     print(
         f"{arch}: merged vs adapter model max |logit diff| float32 {diff32:.2e}, bfloat16 {diff16:.2e} "
         f"(the adapter model's bfloat16 rounding: {noise:.2e}; the adapter's effect: {base_gap:.2e})"
@@ -99,9 +97,9 @@ def test_a_run_trained_on_a_4bit_base_merges_into_the_16bit_original_weights(roo
     adapter16, _ = load_for_inference(sixteen_bit, run_dir)  # the same adapter on the 16-bit base
     inputs = prompt_inputs(processor, recipe, dtype=torch.bfloat16)
     expected = logits(adapter16, inputs)
-    diff = _max_diff(logits(merged, inputs), expected)
-    noise = _bf16_noise(sixteen_bit, run_dir, inputs, expected)
-    quantization_gap = _max_diff(logits(quantized, inputs), expected)
+    diff = max_diff(logits(merged, inputs), expected)
+    noise = bf16_noise(sixteen_bit, run_dir, inputs, expected)
+    quantization_gap = max_diff(logits(quantized, inputs), expected)
     print(
         f"4-bit-trained qwen2_5_vl: merged vs adapter on the 16-bit base max |logit diff| {diff:.2e} (bfloat16 "
         f"rounding {noise:.2e}); the 4-bit base + adapter is {quantization_gap:.2e} away"
@@ -109,59 +107,18 @@ def test_a_run_trained_on_a_4bit_base_merges_into_the_16bit_original_weights(roo
     assert diff <= BF16_FACTOR * noise
 
 
-# Runs in a fresh interpreter that refuses to import vlm_tune: the shipped script, as a user without vlm_tune runs it.
-_PLAIN = """
-import importlib.abc, json, runpy, sys
-
-class NoVlmTune(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "vlm_tune":
-            raise ImportError("this process must not import vlm_tune")
-
-sys.meta_path.insert(0, NoVlmTune())
-script = runpy.run_path(sys.argv[1])
-folders, images = json.loads(sys.argv[2]), json.loads(sys.argv[3])
-tokens = {arch: script["caption"](folder, images, "Describe the image.", 6)[0] for arch, folder in folders.items()}
-print(json.dumps(tokens))
-"""
-
-
 def test_plain_transformers_loads_the_merged_folders_and_generates_the_adapter_models_tokens(runs):
-    folders = {arch: str(merged_dir) for arch, (_, _, merged_dir) in runs.items()}
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PLAIN,
-            str(ROOT / "scripts" / "plain_transformers_caption.py"),
-            json.dumps(folders),
-            json.dumps([str(p) for p in IMAGES[:2]]),
-        ],
-        capture_output=True,
-        text=True,
-        env={**env, "OMP_NUM_THREADS": "1"},
-        cwd="/",
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    plain = plain_transformers_tokens({arch: merged_dir for arch, (_, _, merged_dir) in runs.items()}, IMAGES[:2])
     base_differs = []
     for arch, (run_dir, recipe, _) in runs.items():
         model, processor = load_for_inference(recipe, run_dir)
         inputs = prompt_inputs(processor, recipe)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        ours = output[:, inputs["input_ids"].shape[1] :].tolist()
-        with torch.no_grad():
-            base = model.get_base_model()
-            with model.disable_adapter():
-                base_tokens = base.generate(**inputs, max_new_tokens=6, do_sample=False)[
-                    :, inputs["input_ids"].shape[1] :
-                ]
+        ours = greedy_tokens(model, inputs)
+        with model.disable_adapter():
+            base_tokens = greedy_tokens(model, inputs)
         print(f"{arch}: greedy tokens, vlm_tune adapter model {ours}, plain transformers merged {plain[arch]}")
         assert plain[arch] == ours
-        base_differs.append(base_tokens.tolist() != ours)
+        base_differs.append(base_tokens != ours)
     assert any(base_differs)  # the adapter changes what is generated, so equal tokens say the merge carried it
 
 
@@ -202,7 +159,7 @@ def test_relevance_modules_go_beside_the_merged_weights_with_a_warning(root, cap
 
     plain = AutoModelForImageTextToText.from_pretrained(out).eval()
     every_token = trained.model  # the adapter model inside the relevance wrapper reads every visual token
-    assert _max_diff(logits(plain, inputs), logits(every_token, inputs)) <= 1e-5
+    assert max_diff(logits(plain, inputs), logits(every_token, inputs)) <= 1e-5
 
     served, _, _ = load_exported(out)  # vlm_tune applies the relevance modules again
     assert type(served).__name__ == "RelevanceWrapper"

@@ -176,6 +176,8 @@ def _merged_recipe(folder: Path, dtype: Optional[str], overrides: Optional[list[
     from vlm_tune.relevance import RELEVANCE_CONFIG_FILE
 
     recipe_file = folder / RECIPE_FILE
+    # a model folder without a recipe: the defaults (components are unused without a checkpoint; one that is not
+    # frozen keeps the recipe valid)
     raw = read_recipe_file(recipe_file) if recipe_file.is_file() else {"components": {"language": {"mode": "lora"}}}
     raw["model"] = {**raw.get("model", {}), "name_or_path": str(folder), "quantization": None}
     if dtype:
