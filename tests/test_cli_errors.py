@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from peft import LoraConfig, get_peft_model
 from tiny import tiny_vlm_folder
+
+from vlm_tune.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +48,13 @@ BAD_INPUTS = [
     BadInput(
         "train: no model folder",
         "vlm_tune.train",
-        lambda f: [f["recipe"], f"model.name_or_path={f['missing']}"],
+        lambda f: [f["recipe"], f"model.name_or_path={f['missing']}", f"train.output_dir={f['root']}/run-no-model"],
         "model.name_or_path: no such folder",
     ),
     BadInput(
         "train: init_from missing",
         "vlm_tune.train",
-        lambda f: [f["recipe"], f"train.init_from={f['missing']}"],
+        lambda f: [f["recipe"], f"train.init_from={f['missing']}", f"train.output_dir={f['root']}/run-init"],
         "train.init_from: checkpoint",
     ),
     BadInput(
@@ -59,17 +63,85 @@ BAD_INPUTS = [
         lambda f: [f["recipe"], f"train.output_dir={f['recipe']}"],
         "train.output_dir: cannot write the run folder",
     ),
+    BadInput(
+        "train: output_dir holds another run's checkpoints",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], f"train.output_dir={f['reused_run']}"],
+        "already holds checkpoints of a run (checkpoint-9); continue it with train.resume=auto",
+    ),
+    BadInput(
+        "train: unknown attention implementation",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "model.attn_implementation=fastest"],
+        "model.attn_implementation: unknown 'fastest'",
+    ),
     BadInput(  # fails after the tiny model loads
         "train: relevance on blip-2",
         "vlm_tune.train",
-        lambda f: [f["blip2_recipe"], "relevance.enabled=true"],
+        lambda f: [f["blip2_recipe"], "relevance.enabled=true", f"train.output_dir={f['root']}/run-blip2"],
         "model type 'blip-2' is not supported",
     ),
-    BadInput(  # fails after the tiny model loads
-        "train: no training set", "vlm_tune.train", lambda f: [f["recipe"], "data.train=null"], "data.train is not set"
+    BadInput(  # fails before the model loads
+        "train: no training set",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "data.train=null", f"train.output_dir={f['root']}/run-no-data"],
+        "data.train is not set",
+    ),
+    BadInput(
+        "train: a Hugging Face key",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "train.learning_rate=1e-4"],
+        "train.learning_rate: unknown key (a Hugging Face name; here it is train.lr)",
+    ),
+    BadInput(
+        "train: keep_best of an unknown metric",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "train.keep_best=accuracy"],
+        "train.keep_best: unknown metric 'accuracy'",
+    ),
+    BadInput(
+        "train: wrong caption column",
+        "vlm_tune.train",
+        lambda f: [
+            f["recipe"],
+            "data.train.format=jsonl",
+            f"data.train.path={f['rows']}",
+            f"train.output_dir={f['root']}/run-cols",
+        ],
+        "no column ['caption']",
     ),
     # python -m vlm_tune.evaluate
     BadInput("evaluate: nothing to do", "vlm_tune.evaluate", lambda f: [], "give a recipe"),
+    BadInput(
+        "evaluate: a checkpoint without a recipe near it",
+        "vlm_tune.evaluate",
+        lambda f: ["--checkpoint", f["bare_run"]],
+        "no recipe.yaml in the checkpoint or its run folder",
+    ),
+    BadInput(
+        "evaluate: latest without a run",
+        "vlm_tune.evaluate",
+        lambda f: ["--checkpoint", "latest"],
+        "--checkpoint latest: name the run",
+    ),
+    BadInput(
+        "evaluate: a run without a best checkpoint",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], "--checkpoint", f"{f['bare_run']}/best"],
+        "has no best checkpoint (best.json): train with train.keep_best",
+    ),
+    BadInput(
+        "evaluate: an earlier evaluation in the folder",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], "--output-dir", f["eval_a"]],
+        "already holds an evaluation",
+    ),
+    BadInput(
+        "evaluate: --split of a COCO file without a split name",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], f"data.eval.path={f['coco_plain']}", "--split", "test"],
+        "a COCO file holds one split",
+    ),
     BadInput(
         "evaluate: no eval set", "vlm_tune.evaluate", lambda f: [f["recipe"], "data.eval=null"], "data.eval is not set"
     ),
@@ -224,13 +296,22 @@ def files(tmp_path_factory) -> dict[str, str]:
         (root / name).mkdir()
         (root / name / "metrics.json").write_text(json.dumps({"metrics": metrics}))
     (root / "empty").mkdir()
-    for run in ("fake_run", "lonely"):  # complete checkpoint markers without weights: fail before any loading
+    lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    save_checkpoint(root / "reused", 9, lora, {"epoch": 0, "batches_done": 9})
+    for run in ("bare_run", "fake_run"):  # complete checkpoint markers without weights: fail before any loading
         (root / run / "checkpoint-1").mkdir(parents=True)
         (root / run / "checkpoint-1" / "COMPLETE").write_text("ok\n")
-    (root / "fake_run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "fake_run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))  # bare_run has no recipe.yaml anywhere
     image = ROOT / "data" / "shapes" / "images" / "test_00000.png"
     (root / "truncated.png").write_bytes(image.read_bytes()[:100])
+    (root / "rows.jsonl").write_text(json.dumps({"image": "0.png", "text": "a red square"}) + "\n")
+    (root / "annotations.json").write_text(json.dumps({"images": [], "annotations": []}))
     return {
+        "root": str(root),  # rows that reach the run folder get one each: a run folder is locked while in use
+        "reused_run": str(root / "reused"),
+        "bare_run": str(root / "bare_run"),
+        "rows": str(root / "rows.jsonl"),
+        "coco_plain": str(root / "annotations.json"),
         "recipe": str(root / "recipe.yaml"),
         "blip2_recipe": str(root / "blip2.yaml"),
         "eval_a": str(root / "eval_a"),
@@ -238,7 +319,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "missing": str(root / "nowhere"),
         "empty_dir": str(root / "empty"),
         "fake_run": str(root / "fake_run"),
-        "lonely_checkpoint": str(root / "lonely" / "checkpoint-1"),
+        "lonely_checkpoint": str(root / "bare_run" / "checkpoint-1"),
         "image": str(image),
         "truncated_image": str(root / "truncated.png"),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from vlm_tune.data.bad_samples import is_skipped
 from vlm_tune.recipe import DataConfig, EvalConfig
 
 logger = logging.getLogger("vlm_tune.evaluate")
@@ -21,7 +22,7 @@ class _CountingCollate:
         self.collator = collator
 
     def __call__(self, items: list):
-        usable = sum(item is not None for item in items)
+        usable = sum(not is_skipped(item) for item in items)
         return (self.collator(items) if usable else None), len(items), usable
 
 
@@ -70,15 +71,21 @@ def on_accelerator(model):
 
 
 def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig, extra: dict) -> list[dict]:
-    """Generate for one collated batch; one `{"image_id", "prediction", "references"}` per image."""
+    """Generate for one collated batch; one `{"image_id", ("question",) "prediction", "references"}` per sample."""
     output = model.generate(
         **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False, **extra
     )
     sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
     texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
+    questions = meta.get("questions") or [None] * len(texts)  # conversations: the question asked
     return [
-        {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
-        for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
+        {
+            "image_id": image_id,
+            **({"question": question} if question is not None else {}),
+            "prediction": " ".join(text.split()),
+            "references": list(references),
+        }
+        for image_id, question, text, references in zip(meta["image_ids"], questions, texts, meta["references"])
     ]
 
 
@@ -86,9 +93,9 @@ def _loader(processor, dataset, count: int, data_cfg: DataConfig, batch_size: in
     """Batches of the first `count` items, collated for generation, counting what the collator drops."""
     from torch.utils.data import DataLoader, Subset
 
-    from vlm_tune.data.collate import GenerateCollator
+    from vlm_tune.data.chat_collate import generate_collator_for
 
-    collate = _CountingCollate(GenerateCollator(processor, data_cfg))
+    collate = _CountingCollate(generate_collator_for(dataset, processor, data_cfg))
     subset = Subset(dataset, range(count))
     return DataLoader(
         subset, batch_size=batch_size, shuffle=False, num_workers=data_cfg.num_workers, collate_fn=collate
@@ -104,19 +111,21 @@ def generate_captions(
     show_progress: bool = True,
     adapter_of: Optional[dict] = None,
 ) -> list[dict]:
-    """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches.
+    """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches; for a conversation
+    set, answer the last question of every sample instead.
 
     Args:
         model: a VLM (base, PEFT or relevance wrapper) with a `generate` method.
         processor: its processor (the tokenizer decodes the new tokens).
-        dataset: items `{"image_id", "image", "captions", ...}` or None for an unreadable image (skipped).
+        dataset: items `{"image_id", "image", "captions", ...}` (or conversation items) or None for an unreadable
+            image (skipped).
         data_cfg: the `data` section (prompt, image size) for the generation collator.
         eval_cfg: batch size, number of beams, max new tokens, limit.
         show_progress: draw a tqdm progress bar.
         adapter_of: image id -> the name of the PEFT adapter that captions it (per-sample adapters in one
             batch, PEFT's `adapter_names`); None uses the active adapter.
     Returns:
-        `[{"image_id", "prediction", "references"}]` in dataset order, without skipped images (logged).
+        `[{"image_id", ("question",) "prediction", "references"}]`, without skipped samples (logged).
     """
     import torch
     from tqdm.auto import tqdm
@@ -151,3 +160,16 @@ def generate_captions(
     if skipped:
         logger.warning("%d image(s) were not captioned (unreadable, or dropped by the collator)", skipped)
     return rows
+
+
+def score_predictions(rows: list[dict], task: str, use_java: Optional[bool]) -> dict[str, float]:
+    """Caption metrics (task caption) or exact match / VQA accuracy / ANLS (task vqa) of generated rows."""
+    predictions = {r["image_id"]: r["prediction"] for r in rows}
+    references = {r["image_id"]: r["references"] for r in rows}
+    if task == "vqa":
+        from vlm_tune.vqa_metrics import score_answers
+
+        return score_answers(predictions, references)
+    from vlm_tune.metrics import score_captions
+
+    return score_captions(predictions, references, use_java=use_java)

@@ -99,9 +99,10 @@ def run_recipe(checkpoint: Path, overrides: Optional[list[str]] = None, recipe: 
         ExportError: no recipe file next to the checkpoint (the message says to pass one).
         RecipeError: the recipe does not validate.
     """
+    from vlm_tune.eval_target import run_recipe_file
+
     if recipe is None:
-        candidates = [checkpoint / RECIPE_FILE, checkpoint.parent / RECIPE_FILE]
-        recipe = next((path for path in candidates if path.is_file()), None)
+        recipe = run_recipe_file(checkpoint)
         if recipe is None:
             raise ExportError(
                 f"{checkpoint}: no {RECIPE_FILE} in it or in its run folder {checkpoint.parent}; "

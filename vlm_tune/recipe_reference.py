@@ -31,6 +31,7 @@ SECTIONS: dict[str, type] = {
     "train": schema.TrainConfig,
     "eval": schema.EvalConfig,
     "relevance": schema.RelevanceConfig,
+    "speed": schema.SpeedConfig,
 }
 
 

@@ -57,9 +57,10 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
         RelevanceError: relevance.enabled on a family without relevance wiring.
         CheckpointError: the checkpoint is missing, incomplete, or does not fit the recipe's model.
     """
-    from vlm_tune.checkpoint import load_weights
+    from vlm_tune.checkpoint_load import load_weights
     from vlm_tune.exported import weights_folder
     from vlm_tune.model.load import load_vlm
+    from vlm_tune.model.speed import apply_speed
     from vlm_tune.model.targeting import apply_targeting, param_groups
 
     if checkpoint is not None:
@@ -71,6 +72,8 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     if components is None:  # a 16-bit model whose components were not found: this raises, naming the fix
         components = find_components(loaded.model, recipe.components)
     model, report = apply_targeting(loaded.model, recipe.components, component_map=components)
+    if training:  # chunked loss, padding tiles, checkpointing per component (each computes the same result)
+        apply_speed(model, recipe.speed, recipe.model, components)
     if recipe.relevance.enabled:
         from vlm_tune.relevance import attach_relevance, relevance_row
 
@@ -80,7 +83,7 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     if training and recipe.train.mixed_precision != "no":
         _fp32_masters(groups)
     if checkpoint is not None:  # after the fp32 cast, so fp32 checkpoint weights are not rounded through 16 bit
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, components)
     return BuiltModel(model, loaded.processor, components, report, groups)
 
 
