@@ -102,6 +102,13 @@ def _loader(processor, dataset, count: int, data_cfg: DataConfig, batch_size: in
     )
 
 
+def _generate_extras(meta: dict, adapter_of: Optional[dict], synced: bool) -> dict:
+    """`generate` arguments of one batch: each sample's adapter; under FSDP (`synced`) every process runs every
+    generation step, until all have finished."""
+    extra = {"adapter_names": [adapter_of[i] for i in meta["image_ids"]]} if adapter_of else {}
+    return {**extra, "synced_gpus": True} if synced else extra
+
+
 def generate_captions(
     model,
     processor,
@@ -155,9 +162,7 @@ def generate_captions(
                 for record in meta.get("skipped", []):
                     logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
                 inputs = {key: _to_device(value, device, dtype) for key, value in inputs.items()}
-                extra = {"adapter_names": [adapter_of[i] for i in meta["image_ids"]]} if adapter_of else {}
-                if synced:  # sharded weights: every process runs every generation step, until all have finished
-                    extra["synced_gpus"] = True
+                extra = _generate_extras(meta, adapter_of, synced)
                 rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg, extra)
     finally:
         model.train(was_training)
