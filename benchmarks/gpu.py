@@ -198,7 +198,7 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
     total = steps["warmup"] + steps["windows"] * steps["per_window"]
     run_dir = Path(spec["run_root"]) / f"train-{spec['model']}-{spec['setting']}"
     recipe = recipe_dict(spec)
-    recipe["train"].update(max_steps=total, output_dir=str(run_dir), keep_checkpoints=1)
+    recipe["train"].update(max_steps=total, output_dir=str(run_dir), keep_checkpoints=1, overwrite=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(recipe))
     start = time.perf_counter()
