@@ -108,8 +108,15 @@ class PatchHeads(nn.Module):
         return torch.stack(losses).sum(), torch.stack(accuracy)
 
 
+def _batch(scenes: list[Scene], image_processor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values [B, 3, H, W] (the processor's, as in training) and patch targets [B, 3, P] of `scenes`."""
+    images = [[draw_scene(scene)] for scene in scenes]  # one image per sample
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"][:, 0]
+    return pixel_values, torch.stack([patch_targets(scene, grid) for scene in scenes])
+
+
 def pretrain_vision_encoder(
-    vision_model: nn.Module, image_processor, steps: int = 150, batch_size: int = 64, lr: float = 1e-3
+    vision_model: nn.Module, image_processor, steps: int = 400, batch_size: int = 32, lr: float = 1e-3
 ) -> dict[str, float]:
     """Train `vision_model` (an Idefics3-style encoder of square images) to name what each patch shows.
 
@@ -132,12 +139,7 @@ def pretrain_vision_encoder(
     vision_model.train()
     result, first_loss = {}, None
     for step in range(steps):
-        batch = scenes[step * batch_size : (step + 1) * batch_size]
-        images = [draw_scene(scene) for scene in batch]
-        pixel_values = image_processor([[image] for image in images], return_tensors="pt")["pixel_values"][
-            :, 0
-        ]  # [B, 3, H, W]
-        targets = torch.stack([patch_targets(scene, grid) for scene in batch])  # [B, 3, P]
+        pixel_values, targets = _batch(scenes[step * batch_size : (step + 1) * batch_size], image_processor, grid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = vision_model(pixel_values=pixel_values).last_hidden_state  # [B, P, D]
             loss, accuracy = heads(tokens, targets)
@@ -148,7 +150,7 @@ def pretrain_vision_encoder(
         optimizer.zero_grad(set_to_none=True)
         first_loss = loss.item() if first_loss is None else first_loss
         result = {"loss": loss.item(), **{f"{name}_accuracy": a.item() for name, a in zip(ATTRIBUTES, accuracy)}}
-        if (step + 1) % 25 == 0 or step + 1 == steps:
+        if (step + 1) % 50 == 0 or step + 1 == steps:
             logger.info(
                 "vision pre-training step %d/%d: %s",
                 step + 1,
