@@ -4,17 +4,28 @@ PYTHON ?= python3
 # Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint
+.PHONY: install demo demo-run test lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -e '.[test]'
 
-demo: install
-	$(PYTHON) -m vlm_tune.train recipes/demo.yaml
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo --output-dir runs/demo/eval-trained
-	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
+demo: install demo-run
+
+# The demo's commands: train, then caption `test` and `test_novel` (held-out colour-kind pairs) with the base
+# model and the trained one, and compare. RUN and SEED pick the run folder and train.seed;
+# benchmarks/demo_seeds.py runs these same lines for several seeds.
+RUN ?= runs/demo
+SEED ?= 0
+EVALUATE = $(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml train.seed=$(SEED) --no-progress
+demo-run:
+	$(PYTHON) -m vlm_tune.train recipes/demo.yaml train.output_dir=$(RUN) train.seed=$(SEED)
+	$(EVALUATE) --split test --output-dir $(RUN)/eval-base-test
+	$(EVALUATE) --split test_novel --output-dir $(RUN)/eval-base-test_novel
+	$(EVALUATE) --checkpoint $(RUN) --split test --output-dir $(RUN)/eval-trained-test
+	$(EVALUATE) --checkpoint $(RUN) --split test_novel --output-dir $(RUN)/eval-trained-test_novel
+	$(PYTHON) -m vlm_tune.evaluate --compare $(RUN)/eval-base-test $(RUN)/eval-trained-test --out $(RUN)/compare-test.md
+	$(PYTHON) -m vlm_tune.evaluate --compare $(RUN)/eval-base-test_novel $(RUN)/eval-trained-test_novel --out $(RUN)/compare-test_novel.md
 
 lint:
 	$(PYTHON) -m ruff check vlm_tune tests benchmarks
