@@ -40,16 +40,18 @@ def _classes(targets, patch):
 
 
 def test_each_patch_names_the_shape_owning_its_pixels_or_background():
-    left = Shape("circle", "red", "large", 16, 32)
-    right = Shape("triangle", "blue", "small", 48, 32)
+    left = Shape("circle", "red", "large", 16, 33)
+    right = Shape("triangle", "blue", "small", 48, 30)
     targets = patch_targets(Scene("relation", "left_of", (left, right)), grid=8)  # 8 px patches, row-major
-    assert targets.shape == (3, 64)
-    assert _classes(targets, 3 * 8 + 1) == ("red", "circle", "large")  # rows 24-31, columns 8-15
-    assert _classes(targets, 4 * 8 + 6) == ("blue", "triangle", "small")  # rows 32-39, columns 48-55
-    assert _classes(targets, 0) == ("background",) * 3
-    assert _classes(targets, 4 * 8 + 4) == ("background",) * 3  # between the two shapes
+    assert targets.shape == (len(ATTRIBUTES), 64)
+    assert _classes(targets, 3 * 8 + 1) == ("red", "circle", "large", "no", "two")  # rows 24-31, columns 8-15
+    assert _classes(targets, 4 * 8 + 2) == ("red", "circle", "large", "yes", "two")  # holds (16, 33)
+    assert _classes(targets, 3 * 8 + 6) == ("blue", "triangle", "small", "yes", "two")  # holds (48, 30)
+    assert _classes(targets, 0) == ("background",) * 3 + ("no", "two")
+    assert _classes(targets, 4 * 8 + 4)[:3] == ("background",) * 3  # between the two shapes
     drawn = (targets[0] > 0).sum().item()
     assert 8 <= drawn <= 20  # a 27 px circle and a 15 px triangle cover about this many 8 px patches
+    assert targets[3].sum() == 2  # one centre patch per shape
 
 
 def test_pretraining_lowers_the_patch_loss_of_a_tiny_encoder():
@@ -61,21 +63,31 @@ def test_pretraining_lowers_the_patch_loss_of_a_tiny_encoder():
     assert any(not torch.equal(before[name], p) for name, p in vision.named_parameters())
 
 
-def test_a_build_leaves_the_callers_random_generators_as_they_were(tmp_path, monkeypatch):
+def test_a_build_leaves_the_callers_generators_and_threads_as_they_were(tmp_path, monkeypatch):
     def draws():
         return torch.rand(3), random.random(), np.random.rand()
 
+    threads_in_build = []
+
     def greedy_builder(folder):  # uses every global generator, as model construction and init do
+        threads_in_build.append(torch.get_num_threads())
         torch.manual_seed(123)
         draws()
         (folder / "config.json").write_text("{}")
 
     monkeypatch.setenv("VLM_TUNE_CACHE", str(tmp_path))
     monkeypatch.setitem(builtin.BUILTINS, "greedy", greedy_builder)
+    threads = torch.get_num_threads()
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     expected = draws()
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
-    builtin.resolve_builtin("vlm_tune:greedy")
+    try:
+        torch.set_num_threads(1 if builtin.BUILD_THREADS != 1 else 3)
+        caller_threads = torch.get_num_threads()
+        builtin.resolve_builtin("vlm_tune:greedy")
+        assert threads_in_build == [builtin.BUILD_THREADS] and torch.get_num_threads() == caller_threads
+    finally:
+        torch.set_num_threads(threads)
     after_build = draws()
     assert torch.equal(after_build[0], expected[0]) and after_build[1:] == expected[1:]
     assert (tmp_path / "models" / f"greedy-v{builtin.BUILD_VERSION}" / "config.json").is_file()

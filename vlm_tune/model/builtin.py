@@ -196,9 +196,13 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
 BUILD_VERSION = 3  # bump when a builder changes, so cached builds are remade
 
 
+BUILD_THREADS = 2  # float sums split across threads: a fixed count gives every machine of a CPU type the same weights
+
+
 @contextlib.contextmanager
-def _isolated_random_state():
-    """Run a build without touching the caller's generators (torch CPU and CUDA, random, numpy).
+def _reproducible_build():
+    """Run a build without touching the caller's generators (torch CPU and CUDA, random, numpy), on
+    BUILD_THREADS threads.
 
     A run seeds its generators before it loads the model; a build in between must leave them as they
     were, or a run that built the model would start differently from one that found it cached.
@@ -206,12 +210,14 @@ def _isolated_random_state():
     import numpy as np
     import torch
 
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    python_state, numpy_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
+        torch.set_num_threads(BUILD_THREADS)
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        torch.set_num_threads(threads)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
 
@@ -235,7 +241,7 @@ def resolve_builtin(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     logger.info("Building %s into %s (once)", name, folder)
     try:
-        with _isolated_random_state():
+        with _reproducible_build():
             BUILTINS[key](staging)
         staging.replace(folder)
     finally:
