@@ -2,9 +2,10 @@
 
 Part of the `vlm_tune:smolvlm-demo` build, so it runs once and is cached with the model. Every patch
 token of the encoder learns to name what covers its patch: the colour, kind and size of the shape that
-owns most of its pixels, or background. Three linear heads read the tokens during pre-training and are
-thrown away after it. The heads are factorised (colour apart from kind), so the features carry each
-attribute on its own and a held-out colour-kind pair is made of parts the encoder knows.
+owns most of its pixels (or background), whether the patch holds a shape's centre (one patch per shape,
+which tells shapes apart), and how many shapes the image holds. Linear heads read the tokens during
+pre-training and are thrown away after it. They are factorised (colour apart from kind), so the features
+carry each attribute on its own and a held-out colour-kind pair is made of parts the encoder knows.
 
 The scenes are `make_scene("train", i)` for i past the shipped training images: the training
 distribution, which never draws a pair of `NOVEL_COMBINATIONS`. A scene equal to one of the val, test
@@ -34,10 +35,12 @@ from vlm_tune.data.shapes import (
 
 logger = logging.getLogger("vlm_tune.model")
 
-ATTRIBUTES = {  # class 0 of each head is "background"
+ATTRIBUTES = {  # the classes of each head; the first three name the shape owning the patch
     "colour": ("background", *sorted(COLOURS)),
     "kind": ("background", *KINDS),
     "size": ("background", *SIZES),
+    "centre": ("no", "yes"),  # the patch holds the centre pixel of a shape
+    "shapes": ("one", "two", "three"),  # shapes in the image, the same on every patch
 }
 MIN_PIXELS = 6  # a patch names a shape when the shape owns at least this many of its pixels
 
@@ -65,10 +68,10 @@ def pretraining_scenes(count: int, held_out: frozenset[Scene]) -> list[Scene]:
 
 
 def patch_targets(scene: Scene, grid: int) -> torch.Tensor:
-    """Class of each attribute for each patch of a grid x grid split of the image: [3, grid * grid].
+    """Class of each attribute (ATTRIBUTES) for each patch of a grid x grid split of the image: [5, grid * grid].
 
-    A patch takes the attributes of the shape owning most of its pixels (drawn later wins, as in
-    `draw_scene`), or background when no shape owns MIN_PIXELS of them.
+    A patch takes the colour, kind and size of the shape owning most of its pixels (drawn later wins, as
+    in `draw_scene`), or background when no shape owns MIN_PIXELS of them.
     """
     owner = None
     for number, shape in enumerate(scene.shapes, start=1):
@@ -80,16 +83,18 @@ def patch_targets(scene: Scene, grid: int) -> torch.Tensor:
     counts = np.stack([(cells == number).sum(-1) for number in range(len(scene.shapes) + 1)], -1)  # [P, S + 1]
     counts[:, 0] = MIN_PIXELS - 1  # background wins unless a shape owns MIN_PIXELS
     winner = counts.argmax(-1)  # [P]; 0: background, n: scene.shapes[n - 1]
-    targets = torch.zeros(3, grid * grid, dtype=torch.long)
+    targets = torch.zeros(len(ATTRIBUTES), grid * grid, dtype=torch.long)
     for number, shape in enumerate(scene.shapes, start=1):
         where = torch.from_numpy(winner == number)
         for row, (name, value) in enumerate((("colour", shape.colour), ("kind", shape.kind), ("size", shape.size))):
             targets[row, where] = ATTRIBUTES[name].index(value)
+        targets[3, (shape.y // side) * grid + shape.x // side] = 1
+    targets[4] = len(scene.shapes) - 1
     return targets
 
 
 class PatchHeads(nn.Module):
-    """Linear classifiers of colour, kind and size over each patch token."""
+    """One linear classifier per attribute (ATTRIBUTES) over each patch token."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -98,7 +103,7 @@ class PatchHeads(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the attributes, and each attribute's accuracy.
 
-        tokens: [B, P, D] patch tokens; targets: [B, 3, P] class indices.
+        tokens: [B, P, D] patch tokens; targets: [B, A, P] class indices of the A attributes.
         """
         losses, accuracy = [], []
         for row, head in enumerate(self.heads):
@@ -109,7 +114,7 @@ class PatchHeads(nn.Module):
 
 
 def _batch(scenes: list[Scene], image_processor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel values [B, 3, H, W] (the processor's, as in training) and patch targets [B, 3, P] of `scenes`."""
+    """Pixel values [B, 3, H, W] (the processor's, as in training) and patch targets [B, A, P] of `scenes`."""
     images = [[draw_scene(scene)] for scene in scenes]  # one image per sample
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"][:, 0]
     return pixel_values, torch.stack([patch_targets(scene, grid) for scene in scenes])
