@@ -44,10 +44,10 @@ def test_each_patch_names_the_shape_owning_its_pixels_or_background():
     right = Shape("triangle", "blue", "small", 48, 30)
     targets = patch_targets(Scene("relation", "left_of", (left, right)), grid=8)  # 8 px patches, row-major
     assert targets.shape == (len(ATTRIBUTES), 64)
-    assert _classes(targets, 3 * 8 + 1) == ("red", "circle", "large", "no", "two")  # rows 24-31, columns 8-15
-    assert _classes(targets, 4 * 8 + 2) == ("red", "circle", "large", "yes", "two")  # holds (16, 33)
-    assert _classes(targets, 3 * 8 + 6) == ("blue", "triangle", "small", "yes", "two")  # holds (48, 30)
-    assert _classes(targets, 0) == ("background",) * 3 + ("no", "two")
+    assert _classes(targets, 3 * 8 + 1) == ("red", "circle", "large", "no")  # rows 24-31, columns 8-15
+    assert _classes(targets, 4 * 8 + 2) == ("red", "circle", "large", "yes")  # holds (16, 33)
+    assert _classes(targets, 3 * 8 + 6) == ("blue", "triangle", "small", "yes")  # holds (48, 30)
+    assert _classes(targets, 0) == ("background",) * 3 + ("no",)
     assert _classes(targets, 4 * 8 + 4)[:3] == ("background",) * 3  # between the two shapes
     drawn = (targets[0] > 0).sum().item()
     assert 8 <= drawn <= 20  # a 27 px circle and a 15 px triangle cover about this many 8 px patches
