@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-run test lint
+.PHONY: install demo demo-run demo-vqa test lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -12,20 +12,26 @@ install:
 
 demo: install demo-run
 
-# The demo's commands: train, then caption `test` and `test_novel` (held-out colour-kind pairs) with the base
-# model and the trained one, and compare. RUN and SEED pick the run folder and train.seed;
-# benchmarks/demo_seeds.py runs these same lines for several seeds.
+# The demo's commands: train (a second run starts over in RUN), then caption `test` and `test_novel`
+# (held-out colour-kind pairs) with the base model and the trained one, and compare (printed and written).
+# RUN and SEED pick the run folder and train.seed; benchmarks/demo_seeds.py runs these same lines per seed.
 RUN ?= runs/demo
 SEED ?= 0
-EVALUATE = $(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml train.seed=$(SEED) --no-progress
+EVALUATE = $(PYTHON) -m vlm_tune.evaluate --no-progress --overwrite
 demo-run:
-	$(PYTHON) -m vlm_tune.train recipes/demo.yaml train.output_dir=$(RUN) train.seed=$(SEED)
-	$(EVALUATE) --split test --output-dir $(RUN)/eval-base-test
-	$(EVALUATE) --split test_novel --output-dir $(RUN)/eval-base-test_novel
+	$(PYTHON) -m vlm_tune.train recipes/demo.yaml train.output_dir=$(RUN) train.seed=$(SEED) train.overwrite=true
+	$(EVALUATE) recipes/demo.yaml --split test --output-dir $(RUN)/eval-base-test
+	$(EVALUATE) recipes/demo.yaml --split test_novel --output-dir $(RUN)/eval-base-test_novel
 	$(EVALUATE) --checkpoint $(RUN) --split test --output-dir $(RUN)/eval-trained-test
 	$(EVALUATE) --checkpoint $(RUN) --split test_novel --output-dir $(RUN)/eval-trained-test_novel
-	$(PYTHON) -m vlm_tune.evaluate --compare $(RUN)/eval-base-test $(RUN)/eval-trained-test --out $(RUN)/compare-test.md
-	$(PYTHON) -m vlm_tune.evaluate --compare $(RUN)/eval-base-test_novel $(RUN)/eval-trained-test_novel --out $(RUN)/compare-test_novel.md
+	$(EVALUATE) --compare $(RUN)/eval-base-test $(RUN)/eval-trained-test --out $(RUN)/compare-test.md
+	$(EVALUATE) --compare $(RUN)/eval-base-test_novel $(RUN)/eval-trained-test_novel --out $(RUN)/compare-test_novel.md
+
+demo-vqa: install
+	$(PYTHON) -m vlm_tune.train recipes/demo_vqa.yaml train.overwrite=true
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo_vqa.yaml --output-dir runs/demo_vqa/eval-base --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo_vqa --output-dir runs/demo_vqa/eval-trained --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo_vqa/eval-base runs/demo_vqa/eval-trained --out runs/demo_vqa/compare.md
 
 lint:
 	$(PYTHON) -m ruff check vlm_tune tests benchmarks

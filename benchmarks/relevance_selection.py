@@ -41,9 +41,10 @@ def object_share_per_token(image, side: int) -> np.ndarray:
 
 def measure(run: Path, limit: int) -> dict:
     """Mean object-pixel share kept, the uniform expectation, and the mean pair weights of one run."""
-    from vlm_tune.checkpoint import latest_checkpoint, load_for_inference
+    from vlm_tune.checkpoint import latest_checkpoint
     from vlm_tune.data import build_dataset
     from vlm_tune.data.collate import GenerateCollator
+    from vlm_tune.model.build import load_for_inference
     from vlm_tune.recipe import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml", [])

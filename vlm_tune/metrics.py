@@ -16,9 +16,19 @@ from typing import Optional
 
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+from vlm_tune.constants import METRIC_NAMES  # noqa: F401 (re-exported: the metric names, in order)
+from vlm_tune.errors import VlmTuneError
+
 logger = logging.getLogger("vlm_tune.metrics")
 
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+class MetricsError(VlmTuneError, ValueError):
+    """Captions that cannot be scored as given (ids that do not match, images without a reference caption)."""
+
+
+class JavaError(MetricsError, RuntimeError):
+    """Java was required (eval.use_java: true) but is missing, or its tokenizer answered garbage."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Java detection.
@@ -42,7 +52,7 @@ def _resolve_use_java(use_java: Optional[bool]) -> bool:
     if use_java is None:
         return java_available()
     if use_java and not java_available():
-        raise RuntimeError(
+        raise JavaError(
             "use_java=True but no working `java` was found on PATH; install a Java runtime "
             "(e.g. `apt-get install default-jre-headless`) or set eval.use_java=null to fall back"
         )
@@ -219,7 +229,7 @@ def tokenize_captions(captions: dict[str, list[str]], use_java: bool) -> dict[st
     one_line = {image_id: [{"caption": " ".join(c.split())} for c in texts] for image_id, texts in captions.items()}
     tokenized = PTBTokenizer().tokenize(one_line)
     if {k: len(v) for k, v in tokenized.items()} != {k: len(v) for k, v in captions.items()}:
-        raise RuntimeError(
+        raise JavaError(
             "pycocoevalcap's PTBTokenizer returned a different number of captions than it was "
             "given; score with use_java=False (eval.use_java=false) to use the Python tokenizer"
         )
@@ -231,28 +241,28 @@ def _check_inputs(predictions: dict[str, str], references: dict[str, list[str]])
         return ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
     if not predictions:
-        raise ValueError("score_captions: no predictions to score")
+        raise MetricsError("score_captions: no predictions to score")
     unreferenced = [i for i in predictions if i not in references]
     if unreferenced:
-        raise ValueError(
+        raise MetricsError(
             f"score_captions: {len(unreferenced)} predicted image(s) have no entry in references: "
             f"{listed(unreferenced)}; pass references for every predicted image"
         )
     unpredicted = [i for i in references if i not in predictions]
     if unpredicted:
-        raise ValueError(
+        raise MetricsError(
             f"score_captions: {len(unpredicted)} referenced image(s) have no prediction: "
             f"{listed(unpredicted)}; drop them from references or predict them"
         )
     empty = [i for i, refs in references.items() if not any(isinstance(r, str) and r.strip() for r in refs)]
     if empty:
-        raise ValueError(
+        raise MetricsError(
             f"score_captions: {len(empty)} image(s) have no non-empty reference caption: "
             f"{listed(empty)}; captions metrics need at least one reference per image"
         )
     not_text = [i for i, p in predictions.items() if not isinstance(p, str)]
     if not_text:
-        raise ValueError(f"score_captions: predictions must be strings; not for image(s) {listed(not_text)}")
+        raise MetricsError(f"score_captions: predictions must be strings; not for image(s) {listed(not_text)}")
 
 
 @functools.cache
@@ -286,8 +296,8 @@ def score_captions(
         {"BLEU-1".."BLEU-4", "METEOR" (only with Java), "ROUGE-L", "CIDEr-D"} as pycocoevalcap computes them
         (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr-D on its usual 0-10 scale).
     Raises:
-        ValueError: ids of predictions and references differ, or an image has no reference caption.
-        RuntimeError: use_java=True without a working Java.
+        MetricsError: ids of predictions and references differ, or an image has no reference caption.
+        JavaError: use_java=True without a working Java.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -299,7 +309,7 @@ def score_captions(
     refs = {i: [r for r in references[i] if isinstance(r, str) and r.strip()] for i in ids}
     try:
         gts, res = tokenize_captions(refs, java), tokenize_captions({i: [predictions[i]] for i in ids}, java)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:  # e.g. read-only pycocoevalcap folder
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:  # JavaError, a read-only pycocoevalcap folder
         if use_java:
             raise
         logger.warning("Java PTB tokenizer failed (%s); using the Python tokenizer and skipping METEOR", exc)

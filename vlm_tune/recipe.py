@@ -7,21 +7,20 @@ path and reported together in one `RecipeError`, so a user fixes a recipe in one
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import yaml
 
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - re-exported
+from vlm_tune.data_config import CONVERSATION_FORMATS, DataConfig, DataSourceConfig  # noqa: F401 - re-exported
+from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
+from vlm_tune.recipe_hints import FOREIGN_KEYS
+from vlm_tune.relevance_config import RelevanceConfig
+from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
-
-COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
-
-
-class RecipeError(VlmTuneError, ValueError):
-    """A recipe that cannot be used; the message lists every problem found, one per line."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Schema. One help line per field; `_check` returns messages about combinations of fields.
@@ -70,6 +69,15 @@ class ModelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint folder"})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
 
+    def _check(self) -> list[str]:
+        known = self.attn_implementation in ATTENTION_IMPLEMENTATIONS
+        if known or re.fullmatch(r"[^/:@]+/[^/:@]+(@[^/:]+)?(:[^/:]+)?", self.attn_implementation):
+            return []
+        return [
+            f"attn_implementation: unknown '{self.attn_implementation}', expected one of "
+            f"{list(ATTENTION_IMPLEMENTATIONS)} or a hub kernel such as kernels-community/flash-attn"
+        ]
+
 
 @dataclass
 class ComponentConfig:
@@ -112,75 +120,6 @@ class ComponentConfig:
 
 
 @dataclass
-class DataSourceConfig:
-    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = field(
-        default="coco", metadata={"help": "layout of the set"}
-    )
-    path: str = field(
-        default="", metadata={"help": "annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)"}
-    )
-    images: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "folder that image paths are relative to (default: next to `path`; coco also tries its images/)"
-        },
-    )
-    split: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "split to keep: karpathy train/val/test/restval (join with +), hf split, "
-            "imagefolder subfolder, jsonl/csv 'split' column"
-        },
-    )
-    image_column: str = field(default="image", metadata={"help": "column or field holding the image (path or image)"})
-    caption_column: str = field(
-        default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
-    )
-    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images"})
-
-    def _check(self) -> list[str]:
-        errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
-        if self.limit is not None and self.limit <= 0:
-            errors.append(f"limit: must be a positive integer, got {self.limit}")
-        return errors
-
-
-@dataclass
-class DataConfig:
-    train: Optional[DataSourceConfig] = field(default=None, metadata={"help": "training set"})
-    eval: Optional[DataSourceConfig] = field(
-        default=None, metadata={"help": "evaluation set (eval loss and caption metrics)"}
-    )
-    prompt: Union[str, list[str]] = field(
-        default="Describe the image.", metadata={"help": "user turn; a list is sampled per example"}
-    )
-    on_error: Literal["skip", "raise"] = field(
-        default="skip", metadata={"help": "bad image or caption: skip and count, or stop"}
-    )
-    image_size: Optional[int] = field(
-        default=None, metadata={"help": "longest image edge in pixels given to the processor"}
-    )
-    max_pixels: Optional[int] = field(
-        default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
-    )
-    max_length: int = field(
-        default=512, metadata={"help": "longest token sequence; captions are shortened, image tokens never cut"}
-    )
-    group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length to cut padding"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-
-    def _check(self) -> list[str]:
-        errors = []
-        if isinstance(self.prompt, list) and not self.prompt:
-            errors.append("prompt: the list of prompts is empty")
-        if self.max_length <= 0:
-            errors.append(f"max_length: must be a positive integer, got {self.max_length}")
-        if self.num_workers < 0:
-            errors.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return errors
-
-
-@dataclass
 class TrainConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder: recipe, report, logs, checkpoints"})
     epochs: int = field(default=1, metadata={"help": "passes over data.train (ignored when max_steps is set)"})
@@ -202,7 +141,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk (0: keep all)"})
     eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: only at the end)"})
     eval_generate_every: int = field(
-        default=0, metadata={"help": "caption metrics on eval.generate_limit samples every N steps (0: off)"}
+        default=0, metadata={"help": "data.eval.task metrics on eval.generate_limit samples every N steps (0: off)"}
     )
     log_every: int = field(default=1, metadata={"help": "log a line every N steps"})
     resume: Optional[str] = field(
@@ -212,30 +151,43 @@ class TrainConfig:
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
     )
+    report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = field(
+        default=None,
+        metadata={"help": "trackers (through accelerate): tensorboard, mlflow, wandb; null: tensorboard if installed"},
+    )
+    keep_best: Optional[str] = field(
+        default=None,
+        metadata={"help": "also keep the best checkpoint by eval_loss or a caption metric (CIDEr-D, BLEU-4...)"},
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "stop after N evaluations without improvement (of keep_best, else eval_loss)"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "a fresh run may start in an output_dir with checkpoints"})
+    skip_nonfinite_steps: int = field(default=0, metadata={"help": "NaN/inf steps skipped (no update) before stopping"})
 
     def _check(self) -> list[str]:
         errors = []
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "log_every": self.log_every,
-        }
-        errors += [f"{name}: must be a positive integer, got {value}" for name, value in positive.items() if value <= 0]
-        if self.max_steps is not None and self.max_steps <= 0:
-            errors.append(f"max_steps: must be a positive integer, got {self.max_steps}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive.update({"log_every": self.log_every, "max_steps": self.max_steps})  # max_steps: None or > 0
+        positive["early_stopping_patience"] = self.early_stopping_patience  # None or > 0
+        invalid = {name: value for name, value in positive.items() if value is not None and value <= 0}
+        errors += [f"{name}: must be a positive integer, got {value}" for name, value in invalid.items()]
         non_negative = {
             "warmup_steps": self.warmup_steps,
             "save_every": self.save_every,
             "eval_every": self.eval_every,
             "eval_generate_every": self.eval_generate_every,
             "keep_checkpoints": self.keep_checkpoints,
+            "skip_nonfinite_steps": self.skip_nonfinite_steps,
             "max_grad_norm": self.max_grad_norm,
             "weight_decay": self.weight_decay,
         }
         errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         if self.lr <= 0:
             errors.append(f"lr: must be positive, got {self.lr}")
+        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+            errors.append(f"keep_best: unknown metric '{self.keep_best}', expected one of {list(BEST_METRICS)}")
         return errors
 
 
@@ -247,13 +199,11 @@ class EvalConfig:
     limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first N images"})
     generate_limit: int = field(default=32, metadata={"help": "images scored by train.eval_generate_every"})
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "evaluation folder (default: <checkpoint or output_dir>/eval-<split>)"}
+        default=None, metadata={"help": "evaluation folder (default: <checkpoint>/eval-<set>-<split>, see Evaluation)"}
     )
+    contact_sheet_images: int = field(default=16, metadata={"help": "images drawn on contact_sheet.png (0: none)"})
     use_java: Optional[bool] = field(
         default=None, metadata={"help": "Java PTB tokenizer + METEOR: null detects Java, false never, true requires it"}
-    )
-    contact_sheet_images: int = field(
-        default=16, metadata={"help": "images drawn on contact_sheet.png (0: no contact sheet)"}
     )
 
     def _check(self) -> list[str]:
@@ -272,52 +222,6 @@ class EvalConfig:
 
 
 @dataclass
-class RelevanceConfig:
-    enabled: bool = field(
-        default=False, metadata={"help": "insert knowing/balancing/attending between projector and language model"}
-    )
-    keep: Union[int, float] = field(
-        default=1.0, metadata={"help": "visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]"}
-    )
-    method: Literal["relevance", "random", "pool"] = field(
-        default="relevance", metadata={"help": "relevance modules, or a baseline at the same K"}
-    )
-    summary_token: bool = field(
-        default=False, metadata={"help": "fold the dropped tokens into one summary token, one of the K slots"}
-    )
-    lr: Optional[float] = field(
-        default=None, metadata={"help": "learning rate of the relevance modules (default train.lr)"}
-    )
-    hidden_size: int = field(default=64, metadata={"help": "width of the relevance modules' internal projections"})
-    temperature: float = field(default=1.0, metadata={"help": "softness of the differentiable selection in training"})
-    exploration: float = field(
-        default=0.0, metadata={"help": "Gumbel noise added to the relevance when choosing in training (0: none)"}
-    )
-    start_step: int = field(
-        default=0,
-        metadata={"help": "optimizer step from which the modules learn; before it they choose by their initial scores"},
-    )
-
-    def _check(self) -> list[str]:
-        errors = []
-        if isinstance(self.keep, bool) or (isinstance(self.keep, int) and self.keep < 1):
-            errors.append(f"keep: a count must be an integer >= 1, got {self.keep}")
-        elif isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
-            errors.append(f"keep: a fraction must be in (0, 1], got {self.keep}")
-        if self.lr is not None and self.lr <= 0:
-            errors.append(f"lr: must be positive, got {self.lr}")
-        if self.hidden_size <= 0:
-            errors.append(f"hidden_size: must be a positive integer, got {self.hidden_size}")
-        if self.temperature <= 0:
-            errors.append(f"temperature: must be positive, got {self.temperature}")
-        if self.exploration < 0:
-            errors.append(f"exploration: must be >= 0, got {self.exploration}")
-        if self.start_step < 0:
-            errors.append(f"start_step: must be >= 0, got {self.start_step}")
-        return errors
-
-
-@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "what to load and how"})
     components: dict[str, ComponentConfig] = field(default_factory=dict, metadata={"help": "per-component policy"})
@@ -325,6 +229,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "caption generation and metrics"})
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig, metadata={"help": "visual token selection"})
+    speed: SpeedConfig = field(default_factory=SpeedConfig, metadata={"help": "speed and memory levers"})
 
     def _check(self) -> list[str]:
         errors = [
@@ -340,7 +245,15 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        return errors
+        return errors + self._check_best()
+
+    def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric
+        setting = "train.keep_best" if self.train.keep_best else "train.early_stopping_patience"
+        if (self.train.keep_best or self.train.early_stopping_patience) and self.data.eval is None:
+            return [f"{setting}: needs an evaluation set; set data.eval.path"]
+        if self.train.keep_best not in (None, "eval_loss") and not self.train.eval_generate_every:
+            return [f"{setting}: {self.train.keep_best} is computed every train.eval_generate_every steps, set it"]
+        return []
 
     def component(self, name: str) -> ComponentConfig:
         """The policy of one component; components not named in the recipe are frozen."""
@@ -351,34 +264,6 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b.c=value` into its key path and YAML-parsed value.
-
-    Raises:
-        RecipeError: the text has no `=` or an empty key.
-    """
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override '{text}': expected key.path=value, e.g. train.lr=1e-4")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each `a.b=value` override in the plain recipe mapping `raw` (in place) and return it."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override '{text}': {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
-            node = child
-        node[keys[-1]] = value
-    return raw
-
-
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     """Validate plain data into a `Recipe`.
 
@@ -386,41 +271,11 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
         RecipeError: listing every problem, each with its dotted path.
     """
     errors: list[str] = []
-    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors)
+    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors, renamed=FOREIGN_KEYS)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise RecipeError(f"{source}: {len(errors)} problem(s) in the recipe:\n{lines}")
     return recipe
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    """`override` on top of `base`; mappings merge key by key, anything else replaces."""
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = (
-            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
-
-
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file, merged on top of the file named by its `base:` key (relative to it)."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found" + (f" (named by base: in {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise RecipeError(f"{path}: base: recipes form a cycle: {' -> '.join(str(p) for p in chain)}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, components, data, train...)")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: base: expected the path of another recipe, got {base!r}")
-    return _deep_merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), raw)
 
 
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
@@ -437,7 +292,7 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     Raises:
         RecipeError: the file is missing or not YAML, or the recipe has problems (all listed).
     """
-    raw = _read_yaml(Path(path))
+    raw = read_recipe_file(Path(path))
     return recipe_from_dict(apply_overrides(raw, list(overrides or [])), source=str(path))
 
 

@@ -7,9 +7,19 @@ README holds exactly this text.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
+from pathlib import Path
+from typing import Optional
 
 from vlm_tune import recipe as schema
+from vlm_tune.cli import CommandParser, run_command
+from vlm_tune.errors import VlmTuneError
+
+
+class ReadmeError(VlmTuneError):
+    """A README that cannot take the reference (missing, or without the reference markers)."""
+
 
 # section prefix -> dataclass, in README order
 SECTIONS: dict[str, type] = {
@@ -21,6 +31,7 @@ SECTIONS: dict[str, type] = {
     "train": schema.TrainConfig,
     "eval": schema.EvalConfig,
     "relevance": schema.RelevanceConfig,
+    "speed": schema.SpeedConfig,
 }
 
 
@@ -83,24 +94,47 @@ START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
 
 
 def readme_section(readme_text: str) -> str:
-    """The text between the reference markers of the README."""
+    """The text between the reference markers of the README.
+
+    Raises:
+        ReadmeError: the text lacks the markers.
+    """
+    if START not in readme_text or END not in readme_text.split(START, 1)[1]:
+        raise ReadmeError(f"the README has no recipe reference section: put the lines {START} and {END} into it")
     return readme_text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
 
 
 def write_into_readme(path: str = "README.md") -> None:
-    """Replace the README's reference section with the generated one."""
-    from pathlib import Path
+    """Replace the README's reference section with the generated one.
 
-    text = Path(path).read_text()
+    Raises:
+        ReadmeError: the README does not exist or lacks the reference markers.
+    """
+    readme = Path(path)
+    if not readme.is_file():
+        raise ReadmeError(f"{readme}: no such file; run from the repository root, where README.md is")
+    text = readme.read_text()
+    readme_section(text)  # the markers are there
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    Path(path).write_text(f"{head}{START}\n{reference_markdown()}{END}{tail}")
+    readme.write_text(f"{head}{START}\n{reference_markdown()}{END}{tail}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry point; returns the process exit code (2: a mistake, named on stderr)."""
+    parser = CommandParser(prog="python -m vlm_tune.recipe_reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="put the reference into ./README.md instead of printing")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        if args.write:
+            write_into_readme()
+        else:
+            print(reference_markdown(), end="")
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--write"]:
-        write_into_readme()
-    else:
-        print(reference_markdown(), end="")
+    sys.exit(main())

@@ -7,7 +7,7 @@ from relevance_batches import component_map, generate_batch, model_and_processor
 from vlm_tune.model.components import find_components
 from vlm_tune.model.targeting import apply_targeting, param_groups
 from vlm_tune.recipe import ComponentConfig, RelevanceConfig
-from vlm_tune.relevance import RELEVANCE_FILE, attach_relevance, load_relevance, relevance_row, save_relevance
+from vlm_tune.relevance import RELEVANCE_FILE, attach_relevance, relevance_row
 
 
 def _lora_language(model):
@@ -61,11 +61,11 @@ def test_save_and_load_restore_the_modules(tmp_path):
     with torch.no_grad():
         for parameter in trained.relevance.parameters():
             parameter.add_(torch.randn_like(parameter))
-    save_relevance(trained, tmp_path, cfg)
+    trained.save(tmp_path)
     assert (tmp_path / RELEVANCE_FILE).is_file()
 
     fresh = attach_relevance(model, cfg, component_map(model))
-    load_relevance(fresh, tmp_path)
+    fresh.load(tmp_path)
     for (name, saved), (_, loaded) in zip(trained.relevance.state_dict().items(), fresh.relevance.state_dict().items()):
         assert torch.equal(saved, loaded), name
     inputs = generate_batch(processor)
@@ -74,9 +74,9 @@ def test_save_and_load_restore_the_modules(tmp_path):
 
     other = attach_relevance(model, RelevanceConfig(enabled=True, keep=0.25, hidden_size=32), component_map(model))
     with pytest.raises(ValueError, match="do not fit"):
-        load_relevance(other, tmp_path)
+        other.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="relevance.enabled"):
-        load_relevance(fresh, tmp_path / "missing")
+        fresh.load(tmp_path / "missing")
 
 
 def test_unsupported_family_is_refused_with_the_supported_list():

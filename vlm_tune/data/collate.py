@@ -15,17 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from vlm_tune.data.bad_samples import DataError
+from vlm_tune.constants import IGNORE_INDEX
+from vlm_tune.data.bad_samples import DataError, is_skipped
 from vlm_tune.data.families import caption_style, chat_messages, image_budget, image_placeholder, special_token_ids
 from vlm_tune.data.images import fit_within
 from vlm_tune.recipe import DataConfig
 
 logger = logging.getLogger("vlm_tune.data")
 
-IGNORE_INDEX = -100
 # Processor outputs laid out [batch, sequence, ...]: cut together when a sequence is shortened.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
-UNREADABLE = "image could not be read (named in the log)"
+UNREADABLE = {"image_id": None, "file": None, "reason": "image could not be read"}  # a dataset that gives None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -105,10 +105,16 @@ class CaptionEncoder:
         return fit_within(image, self.budget.longest_edge, self.budget.max_pixels) if self.budget.resizes else image
 
     def encode(self, texts: list[str], images: list, padding_side: str, suffixes: Optional[list[str]] = None):
-        """One processor call over a batch: tensors, padded on `padding_side`, no truncation."""
+        """One processor call over a batch of one image per text: tensors, padded on `padding_side`, no truncation."""
+        return self.encode_image_lists(texts, [[image] for image in images], padding_side, suffixes)
+
+    def encode_image_lists(
+        self, texts: list[str], image_lists: list[list], padding_side: str, suffixes: Optional[list[str]] = None
+    ):
+        """One processor call over a batch with any number of images per text (none for text-only samples)."""
         kwargs = dict(
             text=texts,
-            images=[[image] for image in images],
+            images=image_lists if any(image_lists) else None,
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",
@@ -150,8 +156,9 @@ class CaptionEncoder:
 
 
 def _split_none(items: list) -> tuple[list[dict], list[dict]]:
-    samples = [item for item in items if item is not None]
-    skipped = [{"image_id": None, "reason": UNREADABLE} for item in items if item is None]
+    """(the usable samples, the records of the skipped ones: image, file and reason)."""
+    samples = [item for item in items if not is_skipped(item)]
+    skipped = [dict(item) if item is not None else dict(UNREADABLE) for item in items if is_skipped(item)]
     return samples, skipped
 
 
@@ -254,21 +261,34 @@ class GenerateCollator:
 
     def __call__(self, items: list[Optional[dict]]) -> Optional[tuple[dict, dict]]:
         samples, skipped = _split_none(items)
-        while samples:
-            samples, encoded, dropped = self.encoder.encode_robust(samples, self._encode)
-            skipped += dropped
-            if encoded is None:
-                break
-            lengths = encoded["attention_mask"].sum(1).tolist()
-            too_long = [i for i, n in enumerate(lengths) if n >= self.encoder.max_length]
-            if not too_long:
-                inputs = {key: value for key, value in encoded.items() if key != "labels"}
-                meta = {
-                    "image_ids": [s["image_id"] for s in samples],
-                    "references": [list(s["captions"]) for s in samples],
-                    "skipped": skipped,
-                }
-                return inputs, meta
-            skipped += [_too_long(samples[i], lengths[i], self.encoder.max_length) for i in too_long]
-            samples = [s for i, s in enumerate(samples) if i not in too_long]
-        return None
+        encoded = generation_inputs(self.encoder, samples, self._encode, _too_long)
+        if encoded is None:
+            return None
+        samples, inputs, dropped = encoded
+        meta = {
+            "image_ids": [s["image_id"] for s in samples],
+            "references": [list(s["captions"]) for s in samples],
+            "skipped": skipped + dropped,
+        }
+        return inputs, meta
+
+
+def generation_inputs(encoder: CaptionEncoder, samples: list[dict], build, too_long) -> Optional[tuple]:
+    """`build(samples)` for generation, without the samples that fail or leave no room within `data.max_length`.
+
+    Returns:
+        (kept samples, inputs without labels, skipped records), or None when no sample is left.
+    """
+    skipped: list[dict] = []
+    while samples:
+        samples, encoded, dropped = encoder.encode_robust(samples, build)
+        skipped += dropped
+        if encoded is None:
+            break
+        lengths = encoded["attention_mask"].sum(1).tolist()
+        rows = [i for i, n in enumerate(lengths) if n >= encoder.max_length]
+        if not rows:
+            return samples, {key: value for key, value in encoded.items() if key != "labels"}, skipped
+        skipped += [too_long(samples[i], lengths[i], encoder.max_length) for i in rows]
+        samples = [s for i, s in enumerate(samples) if i not in rows]
+    return None

@@ -15,9 +15,9 @@ regenerates the committed set bit-identically (same Pillow/zlib build for the PN
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,9 +261,14 @@ def write_shapes(out: str | Path, sizes: dict[str, int] | None = None) -> list[P
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: regenerate the shapes set."""
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes caption set (COCO format).")
+def main(argv: list[str] | None = None) -> int:
+    """Command line: regenerate the shapes set; returns the exit code (2: a mistake, named on stderr)."""
+    from vlm_tune.cli import CommandParser, run_command
+    from vlm_tune.data.bad_samples import DataError
+
+    parser = CommandParser(
+        prog="python -m vlm_tune.data.shapes", description="Write the synthetic shapes caption set (COCO format)."
+    )
     parser.add_argument("--out", default="data/shapes", help="output folder (default data/shapes)")
     for split, count in SPLIT_SIZES.items():
         parser.add_argument(
@@ -274,9 +279,21 @@ def main(argv: list[str] | None = None) -> None:
             help=f"images in split {split} (default {count})",
         )
     args = parser.parse_args(argv)
-    written = write_shapes(args.out, {split: getattr(args, split) for split in SPLIT_SIZES})
-    print("wrote " + ", ".join(str(path) for path in written) + f" and {Path(args.out) / 'images'}/")
+    sizes = {split: getattr(args, split) for split in SPLIT_SIZES}
+    for split, count in sizes.items():
+        if count < 0:
+            parser.error(f"--{split.replace('_', '-')}: a number of images is >= 0, got {count}")
+
+    def command() -> int:
+        try:
+            written = write_shapes(args.out, sizes)
+        except OSError as exc:
+            raise DataError(f"--out {args.out}: cannot write the set there ({exc.strerror}); name a folder") from None
+        print("wrote " + ", ".join(str(path) for path in written) + f" and {Path(args.out) / 'images'}/")
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

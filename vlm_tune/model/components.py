@@ -1,13 +1,12 @@
 """Which modules of a vision-language model form its vision, projector, cross_attention and language parts.
 
 Known families are read from a table (`FAMILIES`); other architectures are detected structurally
-(what consumes `pixel_values`, what owns the text embedding, what sits between them, cross-attention
-blocks by class or name). A recipe's `components.<name>.modules` regexes override both.
+(detect.py: what consumes `pixel_values`, what owns the text embedding, what sits between them,
+cross-attention blocks by class or name). A recipe's `components.<name>.modules` regexes override both.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,6 +14,7 @@ from typing import Optional
 from torch import nn
 
 from vlm_tune.errors import VlmTuneError
+from vlm_tune.model.detect import detect_components, inside, shallowest
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig
 
 
@@ -178,103 +178,9 @@ def _compile(pattern: str, where: str) -> re.Pattern:
         raise ComponentError(f"{where}: '{pattern}' is not a valid regex ({exc})") from None
 
 
-def _shallowest(names: list[str]) -> list[str]:
-    """Drop names that lie inside another name of the list."""
-    kept: list[str] = []
-    for name in sorted(names, key=lambda n: n.count(".")):
-        if not any(name == k or name.startswith(k + ".") for k in kept):
-            kept.append(name)
-    return sorted(kept, key=names.index)
-
-
-def _inside(name: str, root: str) -> bool:
-    return root == "" or name == root or name.startswith(root + ".")
-
-
 def _resolve(regexes: tuple[str, ...] | list[str], names: list[str], where: str) -> dict[str, list[str]]:
     """Regex -> shallowest module names it fully matches."""
-    return {rx: _shallowest([n for n in names if _compile(rx, where).fullmatch(n)]) for rx in regexes}
-
-
-# ----------------------------------------------------------------------------------------------
-# Structural detection for architectures outside the family table.
-# ----------------------------------------------------------------------------------------------
-
-
-def _takes_pixel_values(module: nn.Module) -> bool:
-    try:
-        return "pixel_values" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _detect(model: nn.Module, named: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """Find components by structure; a component that cannot be found maps to []."""
-    found: dict[str, list[str]] = {c: [] for c in COMPONENT_NAMES}  # plus "<component>_params" lists
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    embed_name = next((n for n, m in named.items() if m is embed), None) if embed is not None else None
-    if embed_name is None:
-        return found
-
-    def holds_text(n: str) -> bool:
-        return _inside(embed_name, n)
-
-    # the vision tower: the biggest module fed pixel_values or named like one (Qwen-style towers take patches)
-    vision = _shallowest(
-        [
-            n
-            for n, m in named.items()
-            if n
-            and not holds_text(n)
-            and (_takes_pixel_values(m) or re.search(r"vision|visual", type(m).__name__, re.IGNORECASE))
-        ]
-    )
-    vision = sorted(vision, key=lambda n: -sum(p.numel() for p in named[n].parameters()))[:1]
-    parts = embed_name.split(".")
-    ancestors = [".".join(parts[:d]) for d in range(1, len(parts))]  # shallow to deep
-    language = [a for a in ancestors if not any(_inside(v, a) for v in vision)][:1]
-    if not language:
-        return found
-    found["vision"], found["language"] = vision, language
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = next((n for n, m in named.items() if m is output), None) if output is not None else None
-    if head and not _inside(head, language[0]):
-        found["language"].append(head)
-    if not vision:
-        return found
-
-    # projector: parameterised modules beside vision and language under their common ancestor
-    common = ".".join(p for p, q in zip(vision[0].split("."), language[0].split(".")) if p == q)
-    common = common if common in named and _inside(vision[0], common) and _inside(language[0], common) else ""
-    siblings = [n for n, m in named[common].named_children()] if common in named else []
-    prefix = common + "." if common else ""
-    taken = vision + found["language"]
-    found["projector"] = [
-        prefix + c
-        for c in siblings
-        if not any(_inside(t, prefix + c) for t in taken) and any(True for _ in named[prefix + c].parameters())
-    ]
-    if not found["projector"]:  # projector living inside the vision tower (Qwen-style merger)
-        found["projector"] = [
-            n
-            for n, m in named[vision[0]].named_children()
-            if re.search(r"merger|projector|connector|adapter", n)
-            and any(isinstance(x, nn.Linear) for x in m.modules())
-        ]
-        found["projector"] = [f"{vision[0]}.{n}" for n in found["projector"]]
-    inner = [n for n in named if _inside(n, language[0]) and n != language[0]]
-    cross = [n for n in inner if n.rsplit(".", 1)[-1] in ("cross_attn", "crossattention", "cross_attention")]
-    cross = cross or [n for n in inner if type(named[n]).__name__.lower().endswith("crossattention")]
-    found["cross_attention"] = _shallowest(cross)
-    # loose parameters: beside vision and language (image_newline, query_tokens) -> projector;
-    # on language blocks and named cross-something (mllama's tanh gates) -> cross_attention
-    found["projector_params"] = (
-        [prefix + p for p, _ in named[common].named_parameters(recurse=False)] if common in named else []
-    )
-    found["cross_attention_params"] = [
-        f"{n}.{p}" for n in inner for p, _ in named[n].named_parameters(recurse=False) if cross and "cross" in p
-    ]
-    return found
+    return {rx: shallowest([n for n in names if _compile(rx, where).fullmatch(n)]) for rx in regexes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +195,7 @@ def _split_containers(roots: dict[str, list[str]], named: dict[str, nn.Module]) 
     containers: dict[str, str] = {}
 
     def expand(name: str, comp: str) -> None:
-        inner = [r for r in all_roots if r != name and _inside(r, name)]
+        inner = [r for r in all_roots if r != name and inside(r, name)]
         if not inner:
             modules[comp].append(name)
             return
@@ -308,12 +214,103 @@ def _split_containers(roots: dict[str, list[str]], named: dict[str, nn.Module]) 
 def _unused_vision_layers(model: nn.Module, vision: list[str], named: dict[str, nn.Module]) -> list[str]:
     """Encoder layers after llava's `vision_feature_layer`: computed but never read, so LoRA there gets no gradient."""
     chosen = getattr(model.config, "vision_feature_layer", None)
-    layers = [n for n in named if any(_inside(n, v) for v in vision) and re.search(r"encoder\.layers?\.\d+$", n)]
+    layers = [n for n in named if any(inside(n, v) for v in vision) and re.search(r"encoder\.layers?\.\d+$", n)]
     if chosen is None or not layers:
         return []
     chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
     used = max(k if k >= 0 else len(layers) + 1 + k for k in chosen)  # hidden_states[0]: the embedding output
-    return [name for n in layers[used:] for name in named if _inside(name, n)]
+    return [name for n in layers[used:] for name in named if inside(name, n)]
+
+
+def _family_roots(model: nn.Module, family: Optional[FamilyLayout], names: list[str]) -> tuple[dict, dict]:
+    """Component -> root module names, and component -> loose parameter names, from the family table."""
+    roots: dict[str, list[str]] = {c: [] for c in COMPONENT_NAMES}
+    params: dict[str, list[str]] = {c: [] for c in COMPONENT_NAMES}
+    if family is None:
+        return roots, params
+    for comp in COMPONENT_NAMES:
+        roots[comp] = shallowest([n for ns in _resolve(getattr(family, comp), names, comp).values() for n in ns])
+    param_names = [n for n, _ in model.named_parameters()]
+    for comp, rx in family.params:
+        params[comp] += [p for p in param_names if re.fullmatch(rx, p)]
+    return roots, params
+
+
+def _apply_recipe_modules(recipe_components, names: list[str], model_type: str, roots, params, detected) -> None:
+    """Let the recipe's `components.<name>.modules` regexes define their components (updates the three maps).
+
+    Raises:
+        ComponentError: a regex matches no module, or two components of the recipe claim one module.
+    """
+    recipe_claims: dict[str, str] = {}
+    for comp, cfg in (recipe_components or {}).items():
+        if cfg is None or not cfg.modules:
+            continue
+        where = f"components.{comp}.modules"
+        resolved = _resolve(cfg.modules, names, where)
+        empty = [rx for rx, hits in resolved.items() if not hits]
+        if empty:
+            top = ", ".join(n for n in names if n.count(".") <= 1)
+            raise ComponentError(
+                f"{where}: {', '.join(repr(r) for r in empty)} matches no module of this "
+                f"{model_type} model (regexes match whole module names; names here include: {top})"
+            )
+        roots[comp] = shallowest([n for hits in resolved.values() for n in hits])
+        detected[comp], params[comp] = False, []
+        for root in roots[comp]:
+            if recipe_claims.setdefault(root, comp) != comp:
+                raise ComponentError(
+                    f"module '{root}' of {model_type} is claimed by both {recipe_claims[root]} and "
+                    f"{comp} in components.*.modules; each module belongs to one component"
+                )
+        for other in COMPONENT_NAMES:  # what the recipe claims leaves the other components
+            if other != comp:
+                roots[other] = [r for r in roots[other] if r not in roots[comp]]
+
+
+def _check_roots(roots: dict[str, list[str]], model_type: str, named: dict[str, nn.Module]) -> None:
+    """Each module belongs to one component, and the vision and language components exist.
+
+    Raises:
+        ComponentError: naming the module claimed twice, or how to name the missing components.
+    """
+    claimed: dict[str, str] = {}
+    for comp in COMPONENT_NAMES:
+        for root in roots[comp]:
+            if root in claimed:
+                raise ComponentError(
+                    f"module '{root}' of {model_type} is claimed by both {claimed[root]} and {comp}; "
+                    f"set components.<name>.modules so each module belongs to one component"
+                )
+            claimed[root] = comp
+    missing = [c for c in ("vision", "language") if not roots[c]]
+    if missing:
+        top = ", ".join(f"{n} ({type(m).__name__})" for n, m in named.items() if n and n.count(".") <= 1)
+        raise ComponentError(
+            f"cannot find the {' and '.join(missing)} component(s) of this {model_type} model (not in the family "
+            f"table {sorted(FAMILIES)} and not detected structurally). Name them in the recipe, e.g. "
+            f"components.vision.modules: ['model\\.vision_tower'] and components.language.modules: "
+            f"['model\\.language_model', 'lm_head']. Top-level modules: {top}"
+        )
+
+
+def _lora_leaves(model: nn.Module, named: dict, family: Optional[FamilyLayout], vision: list[str]):
+    """(every nn.Linear leaf LoRA may wrap, the ones it must not: embeddings, routers, unused layers)."""
+    leaves = [
+        n
+        for n, m in named.items()
+        if isinstance(m, nn.Linear)
+        and not list(m.children())
+        and not isinstance(named.get(n.rsplit(".", 1)[0] if "." in n else ""), nn.MultiheadAttention)
+    ]
+    never = [
+        n
+        for n in leaves
+        if _NEVER_LORA.search(n) or any(re.search(rx, n) for rx in (family.never_lora if family else ()))
+    ]
+    if family is not None and family.vision_feature_layer:
+        never += [n for n in _unused_vision_layers(model, vision, named) if n in leaves]
+    return leaves, sorted(set(never), key=leaves.index)
 
 
 def find_components(model: nn.Module, recipe_components: Optional[dict[str, ComponentConfig]] = None) -> ComponentMap:
@@ -334,86 +331,23 @@ def find_components(model: nn.Module, recipe_components: Optional[dict[str, Comp
     named = dict(model.named_modules())
     names = [n for n in named if n]
     family = FAMILIES.get(model_type)
-    roots: dict[str, list[str]] = {c: [] for c in COMPONENT_NAMES}
+    roots, params = _family_roots(model, family, names)
     detected = {c: False for c in COMPONENT_NAMES}
-    if family is not None:
-        for comp in COMPONENT_NAMES:
-            roots[comp] = _shallowest([n for ns in _resolve(getattr(family, comp), names, comp).values() for n in ns])
-    param_names = [n for n, _ in model.named_parameters()]
-    params = {c: [] for c in COMPONENT_NAMES}
-    for comp, rx in family.params if family else ():
-        params[comp] += [p for p in param_names if re.fullmatch(rx, p)]
     if not roots["vision"] or not roots["language"]:  # not in the table, or the table is stale for this version
-        guess = _detect(model, named)
+        guess = detect_components(model, named)
         for comp in COMPONENT_NAMES:
-            if not roots[comp] and guess[comp]:
-                roots[comp], detected[comp] = guess[comp], True
-                params[comp] = guess.get(f"{comp}_params", [])
-
-    recipe_claims: dict[str, str] = {}
-    for comp, cfg in (recipe_components or {}).items():
-        if cfg is None or not cfg.modules:
-            continue
-        where = f"components.{comp}.modules"
-        resolved = _resolve(cfg.modules, names, where)
-        empty = [rx for rx, hits in resolved.items() if not hits]
-        if empty:
-            top = ", ".join(n for n in names if n.count(".") <= 1)
-            raise ComponentError(
-                f"{where}: {', '.join(repr(r) for r in empty)} matches no module of this "
-                f"{model_type} model (regexes match whole module names; names here include: {top})"
-            )
-        roots[comp] = _shallowest([n for hits in resolved.values() for n in hits])
-        detected[comp], params[comp] = False, []
-        for root in roots[comp]:
-            if recipe_claims.setdefault(root, comp) != comp:
-                raise ComponentError(
-                    f"module '{root}' of {model_type} is claimed by both {recipe_claims[root]} and "
-                    f"{comp} in components.*.modules; each module belongs to one component"
-                )
-        for other in COMPONENT_NAMES:  # what the recipe claims leaves the other components
-            if other != comp:
-                roots[other] = [r for r in roots[other] if r not in roots[comp]]
-
-    claimed: dict[str, str] = {}
-    for comp in COMPONENT_NAMES:
-        for root in roots[comp]:
-            if root in claimed:
-                raise ComponentError(
-                    f"module '{root}' of {model_type} is claimed by both {claimed[root]} and {comp}; "
-                    f"set components.<name>.modules so each module belongs to one component"
-                )
-            claimed[root] = comp
-    missing = [c for c in ("vision", "language") if not roots[c]]
-    if missing:
-        top = ", ".join(f"{n} ({type(named[n]).__name__})" for n in names if n.count(".") <= 1)
-        raise ComponentError(
-            f"cannot find the {' and '.join(missing)} component(s) of this {model_type} model (not in the family "
-            f"table {sorted(FAMILIES)} and not detected structurally). Name them in the recipe, e.g. "
-            f"components.vision.modules: ['model\\.vision_tower'] and components.language.modules: "
-            f"['model\\.language_model', 'lm_head']. Top-level modules: {top}"
-        )
+            if not roots[comp] and guess.modules[comp]:
+                roots[comp], detected[comp], params[comp] = guess.modules[comp], True, guess.params[comp]
+    _apply_recipe_modules(recipe_components, names, model_type, roots, params, detected)
+    _check_roots(roots, model_type, named)
     modules, containers = _split_containers(roots, named)
-    leaves = [
-        n
-        for n, m in named.items()
-        if isinstance(m, nn.Linear)
-        and not list(m.children())
-        and not isinstance(named.get(n.rsplit(".", 1)[0] if "." in n else ""), nn.MultiheadAttention)
-    ]
-    never = [
-        n
-        for n in leaves
-        if _NEVER_LORA.search(n) or any(re.search(rx, n) for rx in (family.never_lora if family else ()))
-    ]
-    if family is not None and family.vision_feature_layer:
-        never += [n for n in _unused_vision_layers(model, modules["vision"] or roots["vision"], named) if n in leaves]
+    leaves, never = _lora_leaves(model, named, family, modules["vision"] or roots["vision"])
     return ComponentMap(
         model_type=model_type,
         modules=modules,
         detected=detected,
         params=params,
         linear_leaves=leaves,
-        never_lora=sorted(set(never), key=leaves.index),
+        never_lora=never,
         containers=containers,
     )

@@ -8,18 +8,21 @@ checkpointing is non-reentrant, and the vision tower / projector stay 16-bit (`k
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentError, ComponentMap, find_components
-from vlm_tune.model.targeting import param_count
+from vlm_tune.model.patches import compute_in_fp32
+from vlm_tune.model.report import param_count
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig, ModelConfig, QuantizationConfig
 
 logger = logging.getLogger(__name__)
@@ -71,11 +74,24 @@ def _load_config(source: str, cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "folder" if Path(source).is_dir() else "hub id"
+        if _names_custom_code(source, str(exc)) and not cfg.trust_remote_code:
+            fix = "The model ships its own code: set model.trust_remote_code: true if you trust it"
+        else:
+            fix = "Check the name (and network / HF_TOKEN for hub ids), and that transformers knows this model type"
         raise LoadError(
-            f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. "
-            f"Check the name (and network / HF_TOKEN for hub ids), or set model.trust_remote_code: "
-            f"true for models with their own code"
+            f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. {fix}"
         ) from None
+
+
+def _names_custom_code(source: str, error: str) -> bool:
+    """True when the model's config names code of its own (an `auto_map`), or transformers says it does."""
+    if "trust_remote_code=True" in error or "contains custom code" in error:
+        return True
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def vlm_class(config, source: str = "") -> type:
@@ -124,14 +140,14 @@ def _skeleton_components(model_class: type, config, components) -> tuple[Compone
     return find_components(skeleton, components), heads
 
 
-def bnb_config(
-    quant: QuantizationConfig, model_class: type, config, components: Optional[dict[str, ComponentConfig]] = None
-):
+def bnb_config(quant: QuantizationConfig, cmap: ComponentMap, heads: list[str]):
     """A BitsAndBytesConfig for 4-bit weights; `keep_16bit` components and the output head stay unquantized.
 
+    Args:
+        quant: the recipe's model.quantization section.
+        cmap, heads: the components and output head names of the model (from `_skeleton_components`).
     Raises:
         LoadError: bitsandbytes is not installed.
-        ComponentError: the components to keep in 16-bit cannot be found.
     """
     try:
         import bitsandbytes  # noqa: F401
@@ -143,7 +159,6 @@ def bnb_config(
         ) from None
     from transformers import BitsAndBytesConfig
 
-    cmap, heads = _skeleton_components(model_class, config, components)
     keep = [m for comp in quant.keep_16bit for m in cmap.modules.get(comp, [])] + heads
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -160,29 +175,14 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith(("RMSNorm", "LayerNorm", "Norm"))
 
 
-def _norm_input_to_fp32(module: nn.Module, args):
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        module._vlm_tune_input_dtype = args[0].dtype
-        return (args[0].float(), *args[1:])
-    return None
-
-
-def _norm_output_to_input_dtype(module: nn.Module, args, output):
-    dtype = getattr(module, "_vlm_tune_input_dtype", None)
-    if isinstance(output, torch.Tensor) and dtype is not None and output.dtype != dtype:
-        return output.to(dtype)
-    return None
-
-
 def stabilize_norms(model: nn.Module, cmap: ComponentMap, components: list[str]) -> int:
-    """Norms of these components keep fp32 weights and compute in fp32, returning their input dtype
-    (so the residual stream keeps its 16-bit dtype). Returns the number of norms changed."""
+    """Norms of these components keep fp32 weights and compute in fp32 (`patches.compute_in_fp32`).
+
+    Returns the number of norms changed."""
     changed = 0
     for name, module in model.named_modules():
         if _is_norm(module) and cmap.component_of(name) in components and any(True for _ in module.parameters()):
-            module.float()
-            module.register_forward_pre_hook(_norm_input_to_fp32)
-            module.register_forward_hook(_norm_output_to_input_dtype)
+            compute_in_fp32(module)
             changed += 1
     return changed
 
@@ -267,27 +267,14 @@ def _device_map(quantized: bool):
     return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}  # 4-bit: place at load
 
 
-def load_model(
-    model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None, verbose: bool = True
-) -> tuple[nn.Module, object]:
-    """Load a VLM and its processor as the recipe's `model` section says.
+def _load_processor(source: str, model_cfg: ModelConfig):
+    """The model's processor, with a padding token.
 
-    Args:
-        model_cfg: name_or_path (hub id, folder or `vlm_tune:NAME`), dtype, attention, quantization,
-            gradient checkpointing.
-        components: the recipe's components; their `modules` regexes help find what `keep_16bit` means.
-        verbose: print weight memory by component.
-    Returns:
-        (model, processor); every parameter frozen (targeting decides what trains).
     Raises:
-        LoadError: a path that is not a model, a model that is not a VLM, bitsandbytes missing for 4-bit.
-        ComponentError: 4-bit loading cannot tell which modules form the components kept in 16-bit.
+        LoadError: the folder has no processor files, or a processor without an image processor.
     """
     from transformers import AutoProcessor
 
-    source = resolve_source(model_cfg.name_or_path)
-    config = _load_config(source, model_cfg)
-    model_class = vlm_class(config, model_cfg.name_or_path)
     try:
         processor = AutoProcessor.from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
@@ -303,6 +290,53 @@ def load_model(
             f"save the model's full processor (e.g. AutoProcessor) into the folder"
         )
     ensure_pad_token(processor)
+    return processor
+
+
+def _components_or_none(model: nn.Module, components: Optional[dict[str, ComponentConfig]]):
+    """The model's components, or None when they cannot be found (a bare model needs none)."""
+    try:
+        return find_components(model, components)
+    except ComponentError:
+        return None  # reported with the fix by whoever needs them (targeting), when the recipe asks for them
+
+
+@dataclass
+class LoadedModel:
+    """What `load_vlm` returns.
+
+    Attributes:
+        model: the transformers model, every parameter frozen.
+        processor: its processor (with a padding token).
+        components: its ComponentMap, found once (on the empty skeleton for 4-bit loading), or None when a
+            16-bit model's components cannot be found (`find_components` on the model then says why).
+    """
+
+    model: nn.Module
+    processor: Any
+    components: Optional[ComponentMap]
+
+
+def load_vlm(
+    model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None, verbose: bool = True
+) -> LoadedModel:
+    """Load a VLM, its processor and its components as the recipe's `model` section says.
+
+    Args:
+        model_cfg: name_or_path (hub id, folder or `vlm_tune:NAME`), dtype, attention, quantization,
+            gradient checkpointing.
+        components: the recipe's components; their `modules` regexes define or override components.
+        verbose: print weight memory by component.
+    Returns:
+        The `LoadedModel`; every parameter frozen (targeting decides what trains).
+    Raises:
+        LoadError: a path that is not a model, a model that is not a VLM, bitsandbytes missing for 4-bit.
+        ComponentError: 4-bit loading cannot tell which modules form the components kept in 16-bit.
+    """
+    source = resolve_source(model_cfg.name_or_path)
+    config = _load_config(source, model_cfg)
+    model_class = vlm_class(config, model_cfg.name_or_path)
+    processor = _load_processor(source, model_cfg)
     quant = model_cfg.quantization
     kwargs = dict(
         dtype=DTYPES[model_cfg.dtype],
@@ -311,16 +345,14 @@ def load_model(
         revision=model_cfg.revision,
         device_map=_device_map(quant is not None),
     )
-    if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, model_class, config, components)
-    model = model_class.from_pretrained(source, **kwargs)
+    cmap = None
+    if quant is not None:  # the skeleton's components name what stays 16-bit; module names do not change at load
+        cmap, heads = _skeleton_components(model_class, config, components)
+        kwargs["quantization_config"] = bnb_config(quant, cmap, heads)
+    model = _from_pretrained(model_class, source, kwargs)
     model.requires_grad_(False)
-    try:
-        cmap = find_components(model, components)
-    except ComponentError:
-        if quant is not None:
-            raise
-        cmap = None  # reported by apply_targeting, with the fix, when the recipe asks for components
+    if cmap is None:
+        cmap = _components_or_none(model, components)
     if quant is not None:
         stabilize_norms(model, cmap, [c for c in COMPONENT_NAMES if c not in quant.keep_16bit])
     if model_cfg.gradient_checkpointing:
@@ -329,4 +361,30 @@ def load_model(
         weights = f"4-bit {quant.quant_type}" if quant else model_cfg.dtype
         print(f"Loaded {model.config.model_type} from {source} ({weights})")
         print(weight_memory_table(weight_memory(model, cmap)))
-    return model, processor
+    return LoadedModel(model, processor, cmap)
+
+
+def _from_pretrained(model_class, source: str, kwargs: dict) -> nn.Module:
+    """`from_pretrained`; an attention implementation that cannot run here becomes one line naming the field."""
+    try:
+        return model_class.from_pretrained(source, **kwargs)
+    except (ImportError, ValueError) as exc:
+        text = str(exc).strip()
+        if "attention" not in text.lower() and "kernel" not in text.lower():
+            raise
+        raise LoadError(
+            f"model.attn_implementation={kwargs['attn_implementation']}: {text.splitlines()[0]} "
+            f"(sdpa and eager run everywhere)"
+        ) from None
+
+
+def load_model(
+    model_cfg: ModelConfig, components: Optional[dict[str, ComponentConfig]] = None, verbose: bool = True
+) -> tuple[nn.Module, object]:
+    """Load a VLM and its processor (`load_vlm` without the component map); see `load_vlm`.
+
+    Returns:
+        (model, processor); every parameter frozen (targeting decides what trains).
+    """
+    loaded = load_vlm(model_cfg, components, verbose)
+    return loaded.model, loaded.processor

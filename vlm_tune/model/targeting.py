@@ -7,18 +7,16 @@ named alone, so the saved adapter is a standard PEFT folder. Frozen vision tower
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import re
 import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import nn
 
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentMap, find_components
+from vlm_tune.model.patches import require_grad_on_output, run_without_grad
+from vlm_tune.model.report import ComponentRow, TargetingReport, param_count
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig
 
 ADAPTER = "default"
@@ -26,106 +24,6 @@ ADAPTER = "default"
 
 class TargetingError(VlmTuneError, ValueError):
     """A component policy that cannot be applied to this model (the message names the fix)."""
-
-
-@dataclass
-class ComponentRow:
-    """One line of the targeting report."""
-
-    component: str
-    mode: str  # frozen | lora | full (or the name of an extra module, e.g. relevance)
-    rank: Optional[int]
-    alpha: Optional[float]
-    modules_wrapped: int  # LoRA-wrapped Linear leaves (lora) or modules trained whole (full)
-    trainable_params: int
-    total_params: int  # parameters of this component
-    share: float  # trainable / total parameters of the whole model
-    detected: bool  # found structurally rather than from the family table
-    lr: Optional[float]
-    weight_decay: Optional[float]
-    saved_as: str = ""  # adapter | modules_to_save | requires_grad (saved by the checkpoint, not the adapter)
-
-
-@dataclass
-class TargetingReport:
-    """What trains, per component; `param_names` maps component -> trainable names in the returned model."""
-
-    model_type: str
-    rows: list[ComponentRow] = field(default_factory=list)
-    total_params: int = 0
-    param_names: dict[str, list[str]] = field(default_factory=dict)
-
-    def add_row(self, row: ComponentRow, param_names: list[str]) -> None:
-        """Append a row (e.g. relevance modules) and the names of its trainable parameters."""
-        self.rows.append(row)
-        self.param_names[row.component] = list(param_names)
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(r.trainable_params for r in self.rows)
-
-    def table(self) -> str:
-        """The report as a fixed-width text table."""
-        head = ("component", "mode", "rank", "alpha", "wrapped", "trainable", "total", "share", "lr", "wd", "saved as")
-        lines = [
-            (
-                r.component + (" *" if r.detected else ""),
-                r.mode,
-                _fmt(r.rank),
-                _fmt(r.alpha),
-                str(r.modules_wrapped),
-                f"{r.trainable_params:,}",
-                f"{r.total_params:,}",
-                f"{100 * r.share:.3f}%",
-                _fmt(r.lr),
-                _fmt(r.weight_decay),
-                r.saved_as or "-",
-            )
-            for r in self.rows
-        ]
-        share = self.trainable_params / max(self.total_params, 1)
-        lines.append(
-            (
-                "all",
-                "",
-                "",
-                "",
-                "",
-                f"{self.trainable_params:,}",
-                f"{self.total_params:,}",
-                f"{100 * share:.3f}%",
-                "",
-                "",
-                "",
-            )
-        )
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        rule = "-" * sum(widths) + "-" * 2 * (len(widths) - 1)
-        notes = f"{self.model_type}" + (" (* = detected structurally)" if any(r.detected for r in self.rows) else "")
-        return "\n".join([notes, fmt(head), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
-
-    def to_dict(self) -> dict:
-        """Plain data (for JSON run records)."""
-        return {
-            "model_type": self.model_type,
-            "total_params": self.total_params,
-            "trainable_params": self.trainable_params,
-            "rows": [dataclasses.asdict(r) for r in self.rows],
-            "param_names": {k: list(v) for k, v in self.param_names.items()},
-        }
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def param_count(param: torch.Tensor) -> int:
-    """Logical parameter count (bitsandbytes packs two 4-bit weights per stored byte)."""
-    quant_state = getattr(param, "quant_state", None)
-    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
 _PEFT_SEGMENTS = re.compile(
@@ -240,43 +138,31 @@ def _component_regex(cmap: ComponentMap, comp: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_without_grad(module: nn.Module) -> None:
-    """Make a frozen module's forward build no autograd graph (exception-safe, applied once)."""
-    if getattr(module, "_vlm_tune_no_grad", False):
-        return
-    module.forward = torch.no_grad()(module.forward)
-    module._vlm_tune_no_grad = True
+_STEM = re.compile(r"(^|\.)(patch_embed\w*|embeddings)$")  # a vision tower's first module
 
 
-def _make_output_require_grad(module: nn.Module, inputs, output):
-    """Forward hook: the patch embedding's output requires grad, so re-entrant checkpointing still feeds LoRA."""
-    if isinstance(output, torch.Tensor) and torch.is_grad_enabled() and output.is_floating_point():
-        output.requires_grad_(True)
+def _vision_stem(model: nn.Module, cmap: ComponentMap) -> Optional[str]:
+    """The vision tower's patch embedding (the first module of its listed ones named so, else of all its modules)."""
+    stems = [n for n in _callable_modules(model, cmap.modules["vision"]) if _STEM.search(n)]
+    stems = stems or [n for n, _ in model.named_modules() if cmap.component_of(n) == "vision" and _STEM.search(n)]
+    return stems[0] if stems else None
 
 
 def _configure_runtime(model: nn.Module, cmap: ComponentMap, policy: dict[str, ComponentConfig]) -> None:
-    mode = {c: policy[c].mode if c in policy else "frozen" for c in COMPONENT_NAMES}
+    """Apply the patches the policy calls for: no autograd in frozen parts, gradients into trainable ones."""
+    mode = {c: policy.get(c, ComponentConfig()).mode for c in COMPONENT_NAMES}
     no_grad = ["vision"] if mode["vision"] == "frozen" else []
     if mode["vision"] == "frozen" and mode["projector"] == "frozen":
         no_grad.append("projector")  # nothing upstream trains, so nothing needs gradients through it
     for comp in no_grad:
         for name in _callable_modules(model, cmap.modules[comp]):
-            _run_without_grad(model.get_submodule(name))
+            run_without_grad(model.get_submodule(name))
     if mode["vision"] != "frozen":
-        stems = [
-            n
-            for n in _callable_modules(model, cmap.modules["vision"])
-            if re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)
-        ]
-        stems = stems or [
-            n
-            for n, m in model.named_modules()
-            if cmap.component_of(n) == "vision" and re.search(r"(^|\.)(patch_embed\w*|embeddings)$", n)
-        ]
-        for name in stems[:1]:
-            model.get_submodule(name).register_forward_hook(_make_output_require_grad)
+        stem = _vision_stem(model, cmap)
+        if stem is not None:
+            require_grad_on_output(model.get_submodule(stem))
     if mode["language"] != "frozen" or mode["cross_attention"] != "frozen":
-        model.get_input_embeddings().register_forward_hook(_make_output_require_grad)  # same, for text layers
+        require_grad_on_output(model.get_input_embeddings())  # same, for text layers
 
 
 def _set_dropout(peft_model: nn.Module, cmap: ComponentMap, policy: dict[str, ComponentConfig]) -> None:
@@ -295,12 +181,16 @@ def _set_dropout(peft_model: nn.Module, cmap: ComponentMap, policy: dict[str, Co
 # ----------------------------------------------------------------------------------------------
 
 
-def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) -> tuple[nn.Module, TargetingReport]:
+def apply_targeting(
+    model: nn.Module, components: dict[str, ComponentConfig], component_map: Optional[ComponentMap] = None
+) -> tuple[nn.Module, TargetingReport]:
     """Apply a per-component policy to a loaded (16-bit or 4-bit) VLM as one PEFT model.
 
     Args:
         model: a transformers VLM (not yet PEFT-wrapped); bnb Linear4bit leaves are LoRA candidates.
         components: component name -> ComponentConfig (components not listed stay frozen).
+        component_map: the model's components when already found (`build_model` finds them once, at load);
+            None finds them here.
     Returns:
         (peft_model, report): a PeftModel (without LoRA layers when no component uses LoRA) and the
         TargetingReport (also printable with `report.table()`).
@@ -309,24 +199,39 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
             Linear leaf, disagreeing LoRA variants, or `full` on 4-bit weights.
         ComponentError: components cannot be found, or a `modules` regex matches nothing.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from peft.utils.constants import DUMMY_TARGET_MODULES
+    from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
         raise TargetingError(
-            "apply_targeting expects the base model from load_model, got a PeftModel; "
-            "to continue training an adapter, load it through vlm_tune.checkpoint"
+            "apply_targeting expects the base model from load_model, got a PeftModel; to continue training "
+            "an adapter, build the model with vlm_tune.model.build.build_model(recipe, checkpoint=...)"
         )
-    policy = {name: cfg for name, cfg in (components or {}).items()}
-    cmap = find_components(model, policy)
+    policy = dict(components or {})
+    cmap = component_map if component_map is not None else find_components(model, policy)
     wrapped = _check_policy(cmap, policy, model)
-    full = [c for c, cfg in policy.items() if cfg.mode == "full"]
-    full_plan = {c: _full_plan(model, cmap, c) for c in full}
+    full_plan = {c: _full_plan(model, cmap, c) for c, cfg in policy.items() if cfg.mode == "full"}
     for param in model.parameters():
         param.requires_grad_(False)
+    with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        result = get_peft_model(model, _lora_config(cmap, policy, wrapped, full_plan), adapter_name=ADAPTER)
+    _check_wrapping(result, cmap, policy, wrapped, full_plan)
+    _set_dropout(result, cmap, policy)
+    for name, param in result.named_parameters():
+        comp = cmap.component_of(base_name(name))
+        if comp in full_plan and full_plan[comp] is None:
+            param.requires_grad_(True)
+    _configure_runtime(model, cmap, policy)
+    return result, _build_report(result, cmap, policy, wrapped, full_plan)
+
+
+def _lora_config(cmap: ComponentMap, policy: dict, wrapped: dict[str, list[str]], full_plan: dict):
+    """One LoraConfig for every LoRA component (per-component rank / alpha patterns) and the full ones."""
+    from peft import LoraConfig
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
     lora = [policy[c] for c in wrapped] or [ComponentConfig()]
-    config = LoraConfig(
+    return LoraConfig(
         r=lora[0].rank,
         lora_alpha=lora[0].alpha,
         lora_dropout=lora[0].dropout,
@@ -337,19 +242,8 @@ def apply_targeting(model: nn.Module, components: dict[str, ComponentConfig]) ->
         alpha_pattern={_component_regex(cmap, c): policy[c].alpha for c in wrapped},
         use_dora=lora[0].variant == "dora",
         use_rslora=lora[0].variant == "rslora",
-        modules_to_save=[m for c in full if full_plan[c] for m in full_plan[c]] or None,
+        modules_to_save=[m for plan in full_plan.values() if plan for m in plan] or None,
     )
-    with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
-        warnings.simplefilter("ignore", FutureWarning)
-        result = get_peft_model(model, config, adapter_name=ADAPTER)
-    _check_wrapping(result, cmap, policy, wrapped, full_plan)
-    _set_dropout(result, cmap, policy)
-    for name, param in result.named_parameters():
-        comp = cmap.component_of(base_name(name))
-        if comp in full_plan and full_plan[comp] is None:
-            param.requires_grad_(True)
-    _configure_runtime(model, cmap, policy)
-    return result, _build_report(result, cmap, policy, wrapped, full_plan)
 
 
 def _check_wrapping(peft_model, cmap, policy, wrapped, full_plan) -> None:
@@ -370,6 +264,7 @@ def _check_wrapping(peft_model, cmap, policy, wrapped, full_plan) -> None:
 
 
 def _build_report(model, cmap, policy, wrapped, full_plan) -> TargetingReport:
+    """Count total and trainable parameters per component; one row per component the model has."""
     total: dict[Optional[str], int] = {}
     trainable: dict[str, list[str]] = {c: [] for c in COMPONENT_NAMES}
     trainable_count: dict[str, int] = {c: 0 for c in COMPONENT_NAMES}
@@ -388,27 +283,40 @@ def _build_report(model, cmap, policy, wrapped, full_plan) -> TargetingReport:
         if comp not in cmap.found():
             continue
         is_lora = cfg.mode == "lora"
-        saved = {"lora": "adapter", "full": "modules_to_save" if full_plan.get(comp) else "requires_grad"}
         row = ComponentRow(
             component=comp,
             mode=cfg.mode,
             rank=cfg.rank if is_lora else None,
             alpha=cfg.alpha if is_lora else None,
-            modules_wrapped=len(wrapped.get(comp, []))
-            if is_lora
-            else len(full_plan.get(comp) or cmap.modules[comp])
-            if cfg.mode == "full"
-            else 0,
+            modules_wrapped=_modules_wrapped(cmap, cfg.mode, comp, wrapped, full_plan),
             trainable_params=trainable_count[comp],
             total_params=total.get(comp, 0),
             share=trainable_count[comp] / max(report.total_params, 1),
             detected=cmap.detected.get(comp, False),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            saved_as=saved.get(cfg.mode, ""),
+            saved_as=_saved_as(cfg.mode, full_plan.get(comp)),
         )
         report.add_row(row, trainable[comp])
     return report
+
+
+def _modules_wrapped(cmap: ComponentMap, mode: str, comp: str, wrapped: dict, full_plan: dict) -> int:
+    """LoRA-wrapped leaves (lora), modules trained whole (full), or 0 (frozen)."""
+    if mode == "lora":
+        return len(wrapped.get(comp, []))
+    if mode == "full":
+        return len(full_plan.get(comp) or cmap.modules[comp])
+    return 0
+
+
+def _saved_as(mode: str, plan: Optional[list[str]]) -> str:
+    """Where a checkpoint keeps the component's trained weights."""
+    if mode == "lora":
+        return "adapter"
+    if mode == "full":
+        return "modules_to_save" if plan else "requires_grad"
+    return ""
 
 
 def param_groups(
@@ -426,23 +334,27 @@ def param_groups(
         TargetingError: a reported parameter name is not in the model.
     """
     index = dict(model.named_parameters())
-    by_suffix = functools.lru_cache(maxsize=None)(
-        lambda name: [k for k in index if k.endswith("." + name)]
-    )  # a wrapper may prefix the names
+    prefixes = [""]  # a wrapper (relevance) prefixes the names of the model it wraps
+
+    def lookup(name: str, component: str) -> nn.Parameter:
+        for prefix in prefixes:
+            if prefix + name in index:
+                return index[prefix + name]
+        hits = [k for k in index if k.endswith("." + name)]
+        if len(hits) != 1:
+            raise TargetingError(
+                f"param_groups: parameter '{name}' of component {component} is not in the "
+                f"model (or is ambiguous); pass the model returned by apply_targeting"
+            )
+        prefixes.append(hits[0][: -len(name)])
+        return index[hits[0]]
+
     groups = []
     for row in report.rows:
         names = report.param_names.get(row.component, [])
         if not names:
             continue
-        params = []
-        for name in names:
-            hits = [name] if name in index else by_suffix(name)
-            if len(hits) != 1:
-                raise TargetingError(
-                    f"param_groups: parameter '{name}' of component {row.component} is not in the "
-                    f"model (or is ambiguous); pass the model returned by apply_targeting"
-                )
-            params.append(index[hits[0]])
+        params = [lookup(name, row.component) for name in names]
         groups.append(
             {
                 "name": row.component,

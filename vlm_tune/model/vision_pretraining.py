@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ def pretrain_vision_encoder(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
     )
     vision_model.train()
-    result, first_loss = {}, None
+    result, first_loss, started = {}, None, time.perf_counter()
     for step in range(steps):
         pixel_values, targets = _batch(scenes[step * batch_size : (step + 1) * batch_size], image_processor, grid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -155,9 +156,10 @@ def pretrain_vision_encoder(
         result = {"loss": loss.item(), **{f"{name}_accuracy": a.item() for name, a in zip(ATTRIBUTES, accuracy)}}
         if (step + 1) % 50 == 0 or step + 1 == steps:
             logger.info(
-                "vision pre-training step %d/%d: %s",
+                "vision pre-training step %d/%d (%.0f s): %s",
                 step + 1,
                 steps,
+                time.perf_counter() - started,
                 ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
             )
     vision_model.eval()

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_tune.relevance.errors import RelevanceError
+
 
 def keep_count(keep: Union[int, float], num_tokens: int) -> int:
     """Number of visual tokens an image of `num_tokens` tokens keeps.
@@ -29,18 +31,18 @@ def keep_count(keep: Union[int, float], num_tokens: int) -> int:
     Returns:
         K with 1 <= K <= num_tokens (0 when the image has no tokens).
     Raises:
-        ValueError: `keep` is neither a positive count nor a fraction in (0, 1].
+        RelevanceError: `keep` is neither a positive count nor a fraction in (0, 1].
     """
     if num_tokens <= 0:
         return 0
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"relevance.keep: expected a count or a fraction, got {keep!r}")
+        raise RelevanceError(f"relevance.keep: expected a count or a fraction, got {keep!r}")
     if isinstance(keep, int):
         if keep < 1:
-            raise ValueError(f"relevance.keep: a count must be >= 1, got {keep}")
+            raise RelevanceError(f"relevance.keep: a count must be >= 1, got {keep}")
         return min(keep, num_tokens)
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"relevance.keep: a fraction must be in (0, 1], got {keep}")
+        raise RelevanceError(f"relevance.keep: a fraction must be in (0, 1], got {keep}")
     return max(1, min(num_tokens, math.ceil(keep * num_tokens - 1e-6)))
 
 

@@ -11,12 +11,11 @@ Shapes: B = samples, T = text length, I = images per sample, G = tiles per image
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from vlm_tune.relevance.integrate import PreparedInputs, SelectFn
-from vlm_tune.relevance.sequence import IGNORE_INDEX, compact, pad_units, prompt_tokens
+from vlm_tune.model.patches import mllama_cross_attention_per_token
+from vlm_tune.relevance.prepared import PreparedInputs, SelectFn
+from vlm_tune.relevance.sequence import VisualTokens, compact, pad_units, prompt_mask_of, prompt_tokens
 
 
 class MllamaWiring:
@@ -43,23 +42,18 @@ class MllamaWiring:
         )
         return inner.multi_modal_projector(vision.last_hidden_state)  # [B, I, G, P, D]
 
-    def prepare(self, batch: dict, select: SelectFn, generating: bool) -> PreparedInputs:
-        """Select each image's tokens and build cross-attention states and mask with one column per token.
+    def image_units(self, states: torch.Tensor, batch: dict) -> tuple[VisualTokens, torch.Tensor]:
+        """One selection unit per real image: the tokens of its real tiles, in order.
 
         Args:
-            batch: processor outputs (+ labels in training).
-            select: the relevance modules (or a baseline) as a function.
-            generating: inputs for `generate` (the states are injected at the prefill step).
+            states: [B, I, G, P, D] from `image_states`. batch: its `aspect_ratio_mask` [B, I, G] marks real tiles.
         Returns:
-            The `PreparedInputs`; run the call inside its `context`.
+            (the units' `VisualTokens` [U, N, D], keys [U, N]: each token's flat index among its sample's keys).
         """
-        states = self.image_states(batch)  # [B, I, G, P, D]
         batch_size, num_images, num_tiles, per_tile, width = states.shape
         tile_mask = batch.get("aspect_ratio_mask")
         if tile_mask is None:
             tile_mask = torch.ones(batch_size, num_images, num_tiles, dtype=torch.long, device=states.device)
-
-        # One selection unit per real image: the tokens of its real tiles, in order.
         units, samples, unit_keys = [], [], []
         key_index = torch.arange(num_images * num_tiles * per_tile, device=states.device).view(
             num_images, num_tiles, per_tile
@@ -72,17 +66,28 @@ class MllamaWiring:
                 units.append(states[sample, image, tiles].reshape(-1, width))  # [n_u, D]
                 unit_keys.append(key_index[image, tiles].reshape(-1))
                 samples.append(sample)
-        tokens = pad_units(units, samples, [None] * len(units))
         keys = torch.nn.utils.rnn.pad_sequence(unit_keys, batch_first=True, padding_value=0)  # [U, N]
+        return pad_units(units, samples, [None] * len(units)), keys
+
+    def prepare(self, batch: dict, select: SelectFn, generating: bool) -> PreparedInputs:
+        """Select each image's tokens and build cross-attention states and mask with one column per token.
+
+        Args:
+            batch: processor outputs (+ labels in training).
+            select: the relevance modules (or a baseline) as a function.
+            generating: inputs for `generate` (the states are injected at the prefill step).
+        Returns:
+            The `PreparedInputs`; run the call inside its `context`.
+        """
+        states = self.image_states(batch)  # [B, I, G, P, D]
+        batch_size, per_tile, width = states.shape[0], states.shape[3], states.shape[4]
+        tokens, keys = self.image_units(states, batch)  # [U, N, D], [U, N]
 
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        labels = batch.get("labels")
-        prompt_mask = attention_mask.bool() & (input_ids != self.image_token_id)
-        if labels is not None:
-            prompt_mask &= labels == IGNORE_INDEX
+        prompt_mask = prompt_mask_of(attention_mask, input_ids == self.image_token_id, batch.get("labels"))
         embeds = self.base.get_input_embeddings()(input_ids).detach()  # [B, T, D]
         prompt, prompt_valid = prompt_tokens(embeds, prompt_mask, tokens.unit_sample)
         selection = select(tokens, prompt, prompt_valid)
@@ -104,41 +109,9 @@ class MllamaWiring:
         inputs = {key: value for key, value in batch.items() if key not in self.consumed}
         inputs["cross_attention_mask"] = column_mask[..., None]  # [B, T, S', 1]
         inputs["attention_mask"] = attention_mask
-        if generating:  # generate drops pixel_values after prefill; the hook swaps them for our states
+        if generating:  # generate drops pixel_values after prefill; the patch swaps them for our states
             inputs["pixel_values"] = batch["pixel_values"]
         else:
             inputs["cross_attention_states"] = cross_states
-        return PreparedInputs(
-            inputs, selection, tokens.unit_sample, context=lambda: self._one_column_per_token(cross_states)
-        )
-
-    @contextlib.contextmanager
-    def _one_column_per_token(self, cross_states: torch.Tensor):
-        """Run the model with the cross-attention mask read per token and (in generate) our states injected.
-
-        The model expands each tile's mask column `vision_model.num_patches` times; our mask already has
-        one column per kept token, so that count is 1 for the duration of the call.
-        """
-        inner = self.base.model
-        saved = inner.vision_model.num_patches
-
-        def inject(module, args, kwargs):
-            if kwargs.get("pixel_values") is None:
-                return args, kwargs
-            text = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-            repeat = text.shape[0] // cross_states.shape[0]  # beam search expands the batch
-            kwargs.update(
-                pixel_values=None,
-                aspect_ratio_ids=None,
-                aspect_ratio_mask=None,
-                cross_attention_states=cross_states.repeat_interleave(repeat, dim=0),
-            )
-            return args, kwargs
-
-        handle = inner.register_forward_pre_hook(inject, with_kwargs=True)
-        inner.vision_model.num_patches = 1
-        try:
-            yield
-        finally:
-            inner.vision_model.num_patches = saved
-            handle.remove()
+        context = lambda: mllama_cross_attention_per_token(self.base, cross_states)
+        return PreparedInputs(inputs, selection, tokens.unit_sample, context=context)

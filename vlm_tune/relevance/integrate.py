@@ -14,18 +14,18 @@ Shapes: B = samples, T = sequence length, D = language-model width, U = images, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from vlm_tune.relevance.attending import Selection
+from vlm_tune.constants import IGNORE_INDEX
+from vlm_tune.model.patches import embeds_at_prefill
+from vlm_tune.relevance.cross_attention import MllamaWiring
+from vlm_tune.relevance.errors import RelevanceError
+from vlm_tune.relevance.prepared import PreparedInputs, SelectFn
 from vlm_tune.relevance.sequence import (
-    IGNORE_INDEX,
-    VisualTokens,
     full_positions,
     pad_units,
     padding_is_left,
@@ -34,26 +34,6 @@ from vlm_tune.relevance.sequence import (
     prompt_tokens,
     shorten_sequence,
 )
-
-# select(visual tokens, prompt [U, L, E], prompt_valid [U, L]) -> Selection
-SelectFn = Callable[[VisualTokens, torch.Tensor, torch.Tensor], Selection]
-
-
-@dataclass
-class PreparedInputs:
-    """What the wrapped model is called with after selection.
-
-    Attributes:
-        model_inputs: keyword arguments for the wrapped model's `forward` / `generate`.
-        selection: the selection that was applied (for inspection and tests).
-        unit_sample: [U] the sample of each selected image.
-        context: a context manager the call must run inside (architecture patches), or a null one.
-    """
-
-    model_inputs: dict
-    selection: Selection
-    unit_sample: torch.Tensor
-    context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
 
 def _as_image_list(output) -> list[torch.Tensor]:
@@ -156,27 +136,8 @@ class PlaceholderWiring:
             inputs["inputs_embeds"] = short.inputs_embeds
             return PreparedInputs(inputs, selection, tokens.unit_sample)
         return PreparedInputs(
-            inputs, selection, tokens.unit_sample, context=lambda: self._embeds_at_prefill(short.inputs_embeds)
+            inputs, selection, tokens.unit_sample, context=lambda: embeds_at_prefill(self.base, short.inputs_embeds)
         )
-
-    @contextlib.contextmanager
-    def _embeds_at_prefill(self, inputs_embeds: torch.Tensor):
-        """For families whose `generate` refuses `inputs_embeds`: swap them in at the prefill call."""
-        prompt_length = inputs_embeds.shape[1]
-
-        def inject(module, args, kwargs):
-            input_ids = kwargs.get("input_ids")
-            if input_ids is None or input_ids.shape[1] != prompt_length:  # a decoding step
-                return args, kwargs
-            repeat = input_ids.shape[0] // inputs_embeds.shape[0]  # beam search expands the batch
-            kwargs.update(input_ids=None, inputs_embeds=inputs_embeds.repeat_interleave(repeat, dim=0))
-            return args, kwargs
-
-        handle = self.base.register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
 
 
 class LlavaWiring(PlaceholderWiring):
@@ -218,7 +179,7 @@ class QwenVLWiring(PlaceholderWiring):
 
     def has_images(self, batch: dict) -> bool:
         if batch.get("pixel_values_videos") is not None:
-            raise ValueError("relevance: video inputs are not supported; turn relevance off for video data")
+            raise RelevanceError("relevance: video inputs are not supported; turn relevance off for video data")
         return super().has_images(batch)
 
     def merge(self) -> int:
@@ -272,12 +233,6 @@ class PaliGemmaWiring(Gemma3Wiring):
         return positions if generating else positions + 1  # generate adds the 1 itself
 
 
-def _cross_attention_wiring(base_model: torch.nn.Module):
-    from vlm_tune.relevance.cross_attention import MllamaWiring
-
-    return MllamaWiring(base_model)
-
-
 # model_type -> wiring factory. Families not listed here cannot use relevance yet.
 WIRINGS: dict[str, Callable[[torch.nn.Module], object]] = {
     "llava": LlavaWiring,
@@ -285,7 +240,7 @@ WIRINGS: dict[str, Callable[[torch.nn.Module], object]] = {
     "smolvlm": Idefics3Wiring,
     "qwen2_vl": QwenVLWiring,
     "qwen2_5_vl": QwenVLWiring,
-    "mllama": _cross_attention_wiring,
+    "mllama": MllamaWiring,
     "paligemma": PaliGemmaWiring,
     "gemma3": Gemma3Wiring,
 }
@@ -295,10 +250,10 @@ def wiring_for(model_type: str, base_model: torch.nn.Module):
     """The wiring of one architecture family.
 
     Raises:
-        ValueError: the family has no relevance wiring (lists the supported ones).
+        RelevanceError: the family has no relevance wiring (lists the supported ones).
     """
     if model_type not in WIRINGS:
-        raise ValueError(
+        raise RelevanceError(
             f"relevance: model type '{model_type}' is not supported; supported: "
             f"{', '.join(sorted(WIRINGS))}. Fix: set relevance.enabled=false for this model."
         )

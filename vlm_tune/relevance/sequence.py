@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
+from vlm_tune.constants import IGNORE_INDEX
 from vlm_tune.relevance.attending import Selection
-
-IGNORE_INDEX = -100  # label of positions without loss (transformers convention)
+from vlm_tune.relevance.errors import RelevanceError
 
 
 @dataclass
@@ -93,11 +93,11 @@ def placeholder_units(visual_mask: torch.Tensor, unit_sizes: list[int]) -> tuple
     Returns:
         (sample of each image, positions [U, N] of each image's placeholders in its sample, -1 padding).
     Raises:
-        ValueError: the placeholders and the features do not match, or an image spans two samples.
+        RelevanceError: the placeholders and the features do not match, or an image spans two samples.
     """
     sample_of, position_of = visual_mask.nonzero(as_tuple=True)  # reading order
     if sample_of.numel() != sum(unit_sizes):
-        raise ValueError(
+        raise RelevanceError(
             f"relevance: the batch has {sample_of.numel()} image placeholder tokens but the vision side produced "
             f"{sum(unit_sizes)} features ({unit_sizes} per image); build inputs with the model's own processor "
             "and do not truncate image tokens (data.max_length)."
@@ -107,7 +107,7 @@ def placeholder_units(visual_mask: torch.Tensor, unit_sizes: list[int]) -> tuple
     for row, size in enumerate(unit_sizes):
         owners = sample_of[start : start + size]
         if owners.numel() and not bool((owners == owners[0]).all()):
-            raise ValueError(
+            raise RelevanceError(
                 f"relevance: image {row} of the batch spans two samples; its placeholder tokens "
                 "were cut by truncation (raise data.max_length)"
             )

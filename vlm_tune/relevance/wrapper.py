@@ -7,11 +7,13 @@ tokens. Layout of the wrapper (what checkpoints rely on):
 - `wrapper.model`: the wrapped model as given (a `peft.PeftModel` or a transformers model); save the
   adapter with `wrapper.model.save_pretrained(...)`;
 - `wrapper.relevance`: the relevance modules (`knowing`, `balancing`, `attending`); their state-dict
-  keys start with `relevance.`; `save_relevance` / `load_relevance` write and read them.
+  keys start with `relevance.`; `wrapper.save(folder)` / `wrapper.load(folder)` write and read them
+  (`relevance.safetensors`) with the settings they were built with (`relevance.json`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -19,9 +21,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.recipe import RelevanceConfig
 from vlm_tune.relevance.attending import Attending, Selection, keep_count, select_pool, select_random
 from vlm_tune.relevance.balancing import Balancing
+from vlm_tune.relevance.errors import RelevanceError, RelevanceWeightsMissing
 from vlm_tune.relevance.integrate import wiring_for
 from vlm_tune.relevance.knowing import Knowing
 from vlm_tune.relevance.sequence import VisualTokens
@@ -104,14 +108,16 @@ class RelevanceWrapper(nn.Module):
     Attributes:
         model: the wrapped model (PEFT or transformers); `model.save_pretrained` saves its adapter.
         relevance: the `RelevanceModules`.
+        settings: the recipe's relevance section the modules were built with (saved as `relevance.json`).
         last_selection: the `Selection` of the last call (with `last_unit_sample`, the sample of each image).
     """
 
-    def __init__(self, model: nn.Module, relevance: RelevanceModules, wiring):
+    def __init__(self, model: nn.Module, relevance: RelevanceModules, wiring, settings: RelevanceConfig):
         super().__init__()
         self.model = model
         self.relevance = relevance
         self.wiring = wiring
+        self.settings = settings
         self.last_selection: Optional[Selection] = None
         self.last_unit_sample: Optional[torch.Tensor] = None
 
@@ -172,6 +178,68 @@ class RelevanceWrapper(nn.Module):
         output.sequences = full
         return output
 
+    def save(self, folder: str | Path) -> Path:
+        """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
+
+        Returns:
+            The weights file.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {key: tensor.detach().contiguous().cpu() for key, tensor in self.relevance.state_dict().items()}
+        save_file(state, str(folder / RELEVANCE_FILE))
+        (folder / RELEVANCE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.settings), indent=2))
+        return folder / RELEVANCE_FILE
+
+    def load(self, folder: str | Path) -> None:
+        """Load weights written by `save` into the relevance modules.
+
+        Raises:
+            RelevanceWeightsMissing: the folder has no relevance weights (the run trained without relevance).
+            RelevanceError: the weights do not fit the modules (another method, summary_token or hidden_size);
+                the message names the settings that differ from the saved `relevance.json`.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(folder) / RELEVANCE_FILE
+        if not path.is_file():
+            raise RelevanceWeightsMissing(
+                f"{path}: no relevance weights; was this checkpoint trained with relevance.enabled?"
+            )
+        state = load_file(str(path), device=str(next(self.relevance.parameters(), torch.empty(0)).device))
+        problems = _misfits(state, self.relevance.state_dict())
+        if problems:
+            raise RelevanceError(
+                f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
+                f"{'...' if len(problems) > 4 else ''}); use the relevance settings the run was trained with"
+                f"{_changed_settings(Path(folder) / RELEVANCE_CONFIG_FILE, self.settings)}."
+            )
+        self.relevance.load_state_dict(state)
+
+
+def _misfits(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """Keys missing from or unexpected in `saved`, and tensors whose shapes differ."""
+    problems = [f"missing {key}" for key in expected if key not in saved]
+    problems += [f"unexpected {key}" for key in saved if key not in expected]
+    problems += [
+        f"{key}: saved {tuple(saved[key].shape)}, modules {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in saved and saved[key].shape != value.shape
+    ]
+    return problems
+
+
+def _changed_settings(config_file: Path, settings: RelevanceConfig) -> str:
+    """`: relevance.x=saved (recipe: y), ...` from the saved settings file, or where to find it."""
+    if not config_file.is_file():
+        return f" (see {config_file})"
+    saved = json.loads(config_file.read_text())
+    current = dataclasses.asdict(settings)
+    changed = [f"relevance.{k}={v!r} (recipe: {current[k]!r})" for k, v in saved.items() if current.get(k, v) != v]
+    return f": {', '.join(changed)}" if changed else f" (see {config_file})"
+
 
 def attach_relevance(model: nn.Module, relevance_cfg: RelevanceConfig, component_map) -> RelevanceWrapper:
     """Wrap `model` so its language model reads only the visual tokens the relevance modules keep.
@@ -183,7 +251,7 @@ def attach_relevance(model: nn.Module, relevance_cfg: RelevanceConfig, component
     Returns:
         The `RelevanceWrapper` (modules float32, on the model's device, in the model's train/eval mode).
     Raises:
-        ValueError: the model family has no relevance wiring (the message lists the supported ones).
+        RelevanceError: the model family has no relevance wiring (the message lists the supported ones).
     """
     base = _base_model(model)
     wiring = wiring_for(component_map.model_type, base)
@@ -191,7 +259,7 @@ def attach_relevance(model: nn.Module, relevance_cfg: RelevanceConfig, component
     width = embedding.weight.shape[-1]
     modules = RelevanceModules(relevance_cfg, visual_size=width, text_size=width)
     modules.to(device=embedding.weight.device, dtype=torch.float32)
-    wrapper = RelevanceWrapper(model, modules, wiring)
+    wrapper = RelevanceWrapper(model, modules, wiring, relevance_cfg)
     wrapper.train(model.training)
     return wrapper
 
@@ -211,7 +279,7 @@ def relevance_row(wrapper: RelevanceWrapper, cfg: RelevanceConfig, default_lr: f
     trainable = sum(p.numel() for _, p in wrapper.relevance.named_parameters())
     total = sum(p.numel() for p in wrapper.parameters())
     row = ComponentRow(
-        component="relevance",
+        component=RELEVANCE_GROUP,
         mode="full",
         rank=None,
         alpha=None,
@@ -222,55 +290,6 @@ def relevance_row(wrapper: RelevanceWrapper, cfg: RelevanceConfig, default_lr: f
         detected=False,  # added, not found in the model
         lr=cfg.lr if cfg.lr is not None else default_lr,
         weight_decay=None,
+        saved_as=RELEVANCE_FILE,
     )
-    if hasattr(row, "saved_as"):
-        row.saved_as = RELEVANCE_FILE
     return row, names
-
-
-def save_relevance(wrapper: RelevanceWrapper, folder: str | Path, cfg: RelevanceConfig) -> Path:
-    """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
-
-    Returns:
-        The weights file.
-    """
-    from dataclasses import asdict
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {key: tensor.detach().contiguous().cpu() for key, tensor in wrapper.relevance.state_dict().items()}
-    save_file(state, str(folder / RELEVANCE_FILE))
-    (folder / RELEVANCE_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
-    return folder / RELEVANCE_FILE
-
-
-def load_relevance(wrapper: RelevanceWrapper, folder: str | Path) -> None:
-    """Load weights written by `save_relevance` into `wrapper.relevance`.
-
-    Raises:
-        FileNotFoundError: the folder has no relevance weights (the run trained without relevance).
-        ValueError: the weights do not fit the modules (different method, summary_token or hidden_size).
-    """
-    from safetensors.torch import load_file
-
-    path = Path(folder) / RELEVANCE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no relevance weights; was this checkpoint trained with relevance.enabled?")
-    state = load_file(str(path), device=str(next(wrapper.relevance.parameters(), torch.empty(0)).device))
-    expected = wrapper.relevance.state_dict()
-    problems = [f"missing {key}" for key in expected if key not in state]
-    problems += [f"unexpected {key}" for key in state if key not in expected]
-    problems += [
-        f"{key}: saved {tuple(state[key].shape)}, modules {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if problems:
-        raise ValueError(
-            f"{path}: relevance weights do not fit the recipe's relevance section ({'; '.join(problems[:4])}"
-            f"{'...' if len(problems) > 4 else ''}); use the relevance settings the run was trained with "
-            f"(see {Path(folder) / RELEVANCE_CONFIG_FILE})."
-        )
-    wrapper.relevance.load_state_dict(state)

@@ -1,0 +1,108 @@
+"""The one way to build a model: load -> components -> targeting -> relevance -> parameter groups -> weights.
+
+Training, evaluation (and every other command that needs the trained model) call `build_model`; nothing
+else strings these steps together. Components are found once, at load (on the empty skeleton for 4-bit
+loading), and every later step reads that map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from vlm_tune.model.components import ComponentMap, find_components
+from vlm_tune.model.report import TargetingReport
+from vlm_tune.recipe import Recipe
+
+
+@dataclass
+class BuiltModel:
+    """What `build_model` returns.
+
+    Attributes:
+        model: the PeftModel, or a RelevanceWrapper around it (relevance.enabled); the bare transformers model
+            when built with training=False and no checkpoint.
+        processor: the model's processor.
+        components: the ComponentMap (None only for a bare model whose components cannot be found).
+        report: what trains, per component, the relevance row included (None for the bare model).
+        groups: AdamW parameter groups, one per report row with trainable parameters, the relevance group
+            (named RELEVANCE_GROUP) last ([] when not training).
+    """
+
+    model: nn.Module
+    processor: Any
+    components: Optional[ComponentMap]
+    report: Optional[TargetingReport]
+    groups: list[dict]
+
+
+def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, training: bool = True) -> BuiltModel:
+    """Build the recipe's model: the base model with its targeting and relevance modules, and trained weights.
+
+    Args:
+        recipe: the run's recipe (model, components, relevance; train.lr / weight_decay / mixed_precision
+            for the parameter groups).
+        checkpoint: trained weights to load: a `checkpoint-N` folder, or a run folder (its newest complete
+            checkpoint); None keeps the fresh adapter (training) or the base model (training=False).
+        training: build parameter groups, with fp32 master weights of what trains under mixed precision.
+    Returns:
+        The `BuiltModel` (train / eval mode left as loaded: `load_for_inference` sets eval mode).
+    Raises:
+        LoadError, ComponentError, TargetingError: the model or the component policy cannot be used.
+        RelevanceError: relevance.enabled on a family without relevance wiring.
+        CheckpointError: the checkpoint is missing, incomplete, or does not fit the recipe's model.
+    """
+    from vlm_tune.checkpoint import resolve_checkpoint
+    from vlm_tune.checkpoint_load import load_weights
+    from vlm_tune.model.load import load_vlm
+    from vlm_tune.model.speed import apply_speed
+    from vlm_tune.model.targeting import apply_targeting, param_groups
+
+    if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint)  # fail before loading a large model
+    loaded = load_vlm(recipe.model, recipe.components)
+    if not training and checkpoint is None:
+        return BuiltModel(loaded.model, loaded.processor, loaded.components, None, [])
+    components = loaded.components
+    if components is None:  # a 16-bit model whose components were not found: this raises, naming the fix
+        components = find_components(loaded.model, recipe.components)
+    model, report = apply_targeting(loaded.model, recipe.components, component_map=components)
+    if training:  # chunked loss, padding tiles, checkpointing per component (each computes the same result)
+        apply_speed(model, recipe.speed, recipe.model, components)
+    if recipe.relevance.enabled:
+        from vlm_tune.relevance import attach_relevance, relevance_row
+
+        model = attach_relevance(model, recipe.relevance, components)
+        report.add_row(*relevance_row(model, recipe.relevance, recipe.train.lr))
+    groups = param_groups(model, report, recipe.train.lr, recipe.train.weight_decay) if training else []
+    if training and recipe.train.mixed_precision != "no":
+        _fp32_masters(groups)
+    if checkpoint is not None:  # after the fp32 cast, so fp32 checkpoint weights are not rounded through 16 bit
+        load_weights(model, checkpoint, components)
+    return BuiltModel(model, loaded.processor, components, report, groups)
+
+
+def _fp32_masters(groups: list[dict]) -> None:
+    """Autocast computes in 16 bit; the weights that train stay fp32 (the same Parameter objects)."""
+    for group in groups:
+        for param in group["params"]:
+            param.data = param.data.float()
+
+
+def load_for_inference(recipe: Recipe, checkpoint: Optional[str | Path] = None) -> tuple[nn.Module, Any]:
+    """The recipe's model with a checkpoint's trained weights (or the base model), in eval mode, for generation.
+
+    Args:
+        recipe: the `Recipe` of the run (same model, components and relevance settings).
+        checkpoint: a `checkpoint-N` folder, a run folder (its newest complete checkpoint), or None for the
+            base model.
+    Returns:
+        (model, processor).
+    Raises:
+        CheckpointError: the checkpoint is missing or incomplete, or does not fit the recipe's model.
+    """
+    built = build_model(recipe, checkpoint=checkpoint, training=False)
+    return built.model.eval(), built.processor
