@@ -2,7 +2,8 @@
 
 For each seed it runs the lines of the Makefile's `demo-run` target (train recipes/demo.yaml, then caption
 `test` and `test_novel` with the base model and the trained one) into ROOT/seed-N, times every command,
-and prints (and writes to ROOT/demo_seeds.md, raw numbers to ROOT/demo_seeds.json) a markdown table of
+and prints on stdout (and writes to ROOT/demo_seeds.md, raw numbers to ROOT/demo_seeds.json) exactly the
+README's block between its demo-figures markers: a markdown table of
 the scores (mean ± sample standard deviation over seeds, and each seed's value), the wall time of each
 run, and the conditions: threads, torch and transformers versions, CPU.
 
@@ -48,7 +49,7 @@ def run_seed(run_dir: Path, seed: int, env: dict[str, str]) -> dict:
     seconds = []
     with open(run_dir / "demo_seeds.log", "w") as sink:
         for command in demo_commands(run_dir, seed):
-            print(f"$ {command}", flush=True)
+            print(f"$ {command}", file=sys.stderr, flush=True)  # stdout: only the README's block
             started = time.perf_counter()
             result = subprocess.run(command, shell=True, stdout=sink, stderr=subprocess.STDOUT, env=env)
             seconds.append(round(time.perf_counter() - started, 1))
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             raw.write_text(json.dumps(record, indent=1) + "\n")
     markdown = table(record["results"], record["steps"], record["conditions"])
     (root / "demo_seeds.md").write_text(markdown)
-    print(markdown)
+    print(markdown, end="")  # exactly what goes between the README's demo-figures markers
     return 0
 
 

@@ -1,6 +1,7 @@
 """The shipped demo: the README's demo section agrees with recipes/demo.yaml, and a first run (which builds
 the model) trains exactly like a later one (which finds it cached)."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -29,24 +30,65 @@ def _figures(section: str) -> str:
     return section[section.index("<!-- demo-figures:start -->") : section.index("<!-- demo-figures:end -->")]
 
 
-def test_readme_demo_section_agrees_with_the_recipe():
-    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [])
-    section, recipe_text = _demo_section(), (ROOT / "recipes" / "demo.yaml").read_text()
-    steps = recipe.train.max_steps
-    assert f"{steps} steps" in section, f"the README's demo section does not say the recipe's {steps} steps"
-    budget = BUDGET.search(recipe_text).group(1)
-    assert BUDGET.search(section).group(1) == budget, "README and recipes/demo.yaml state different time budgets"
+PENDING = "Figures pending: the output of the command above, run alone on the 2 cores, goes here."
 
-    figures = _figures(section)
+
+def _check_figures(figures: str, steps: int, budget: int) -> None:
+    """The demo-figures block: 3 seeds of this recipe, every split and model, a wall time per seed within budget."""
     assert f"3 seeds (0, 1, 2), {steps} steps" in figures, "the figures are not from 3 seeds of this recipe"
     rows = {(m.group(1), m.group(2)) for m in map(FIGURE_ROW.match, figures.splitlines()) if m}
     assert rows == {(s, m) for s in ("test", "test_novel") for m in ("base", "trained")}, rows
     times = [m.groups() for m in map(TIME_ROW.match, figures.splitlines()) if m]
     assert [seed for seed, *_ in times] == ["0", "1", "2"], "a wall time per seed"
-    for seed, *seconds in times:  # numbers, or the placeholder until a run alone measured them
-        if seconds[-1] != "TBD":
-            assert float(seconds[-1]) <= 60 * int(budget), f"seed {seed}: the run takes longer than the budget"
-    assert "python benchmarks/demo_seeds.py" in section, "the command that gives the figures"
+    for seed, *seconds in times:
+        assert float(seconds[-1]) <= 60 * budget, f"seed {seed}: the run takes longer than the budget"
+
+
+def _recipe_figures() -> tuple[int, int]:
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [])
+    return recipe.train.max_steps, int(BUDGET.search((ROOT / "recipes" / "demo.yaml").read_text()).group(1))
+
+
+def test_readme_demo_section_agrees_with_the_recipe():
+    section, (steps, budget) = _demo_section(), _recipe_figures()
+    assert f"{steps} steps" in section, f"the README's demo section does not say the recipe's {steps} steps"
+    assert int(BUDGET.search(section).group(1)) == budget, "README and recipes/demo.yaml state different time budgets"
+    assert "python benchmarks/demo_seeds.py --seeds 0 1 2" in section, "the command that gives the figures"
+    figures = _figures(section)
+    if PENDING in figures:  # until the lead pastes the 3 seeds measured alone
+        pytest.skip("the README's demo figures are still pending")
+    _check_figures(figures, steps, budget)
+
+
+def test_demo_seeds_prints_a_block_the_readme_check_accepts():
+    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "benchmarks" / "demo_seeds.py")
+    demo_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_seeds)
+    table = demo_seeds.table
+    steps, budget = _recipe_figures()
+    results = []
+    for seed in (0, 1, 2):
+        scores = {
+            f"{m}/{s}/{name}": 0.1 * seed + (m == "trained")
+            for m in ("base", "trained")
+            for s in ("test", "test_novel")
+            for name in ("CIDEr-D", "BLEU-4")
+        }
+        results.append(
+            {
+                "seed": seed,
+                "train_s": 300.0,
+                "evaluate_s": 150.0,
+                "total_s": 450.0 + seed,
+                "fresh_build": seed == 0,
+                "scores": scores,
+            }
+        )
+    block = table(results, steps, "2 CPU cores (x), 2 torch threads")
+    _check_figures("<!-- demo-figures:start -->\n" + block, steps, budget)
+    slow = [{**r, "total_s": 60.0 * budget + 1} for r in results]
+    with pytest.raises(AssertionError, match="longer than the budget"):
+        _check_figures(table(slow, steps, "x"), steps, budget)
 
 
 @pytest.mark.slow  # builds the demo model (about a minute) and trains it twice for two steps
