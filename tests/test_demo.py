@@ -91,11 +91,13 @@ def test_demo_seeds_prints_a_block_the_readme_check_accepts():
         _check_figures(table(slow, steps, "x"), steps, budget)
 
 
-@pytest.mark.slow  # builds the demo model (about a minute) and trains it twice for two steps
+@pytest.mark.slow  # builds the demo model (its pre-training cut to 3 steps) and trains it twice for two steps
 def test_a_run_that_builds_the_model_trains_like_one_that_finds_it_cached(tmp_path, monkeypatch):
+    from vlm_tune.model import vision_pretraining
     from vlm_tune.model.builtin import fetch_smollm2_gguf
     from vlm_tune.train import train
 
+    monkeypatch.setattr(vision_pretraining, "STEPS", 3)  # the same draws from the same generators, fewer of them
     monkeypatch.setenv("VLM_TUNE_SMOLLM2_GGUF", str(fetch_smollm2_gguf()))  # the usual cache: nothing downloads
     monkeypatch.setenv("VLM_TUNE_CACHE", str(tmp_path / "cache"))  # empty: the first run builds the model
     runs = []

@@ -183,10 +183,11 @@ def _build_smolvlm_demo_scratch(folder: Path) -> None:
 
 def _build_smolvlm_demo(folder: Path) -> None:
     """The demo model whose vision encoder is pre-trained on rendered shapes (see vision_pretraining)."""
-    from vlm_tune.model.vision_pretraining import pretrain_vision_encoder
+    from vlm_tune.model import vision_pretraining
 
     model, processor = _assemble_smolvlm_demo()
-    pretrain_vision_encoder(model.model.vision_model, processor.image_processor)
+    vision_model, steps = model.model.vision_model, vision_pretraining.STEPS
+    vision_pretraining.pretrain_vision_encoder(vision_model, processor.image_processor, steps=steps)
     _save(model, processor, folder)
 
 

@@ -43,6 +43,7 @@ ATTRIBUTES = {  # the classes of each head; the first three name the shape ownin
     "centre": ("no", "yes"),  # the patch holds the centre pixel of a shape
 }  # a head of the shape count as well made the kind learn slower (object patches 0.63 right against 0.93)
 MIN_PIXELS = 6  # a patch names a shape when the shape owns at least this many of its pixels
+STEPS, BATCH_SIZE = 400, 32  # the build's pre-training: 400 steps of 32 fresh scenes
 
 
 def evaluation_scenes() -> frozenset[Scene]:
@@ -120,7 +121,7 @@ def _batch(scenes: list[Scene], image_processor, grid: int) -> tuple[torch.Tenso
 
 
 def pretrain_vision_encoder(
-    vision_model: nn.Module, image_processor, steps: int = 400, batch_size: int = 32, lr: float = 1e-3
+    vision_model: nn.Module, image_processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 1e-3
 ) -> dict[str, float]:
     """Train `vision_model` (an Idefics3-style encoder of square images) to name what each patch shows.
 
