@@ -106,7 +106,7 @@ def test_a_run_that_builds_the_model_trains_like_one_that_finds_it_cached(tmp_pa
         train(load_recipe(ROOT / "recipes" / "demo.yaml", overrides))
         runs.append(tmp_path / name)
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # built once, by the first run
-    losses = [[r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r] for run in runs]
+    losses = [[r["train/loss"] for r in read_log(run / "log.jsonl") if "train/loss" in r] for run in runs]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
     files = sorted(path.relative_to(runs[0]) for path in runs[0].glob("checkpoint-2/**/*.safetensors"))
     assert files and files == sorted(
