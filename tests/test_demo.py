@@ -93,6 +93,8 @@ def test_demo_seeds_prints_a_block_the_readme_check_accepts():
 
 @pytest.mark.slow  # builds the demo model (its pre-training cut to 3 steps) and trains it twice for two steps
 def test_a_run_that_builds_the_model_trains_like_one_that_finds_it_cached(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
     from vlm_tune.model import vision_pretraining
     from vlm_tune.model.builtin import fetch_smollm2_gguf
     from vlm_tune.train import train
@@ -101,10 +103,18 @@ def test_a_run_that_builds_the_model_trains_like_one_that_finds_it_cached(tmp_pa
     monkeypatch.setenv("VLM_TUNE_SMOLLM2_GGUF", str(fetch_smollm2_gguf()))  # the usual cache: nothing downloads
     monkeypatch.setenv("VLM_TUNE_CACHE", str(tmp_path / "cache"))  # empty: the first run builds the model
     runs = []
-    for name in ("builds", "cached"):
-        overrides = [f"train.output_dir={tmp_path / name}", "train.max_steps=2", "train.log_every=1", "data.eval=null"]
-        train(load_recipe(ROOT / "recipes" / "demo.yaml", overrides))
-        runs.append(tmp_path / name)
+    try:
+        for name in ("builds", "cached"):
+            overrides = [
+                f"train.output_dir={tmp_path / name}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                "data.eval=null",
+            ]
+            train(load_recipe(ROOT / "recipes" / "demo.yaml", overrides))
+            runs.append(tmp_path / name)
+    finally:  # the demo trains in bf16: later tests in this process make their Accelerator without it
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # built once, by the first run
     losses = [[r["train/loss"] for r in read_log(run / "log.jsonl") if "train/loss" in r] for run in runs]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
