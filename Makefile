@@ -11,6 +11,8 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 demo: install demo-run
+	$(PYTHON) -m vlm_tune.export $(RUN) --out $(RUN)/export-merged --merge --overwrite
+	$(PYTHON) scripts/plain_transformers_caption.py $(RUN)/export-merged data/shapes/images/test_00000.png data/shapes/images/test_00001.png
 
 # The demo's commands: train (a second run starts over in RUN), then caption `test` and `test_novel`
 # (held-out colour-kind pairs) with the base model and the trained one, and compare (printed and written).
@@ -34,8 +36,8 @@ demo-vqa: install
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo_vqa/eval-base runs/demo_vqa/eval-trained --out runs/demo_vqa/compare.md
 
 lint:
-	$(PYTHON) -m ruff check vlm_tune tests benchmarks
-	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks
+	$(PYTHON) -m ruff check vlm_tune tests benchmarks scripts
+	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks scripts
 
 test: install lint
 	$(PYTHON) -m pytest -q --timeout 900
