@@ -1,7 +1,7 @@
 """Relevance sweep: CIDEr and training tokens/s of visual-token selection against two baselines.
 
-Trains and evaluates the demo recipe once per setting, each in its own run folder, through the
-toolkit's own commands:
+Trains and evaluates a recipe (default: the from-scratch demo, benchmarks/relevance_scratch.yaml) once
+per setting, each in its own run folder, through the toolkit's own commands:
 
     python -m vlm_tune.train RECIPE relevance.enabled=true relevance.keep=K relevance.method=M train.output_dir=RUN
     python -m vlm_tune.evaluate RECIPE (same overrides) --checkpoint RUN --output-dir RUN/eval
@@ -11,16 +11,19 @@ modules and with the two parameter-free baselines at the same K (random K tokens
 It then reads `RUN/log.jsonl` (last "train/tokens_per_s") and `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
 writes a markdown table (ROOT/relevance_sweep.md) and the raw numbers (ROOT/relevance_sweep.json).
 
-Two protocols:
-- from scratch (`--recipe recipes/demo.yaml`): the vision side is trained from random weights under the
-  token budget, so it can learn to spread what it sees over whichever tokens survive; 220 steps are
-  noisy between seeds (CIDEr-D spreads over about 0.3), so use several seeds;
-- adapting a trained model (`--recipe benchmarks/relevance_adapt.yaml`, after `make demo`): every run
-  starts from the demo's weights (trained with every token) and adapts to the budget for 100 steps with
-  the vision encoder all but frozen, as one adapts a pretrained VLM.
+Three protocols:
+- from scratch (`--recipe benchmarks/relevance_scratch.yaml`): the vision side is trained from random
+  weights under the token budget, so it can learn to spread what it sees over whichever tokens survive;
+  220 steps are noisy between seeds (CIDEr-D spreads over about 0.3), so use several seeds;
+- vision encoder frozen at its random weights (`--recipe benchmarks/relevance_frozen_vision.yaml`): each
+  token keeps describing its own patch, so the budget binds;
+- adapting a trained model (`--recipe benchmarks/relevance_adapt.yaml`, after training
+  benchmarks/relevance_scratch.yaml): every run starts from that run's weights (trained with every token)
+  and adapts to the budget for 100 steps with the vision encoder all but frozen, as one adapts a
+  pretrained VLM.
 
 Usage:
-    python benchmarks/relevance_sweep.py [--recipe recipes/demo.yaml] [--root runs/relevance_sweep]
+    python benchmarks/relevance_sweep.py [--recipe benchmarks/relevance_scratch.yaml] [--root runs/relevance_sweep]
         [--keeps 1.0 0.5 0.25] [--methods relevance random pool] [--seeds 0 1] [--with-off]
         [--reuse] [--report-only] [--dry-run] [-- extra.override=value ...]
 
@@ -150,7 +153,11 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; returns 0 when every run trained and evaluated."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/demo.yaml", help="recipe to sweep (default recipes/demo.yaml)")
+    parser.add_argument(
+        "--recipe",
+        default="benchmarks/relevance_scratch.yaml",
+        help="recipe to sweep (default benchmarks/relevance_scratch.yaml)",
+    )
     parser.add_argument("--root", default="runs/relevance_sweep", help="folder of the run folders and the table")
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="fractions of tokens kept")
     parser.add_argument(

@@ -66,9 +66,13 @@ def test_recipe_applies_to_a_tiny_model_of_its_architecture(name, tmp_path, monk
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_benchmark_recipes_validate_on_top_of_the_demo():
-    adapt = load_recipe(RECIPES.parent / "benchmarks" / "relevance_adapt.yaml", [])
-    demo = load_recipe(RECIPES / "demo.yaml", [])
-    assert adapt.train.init_from == "runs/demo/checkpoint-220" and adapt.train.max_steps == 100
-    assert adapt.components["vision"].mode == demo.components["vision"].mode == "full"  # the demo checkpoint fits
-    assert adapt.components["vision"].lr == 1e-5 and adapt.components["language"] == demo.components["language"]
+def test_benchmark_recipes_validate_on_top_of_the_scratch_demo():
+    benchmarks = RECIPES.parent / "benchmarks"
+    scratch = load_recipe(benchmarks / "relevance_scratch.yaml", [])
+    adapt = load_recipe(benchmarks / "relevance_adapt.yaml", [])
+    frozen = load_recipe(benchmarks / "relevance_frozen_vision.yaml", [])
+    assert scratch.model.name_or_path == frozen.model.name_or_path == "vlm_tune:smolvlm-demo-scratch"
+    assert adapt.train.init_from == f"{scratch.train.output_dir}/checkpoint-{scratch.train.max_steps}"
+    assert adapt.train.max_steps == 100 and frozen.components["vision"].mode == "frozen"
+    assert adapt.components["vision"].mode == scratch.components["vision"].mode == "full"  # the checkpoint fits
+    assert adapt.components["vision"].lr == 1e-5 and adapt.components["language"] == scratch.components["language"]

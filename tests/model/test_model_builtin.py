@@ -9,7 +9,8 @@ from vlm_tune.model import builtin
 
 def test_unknown_builtin_lists_the_valid_names():
     with pytest.raises(
-        builtin.BuiltinError, match=r"unknown built-in model 'vlm_tune:nope'; valid: vlm_tune:smolvlm-demo"
+        builtin.BuiltinError,
+        match=r"unknown built-in model 'vlm_tune:nope'; valid: vlm_tune:smolvlm-demo, vlm_tune:smolvlm-demo-scratch$",
     ):
         builtin.resolve_builtin("vlm_tune:nope")
 

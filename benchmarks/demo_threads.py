@@ -1,0 +1,87 @@
+"""At which thread counts is the demo bit-identical? A few training steps per count, each run twice.
+
+    python benchmarks/demo_threads.py [--threads 1 2 4] [--steps 6] [--repeats 2] [--root runs/demo_threads]
+        [--report-only]
+
+Trains recipes/demo.yaml for --steps steps (no evaluation) with OMP_NUM_THREADS set to each count, --repeats
+times, and compares the logged losses and the trained weights (the last checkpoint) exactly: repeats at one
+count, then each count against the first count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def losses(run_dir: Path) -> list[float]:
+    """Training losses of a run, step by step, as logged (full float precision)."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, filter(str.strip, lines)) if "loss" in record]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's checkpoints, keyed `file:name`."""
+    return {
+        f"{path.relative_to(run_dir)}:{name}": tensor
+        for path in sorted(run_dir.glob("checkpoint-*/**/*.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
+def same(a: Path, b: Path) -> bool:
+    """True when two runs logged the same losses and saved the same weights, bit for bit."""
+    first, second = weights(a), weights(b)
+    return (
+        losses(a) == losses(b)
+        and first.keys() == second.keys()
+        and all(torch.equal(first[key], second[key]) for key in first)
+    )
+
+
+def train(run_dir: Path, threads: int, steps: int) -> Path:
+    """Train the demo for `steps` steps with `threads` threads into `run_dir`."""
+    overrides = [f"train.output_dir={run_dir}", f"train.max_steps={steps}", "train.log_every=1", "data.eval=null"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "vlm_tune.train", "recipes/demo.yaml", *overrides]
+    print(f"$ OMP_NUM_THREADS={threads} {' '.join(command)}", flush=True)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every count --repeats times and print which runs are bit-identical."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4], help="OMP_NUM_THREADS values")
+    parser.add_argument("--steps", type=int, default=6, help="training steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per thread count")
+    parser.add_argument("--root", default="runs/demo_threads", help="folder of the run folders")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; compare the runs of ROOT")
+    args = parser.parse_args(argv)
+    run = (lambda folder, threads: folder) if args.report_only else (lambda folder, t: train(folder, t, args.steps))
+    runs = {
+        threads: [run(Path(args.root) / f"threads{threads}-run{r}", threads) for r in range(args.repeats)]
+        for threads in args.threads
+    }
+    first = args.threads[0]
+    print(f"\nlosses of the first run at each count ({args.steps} steps):")
+    for threads, repeated in runs.items():
+        print(f"  {threads} threads: {' '.join(f'{loss:.9f}' for loss in losses(repeated[0]))}")
+        print(
+            f"    repeats bit-identical (losses and weights): {all(same(repeated[0], run) for run in repeated)}; "
+            f"bit-identical to {first} threads: {same(runs[first][0], repeated[0])}"
+        )
+    record = {str(threads): [losses(run) for run in repeated] for threads, repeated in runs.items()}
+    (Path(args.root) / "demo_threads.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
