@@ -2,10 +2,13 @@
 
 Only reads and writes files; `vlm_tune.model.build.build_model` prepares the model they are loaded into.
 Layout of `RUN_DIR/checkpoint-STEP/`:
-    adapter/                 standard PEFT folder (LoRA weights + `modules_to_save` copies)
+    adapter/                 standard PEFT folder for the original base (LoRA weights + `modules_to_save` copies)
+    adapter_training.safetensors  the adapter as it trains, where adapter/ holds a converted form
+                             (adalora, init pissa / olora / loftq: see vlm_tune/model/adapter_files.py)
     trained.safetensors      other fully trained parameters (full components outside modules_to_save)
     relevance.safetensors    relevance modules (when enabled), written by RelevanceWrapper.save
     relevance.json           the relevance settings they were trained with
+    soft_prompt.safetensors  virtual tokens (components.language.mode prompt / prefix), with soft_prompt.json
     training_state.pt        optimizer, scheduler, RNG states (resume only)
     state.json               step, epoch, position in the epoch, losses so far
     COMPLETE                 written last: a folder without it is never used
@@ -44,11 +47,18 @@ def _relevance_wrapper(model: torch.nn.Module):
     return model if isinstance(model, RelevanceWrapper) else None
 
 
+def _soft_prompt_wrapper(model: torch.nn.Module):
+    """The soft-prompt wrapper when `model` is one, else None."""
+    from vlm_tune.model.soft_prompt import optional_wrapper
+
+    return optional_wrapper(model)
+
+
 def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The PEFT model itself, or the one inside a relevance wrapper."""
+    """The PEFT model itself, or the one inside a relevance or soft-prompt wrapper."""
     from peft import PeftModel
 
-    wrapper = _relevance_wrapper(model)
+    wrapper = _relevance_wrapper(model) or _soft_prompt_wrapper(model)
     peft_model = wrapper.model if wrapper is not None else model
     if not isinstance(peft_model, PeftModel):
         raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
@@ -65,14 +75,16 @@ def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]
 
 
 def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+    from vlm_tune.model.adapter_files import save_adapter
+
     peft_model = _peft_model(model)
-    peft_model.save_pretrained(folder / "adapter")
+    save_adapter(peft_model, folder)
     extra = _extra_trained_state(peft_model)
     if extra:
         save_file(extra, folder / "trained.safetensors")
-    wrapper = _relevance_wrapper(model)
-    if wrapper is not None:
-        wrapper.save(folder)
+    for wrapper in (_relevance_wrapper(model), _soft_prompt_wrapper(model)):
+        if wrapper is not None:
+            wrapper.save(folder)
 
 
 def save_checkpoint(
@@ -96,6 +108,8 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
+    from vlm_tune.model.adapter_files import adapter_training_state
+
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
@@ -111,6 +125,7 @@ def save_checkpoint(
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
+        training_state["adapter"] = adapter_training_state(model)  # AdaLoRA's importance scores (else None)
         torch.save(training_state, staging / "training_state.pt")
         (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         (staging / COMPLETE_MARKER).write_text("ok\n")
@@ -174,15 +189,17 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """
     from peft import set_peft_model_state_dict
 
+    from vlm_tune.model.adapter_files import load_training_form
     from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
 
     checkpoint = resolve_checkpoint(checkpoint)
     peft_model = _peft_model(model)
-    adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
-    result = set_peft_model_state_dict(peft_model, load_file(adapter_file))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
+    if not load_training_form(peft_model, checkpoint):  # adapter/ is then the form the model trains in
+        adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
+        result = set_peft_model_state_dict(peft_model, load_file(adapter_file))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
     extra_file = checkpoint / "trained.safetensors"
     if extra_file.is_file():
         missing_unexpected = peft_model.load_state_dict(load_file(extra_file), strict=False)
@@ -198,16 +215,37 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
             wrapper.load(checkpoint)
         except RelevanceError as error:  # weights of another relevance method / size
             raise CheckpointError(str(error)) from None
+    _load_soft_prompt(model, checkpoint)
 
 
-def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the saved position (state.json)."""
+def _load_soft_prompt(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Virtual tokens of the checkpoint into a soft-prompt wrapper (both present, or neither)."""
+    from vlm_tune.model.soft_prompt import SOFT_PROMPT_FILE, SoftPromptError
+
+    wrapper = _soft_prompt_wrapper(model)
+    if wrapper is None and (checkpoint / SOFT_PROMPT_FILE).is_file():
+        raise CheckpointError(f"{checkpoint} holds a soft prompt: set components.language.mode as in its run")
+    if wrapper is not None:
+        try:
+            wrapper.load(checkpoint)
+        except SoftPromptError as error:
+            raise CheckpointError(str(error)) from None
+
+
+def load_training_state(
+    checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None, model: Optional[torch.nn.Module] = None
+) -> dict:
+    """Restore optimizer, scheduler, RNG states (and the model's AdaLoRA scores); return the position (state.json)."""
+    from vlm_tune.model.adapter_files import restore_adapter_training_state
+
     checkpoint = resolve_checkpoint(checkpoint)
     training_state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
     if optimizer is not None and training_state["optimizer"] is not None:
         optimizer.load_state_dict(training_state["optimizer"])
     if scheduler is not None and training_state["scheduler"] is not None:
         scheduler.load_state_dict(training_state["scheduler"])
+    if model is not None:
+        restore_adapter_training_state(model, training_state.get("adapter"))
     rng = training_state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

@@ -13,10 +13,12 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.typed_config import build_dataclass
 
 COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
+__all__ = ["AdaLoraSchedule", "ComponentConfig", "RecipeError"]  # schema parts defined in recipe_adapters.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,46 +67,6 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint folder"})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
-
-
-@dataclass
-class ComponentConfig:
-    mode: Literal["frozen", "lora", "full"] = field(default="frozen", metadata={"help": "how this component trains"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank (mode lora)"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    targets: list[str] = field(
-        default_factory=lambda: ["attention", "mlp"],
-        metadata={"help": "kinds (attention, mlp) or leaf names / regexes"},
-    )
-    variant: Literal["lora", "dora", "rslora"] = field(default="lora", metadata={"help": "LoRA flavour"})
-    lr: Optional[float] = field(
-        default=None, metadata={"help": "learning rate of this component's parameter group (default train.lr)"}
-    )
-    weight_decay: Optional[float] = field(
-        default=None, metadata={"help": "weight decay of this group (default train.weight_decay)"}
-    )
-    modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "regexes over module names that define this component (overrides detection)"}
-    )
-
-    def _check(self) -> list[str]:
-        errors = []
-        if self.rank <= 0:
-            errors.append(f"rank: must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            errors.append(f"alpha: must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.lr is not None and self.lr <= 0:
-            errors.append(f"lr: must be positive, got {self.lr}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            errors.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.mode == "lora" and not self.targets:
-            errors.append("targets: must name at least one kind or module when mode is lora")
-        if self.modules is not None and not self.modules:
-            errors.append("modules: must hold at least one regex, or be omitted")
-        return errors
 
 
 @dataclass
@@ -207,6 +169,9 @@ class TrainConfig:
     init_from: Optional[str] = field(
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
+    )
+    adalora: AdaLoraSchedule = field(
+        default_factory=AdaLoraSchedule, metadata={"help": "rank allocation of components with variant adalora"}
     )
 
     def _check(self) -> list[str]:
@@ -332,6 +297,32 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
+        return errors + self._check_adapters()
+
+    def _check_adapters(self) -> list[str]:
+        """Soft prompts only on the language decoder; inits that need (or cannot take) 4-bit weights."""
+        errors = []
+        quant = self.model.quantization
+        for name, cfg in self.components.items():
+            where = f"components.{name}"
+            if cfg.mode in ("prompt", "prefix") and name != "language":
+                errors.append(f"{where}.mode: {cfg.mode} adds virtual tokens to the language decoder; use it there")
+            if cfg.mode in ("prompt", "prefix") and self.relevance.enabled:
+                errors.append(f"{where}.mode: {cfg.mode} does not combine with relevance.enabled yet; turn one off")
+            if cfg.mode != "lora" or cfg.init not in ("loftq", "pissa"):
+                continue
+            four_bit = quant is not None and name not in quant.keep_16bit
+            if cfg.init == "loftq" and not four_bit:
+                why = "model.quantization is not set" if quant is None else f"{name} is in quantization.keep_16bit"
+                errors.append(
+                    f"{where}.init: loftq initialises LoRA from the 4-bit quantisation error, but {why}; "
+                    f"use init: default or pissa for 16-bit weights"
+                )
+            if cfg.init == "pissa" and four_bit:
+                errors.append(
+                    f"{where}.init: pissa needs the 16-bit weights of {name}, which model.quantization loads in "
+                    f"4 bit; use init: loftq or olora, or add {name} to model.quantization.keep_16bit"
+                )
         return errors
 
     def component(self, name: str) -> ComponentConfig:

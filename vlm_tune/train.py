@@ -7,7 +7,6 @@ unchanged. Flow: recipe -> model (vlm_tune.model.build) -> data -> the loop belo
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import sys
@@ -22,6 +21,7 @@ from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_trainin
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
+from vlm_tune.model.adalora import schedule_rank_allocation
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
@@ -100,8 +100,7 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
         logger.info("Started from the weights of %s", init_from)
     if accelerator.is_main_process:
         print(built.report.table())
-        (run_dir / "components.txt").write_text(built.report.table() + "\n")
-        (run_dir / "components.json").write_text(json.dumps(built.report.to_dict(), indent=1))
+        built.report.write(run_dir)
     return built
 
 
@@ -149,12 +148,12 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     return optimizer, scheduler
 
 
-def _resume(checkpoint: Optional[Path], optimizer, scheduler) -> TrainingPosition:
+def _resume(checkpoint: Optional[Path], optimizer, scheduler, model) -> TrainingPosition:
     """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler and
     RNG states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
-    state = load_training_state(checkpoint, optimizer, scheduler)
+    state = load_training_state(checkpoint, optimizer, scheduler, model)
     logger.info("Resumed from %s (step %d)", checkpoint, state["step"])
     return TrainingPosition(state["step"], state["epoch"], state["batches_done"])
 
@@ -171,14 +170,16 @@ def _setup(recipe: Recipe) -> tuple[TrainingRun, TrainingPosition]:
     cfg = recipe.train
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
     optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
+    schedule_rank_allocation(built.model, total_steps, recipe.train.adalora)  # AdaLoRA only
     model, optimizer = accelerator.prepare(built.model, optimizer)
-    position = _resume(resume_from, optimizer, scheduler)
+    position = _resume(resume_from, optimizer, scheduler, built.model)
     main = accelerator.is_main_process
     progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
     log = RunLog(run_dir, enabled=main)
     run = TrainingRun(
         recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
     )
+    run.report = built.report
     run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
     return run, position
 

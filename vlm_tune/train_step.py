@@ -68,6 +68,7 @@ class TrainingRun:
     progress: Any
     summary: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # bad samples met in batches
+    report: Any = None  # the targeting report (rewritten at each save while AdaLoRA re-allocates ranks)
 
     @property
     def main(self) -> bool:
@@ -113,6 +114,8 @@ def train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_
     Raises:
         TrainingStopped: the loss is NaN or infinite (checked on every process alike, before the update).
     """
+    from vlm_tune.model.adalora import allocate_ranks, orthogonality_penalty
+
     tokens_per_batch = [label_tokens(batch) for batch in group]
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in group)
     counts = accelerator.reduce(torch.tensor([sum(tokens_per_batch), input_tokens], device=accelerator.device), "sum")
@@ -122,14 +125,16 @@ def train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_
         last = index == len(group) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss = model(**batch).loss  # mean over this micro-batch's label tokens
+            penalty = orthogonality_penalty(model)  # AdaLoRA's regulariser (0.0 for other variants), not logged
             # DDP averages gradients over processes, hence the factor num_processes.
-            accelerator.backward(loss * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
+            accelerator.backward((loss + penalty) * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
         loss_sum += loss.detach().float() * n_tokens
     step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
     if not math.isfinite(step_loss):
         raise TrainingStopped(f"the loss became {step_loss} at step {step + 1}")
     grad_norm = clip_gradients(optimizer, accelerator, max_grad_norm)
     optimizer.step()
+    allocate_ranks(model, step + 1)  # AdaLoRA: after the optimizer step, before zero_grad, as PEFT requires
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, step_input_tokens
@@ -209,7 +214,18 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
             run.scheduler,
             keep=run.recipe.train.keep_checkpoints,
         )
+        _write_layer_ranks(run)
     run.accelerator.wait_for_everyone()
+
+
+def _write_layer_ranks(run: TrainingRun) -> None:
+    """AdaLoRA: components.txt / components.json show each layer's rank as of this save."""
+    from vlm_tune.model.adalora import layer_ranks
+
+    ranks = layer_ranks(run.accelerator.unwrap_model(run.model))
+    if ranks and run.report is not None:
+        run.report.layer_ranks = ranks
+        run.report.write(run.run_dir)
 
 
 def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> None:
