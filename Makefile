@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint
+.PHONY: install demo demo-vqa test lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -12,9 +12,15 @@ install:
 
 demo: install
 	$(PYTHON) -m vlm_tune.train recipes/demo.yaml
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base
-	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --checkpoint runs/demo --output-dir runs/demo/eval-trained
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo --output-dir runs/demo/eval-trained --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
+
+demo-vqa: install
+	$(PYTHON) -m vlm_tune.train recipes/demo_vqa.yaml
+	$(PYTHON) -m vlm_tune.evaluate recipes/demo_vqa.yaml --output-dir runs/demo_vqa/eval-base --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo_vqa --output-dir runs/demo_vqa/eval-trained --overwrite
+	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo_vqa/eval-base runs/demo_vqa/eval-trained --out runs/demo_vqa/compare.md
 
 lint:
 	$(PYTHON) -m ruff check vlm_tune tests benchmarks

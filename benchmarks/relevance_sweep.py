@@ -8,7 +8,7 @@ toolkit's own commands:
 
 Settings: keep 1.0 once (every token; the reference speed), then keep 0.5 and 0.25 with the relevance
 modules and with the two parameter-free baselines at the same K (random K tokens, average pooling to K).
-It then reads `RUN/log.jsonl` (last "tokens_per_s") and `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
+It then reads `RUN/log.jsonl` (last "train/tokens_per_s") and `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
 writes a markdown table (ROOT/relevance_sweep.md) and the raw numbers (ROOT/relevance_sweep.json).
 
 Two protocols:
@@ -70,13 +70,15 @@ def run(command: list[str], log_file: Path, dry_run: bool) -> bool:
     return result.returncode == 0
 
 
-def read_last_logged(run_dir: Path, key: str) -> float | None:
-    """The last value of `key` in the run's log.jsonl: "tokens_per_s" (the running average over the run)
-    or "eval_loss" (loss per caption token on data.eval, budget applied); None if never logged."""
+def read_last_logged(run_dir: Path, *keys: str) -> float | None:
+    """The last value of the first of `keys` in the run's log.jsonl: "train/tokens_per_s" (the running average
+    over the run) or "eval/loss" (loss per caption token on data.eval, budget applied); later keys are the names
+    of runs logged before the `train/` / `eval/` scheme ("tokens_per_s", "eval_loss"). None if never logged."""
     log = run_dir / "log.jsonl"
     if not log.is_file():
         return None
-    values = [json.loads(line).get(key) for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    values = [next((r[key] for key in keys if r.get(key) is not None), None) for r in records]
     values = [value for value in values if value is not None]
     return float(values[-1]) if values else None
 
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(run_dir),
                         "--output-dir",
                         str(eval_dir),
+                        "--overwrite",  # the run was trained anew
                         "--no-progress",
                     ],
                     run_dir / "sweep.log",
@@ -210,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": seed,
                     "keep": keep,
                     "method": method,
-                    "tokens_per_s": read_last_logged(run_dir, "tokens_per_s"),
-                    "eval_loss": read_last_logged(run_dir, "eval_loss"),
+                    "tokens_per_s": read_last_logged(run_dir, "train/tokens_per_s", "tokens_per_s"),
+                    "eval_loss": read_last_logged(run_dir, "eval/loss", "eval_loss"),
                     **read_metrics(eval_dir),
                 }
             )

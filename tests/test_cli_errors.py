@@ -83,11 +83,59 @@ BAD_INPUTS = [
         lambda f: [f["recipe"], "components.language.variant=adalora", "train.adalora.final=1"],
         "train.adalora: warmup (0 steps) and final (1 steps) leave no step",
     ),
-    BadInput(  # fails after the tiny model loads
+    BadInput(  # fails before the model loads
         "train: no training set", "vlm_tune.train", lambda f: [f["recipe"], "data.train=null"], "data.train is not set"
+    ),
+    BadInput(
+        "train: a Hugging Face key",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "train.learning_rate=1e-4"],
+        "train.learning_rate: unknown key (a Hugging Face name; here it is train.lr)",
+    ),
+    BadInput(
+        "train: keep_best of an unknown metric",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "train.keep_best=accuracy"],
+        "train.keep_best: unknown metric 'accuracy'",
+    ),
+    BadInput(
+        "train: wrong caption column",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "data.train.format=jsonl", f"data.train.path={f['rows']}"],
+        "no column ['caption']",
     ),
     # python -m vlm_tune.evaluate
     BadInput("evaluate: nothing to do", "vlm_tune.evaluate", lambda f: [], "give a recipe"),
+    BadInput(
+        "evaluate: a checkpoint without a recipe near it",
+        "vlm_tune.evaluate",
+        lambda f: ["--checkpoint", f["bare_run"]],
+        "no recipe.yaml in the checkpoint or its run folder",
+    ),
+    BadInput(
+        "evaluate: latest without a run",
+        "vlm_tune.evaluate",
+        lambda f: ["--checkpoint", "latest"],
+        "--checkpoint latest: name the run",
+    ),
+    BadInput(
+        "evaluate: a run without a best checkpoint",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], "--checkpoint", f"{f['bare_run']}/best"],
+        "has no best checkpoint (best.json): train with train.keep_best",
+    ),
+    BadInput(
+        "evaluate: an earlier evaluation in the folder",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], "--output-dir", f["eval_a"]],
+        "already holds an evaluation",
+    ),
+    BadInput(
+        "evaluate: --split of a COCO file without a split name",
+        "vlm_tune.evaluate",
+        lambda f: [f["recipe"], f"data.eval.path={f['coco_plain']}", "--split", "test"],
+        "a COCO file holds one split",
+    ),
     BadInput(
         "evaluate: no eval set", "vlm_tune.evaluate", lambda f: [f["recipe"], "data.eval=null"], "data.eval is not set"
     ),
@@ -161,7 +209,14 @@ def files(tmp_path_factory) -> dict[str, str]:
         (root / name).mkdir()
         (root / name / "metrics.json").write_text(json.dumps({"metrics": metrics}))
     (root / "empty").mkdir()
+    (root / "bare_run" / "checkpoint-1").mkdir(parents=True)  # a complete checkpoint, no recipe.yaml anywhere
+    (root / "bare_run" / "checkpoint-1" / "COMPLETE").write_text("ok\n")
+    (root / "rows.jsonl").write_text(json.dumps({"image": "0.png", "text": "a red square"}) + "\n")
+    (root / "annotations.json").write_text(json.dumps({"images": [], "annotations": []}))
     return {
+        "bare_run": str(root / "bare_run"),
+        "rows": str(root / "rows.jsonl"),
+        "coco_plain": str(root / "annotations.json"),
         "recipe": str(root / "recipe.yaml"),
         "blip2_recipe": str(root / "blip2.yaml"),
         "eval_a": str(root / "eval_a"),

@@ -134,7 +134,7 @@ def test_cli_writes_the_evaluation_folder_and_compares_two(files, tmp_path, caps
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(_raw_recipe(files, tmp_path / "run")))
     assert main([str(recipe_path), "--no-progress", "eval.contact_sheet_images=3"]) == 0
-    folder = tmp_path / "run" / "eval-base-val"  # captions_val.json -> split "val"
+    folder = tmp_path / "run" / "eval-base-data-val"  # data/captions_val.json: set "data", split "val"
     assert f"to {folder}" in capsys.readouterr().out
 
     info = json.loads((folder / "metrics.json").read_text())
@@ -180,13 +180,79 @@ def test_evaluate_run_with_a_checkpoint_writes_next_to_it(files, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "run", 3, model, {"epoch": 0, "batches_done": 0})
 
     result = evaluate_run(recipe, checkpoint=tmp_path / "run", show_progress=False)  # a run folder: its newest
-    assert result["output_dir"] == checkpoint / "eval-val"
-    info = json.loads((checkpoint / "eval-val" / "metrics.json").read_text())
+    assert result["output_dir"] == checkpoint / "eval-data-val"
+    info = json.loads((checkpoint / "eval-data-val" / "metrics.json").read_text())
     assert info["checkpoint"] == str(checkpoint) and info["num_images"] == 2
-    assert not (checkpoint / "eval-val" / "contact_sheet.png").exists()  # contact_sheet_images=0
+    assert not (checkpoint / "eval-data-val" / "contact_sheet.png").exists()  # contact_sheet_images=0
     base = evaluate_run(recipe, show_progress=False)
+    assert base["output_dir"] == tmp_path / "run" / "eval-base-data-val"
     base_rows = (base["output_dir"] / "predictions.jsonl").read_text()
-    assert base_rows != (checkpoint / "eval-val" / "predictions.jsonl").read_text()  # the adapter was loaded
+    assert base_rows != (checkpoint / "eval-data-val" / "predictions.jsonl").read_text()  # the adapter was loaded
+
+    from vlm_tune.model.build import load_for_inference
+
+    loaded, _ = load_for_inference(recipe, tmp_path / "run")  # a run folder, as the command line takes it
+    trained = dict(model.named_parameters())
+    lora = [name for name, _ in loaded.named_parameters() if "lora_B" in name]
+    assert lora and all(torch.equal(dict(loaded.named_parameters())[n], trained[n]) for n in lora)
+
+
+def _trained_run(files, run_dir: Path, raw: dict) -> Path:
+    """A run folder as training leaves it: recipe.yaml and one checkpoint with a trained-looking adapter."""
+    from vlm_tune.checkpoint import save_checkpoint
+    from vlm_tune.model.build import build_model
+    from vlm_tune.recipe import dump_recipe
+
+    recipe = recipe_from_dict(raw)
+    model = build_model(recipe).model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0)
+    run_dir.mkdir(parents=True)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    return save_checkpoint(run_dir, 2, model, {"epoch": 0, "batches_done": 0})
+
+
+def test_a_run_is_evaluated_by_its_own_recipe_and_folders_never_collide(files, tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    checkpoint = _trained_run(files, run, _raw_recipe(files, run, limit=2, contact_sheet_images=0))
+    assert main(["--checkpoint", str(run), "--no-progress"]) == 0  # no recipe: the run's own
+    own = json.loads((checkpoint / "eval-data-val" / "metrics.json").read_text())
+    assert own["num_images"] == 2 and own["data"] == str(files["data"]) and own["max_new_tokens"] == 6
+    assert "differs from the run's recipe" not in caplog.text
+
+    # A checkpoint's own recipe.yaml comes first; overrides apply on top, with no recipe named.
+    (checkpoint / "recipe.yaml").write_text(
+        (run / "recipe.yaml").read_text().replace("max_new_tokens: 6", "max_new_tokens: 3")
+    )
+    assert main(["--checkpoint", str(run), "eval.limit=1", "--output-dir", str(tmp_path / "own"), "--no-progress"]) == 0
+    info = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    assert (info["max_new_tokens"], info["num_images"]) == (3, 1)
+
+    # Another recipe on another set: a warning names the keys that differ, the folder is the other set's.
+    other_set = _coco_set(tmp_path / "photos", name="captions_test.json")
+    other = _raw_recipe(files, tmp_path / "elsewhere", limit=2, contact_sheet_images=0)
+    other["data"]["eval"]["path"] = str(other_set)
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    caplog.clear()
+    assert main([str(other_path), "--checkpoint", str(run), "--no-progress"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "differs from the run's recipe" in r.getMessage())
+    assert f"{other_path} differs from the run's recipe {checkpoint / 'recipe.yaml'} in " in warning
+    assert "data.eval.path, train.output_dir, eval.max_new_tokens" in warning
+    assert (checkpoint / "eval-photos-test" / "metrics.json").is_file()
+    assert json.loads((checkpoint / "eval-data-val" / "metrics.json").read_text()) == own  # untouched
+
+    # The same evaluation again: refused, unless --overwrite, which says so.
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint / 'eval-data-val'} already holds an evaluation (of {files['data']} by {checkpoint})" in error
+    assert "--overwrite" in error
+    caplog.clear()
+    assert main(["--checkpoint", str(run), "--no-progress", "--overwrite"]) == 0
+    assert f"Replacing the earlier evaluation in {checkpoint / 'eval-data-val'}" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +300,7 @@ def test_split_selection(files, tmp_path):
     raw["data"]["eval"]["path"] = str(tmp_path / "coco" / "captions_val.json")
     recipe = recipe_from_dict(raw)
     source, name = eval_source(recipe, "test")
-    assert (Path(source.path).name, name) == ("captions_test.json", "test")
+    assert (Path(source.path).name, name) == ("captions_test.json", "coco-test")
     assert recipe.data.eval.path.endswith("captions_val.json")  # the recipe itself is untouched
     with pytest.raises(
         EvaluationError, match=r"captions_train\.json not found.*captions_test\.json, captions_val\.json"
@@ -243,11 +309,32 @@ def test_split_selection(files, tmp_path):
 
     raw["data"]["eval"] = {"format": "karpathy", "path": "dataset_coco.json", "split": "val"}
     source, name = eval_source(recipe_from_dict(raw), "test")
-    assert (source.split, name) == ("test", "test")
-    raw["data"]["eval"] = {"format": "jsonl", "path": "captions.jsonl"}
-    assert eval_source(recipe_from_dict(raw))[1] == "captions"
-    with pytest.raises(EvaluationError, match="cannot select a split"):
+    assert (source.split, name) == ("test", "dataset_coco-test")
+    raw["data"]["eval"] = {"format": "coco", "path": str(tmp_path / "coco" / "annotations.json")}
+    with pytest.raises(EvaluationError, match="a COCO file holds one split"):
         eval_source(recipe_from_dict(raw), "test")
+
+
+def test_split_of_a_jsonl_set_selects_its_split_column(files, tmp_path):
+    """--split sets data.eval.split for a JSONL set; a set without a split column says how --split got there."""
+    _coco_set(tmp_path / "photos")  # the images
+    rows = [
+        {"image": f"images/{i}.png", "caption": f"photo {i}", "split": "train" if i < 3 else "test"} for i in range(4)
+    ]
+    (tmp_path / "photos" / "photos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = _raw_recipe(files, tmp_path / "run")
+    raw["data"]["eval"] = {"format": "jsonl", "path": str(tmp_path / "photos" / "photos.jsonl")}
+    recipe = recipe_from_dict(raw)
+    assert eval_source(recipe)[1] == "photos"
+    source, name = eval_source(recipe, "train")
+    assert (source.split, name) == ("train", "photos-train")
+    assert len(build_dataset(source, recipe.data, train=False)) == 3
+
+    no_column = tmp_path / "photos" / "plain.jsonl"
+    no_column.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "split"}) + "\n" for row in rows))
+    recipe.data.eval.path = str(no_column)
+    with pytest.raises(EvaluationError, match=r"no 'split' column.*\(--split train set data\.eval\.split\)"):
+        evaluate_run(recipe, split="train", show_progress=False)  # fails before any model is loaded
 
 
 def test_compare_reports_missing_metrics_in_either_folder(tmp_path):

@@ -1,5 +1,7 @@
 """Recipe: YAML + dotted overrides, typed, every problem reported at once with its dotted path."""
 
+import re
+
 import pytest
 import yaml
 
@@ -260,3 +262,49 @@ def test_adalora_schedule_counts_and_fractions():
     recipe = recipe_from_dict({**raw, "train": {"adalora": {"warmup": 5, "final": 0.25}}})
     assert recipe.train.adalora.steps(100) == (5, 25)
     assert recipe.component("language").adalora_target_rank == 5  # two thirds of the default rank 8
+
+
+def test_keys_spelt_as_hugging_face_does_get_the_key_of_this_recipe():
+    raw = {
+        "learning_rate": 1e-4,
+        "num_train_epochs": 3,
+        "output_dir": "runs/x",
+        "lr": 1e-4,
+        "train": {"gradient_accumulation_steps": 4, "per_device_train_batch_size": 2, "bf16": True},
+        "components": {"language": {"mode": "lora", "lora_alpha": 32}},
+    }
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(raw)
+    message = str(caught.value)
+    for line in (
+        "learning_rate: unknown key (a Hugging Face name; here it is train.lr)",
+        "num_train_epochs: unknown key (a Hugging Face name; here it is train.epochs)",
+        "output_dir: unknown key (a Hugging Face name; here it is train.output_dir)",
+        "train.gradient_accumulation_steps: unknown key (a Hugging Face name; here it is train.grad_accum)",
+        "train.per_device_train_batch_size: unknown key (a Hugging Face name; here it is train.batch_size)",
+        "train.bf16: unknown key (a Hugging Face name; here it is train.mixed_precision: bf16)",
+        "components.language.lora_alpha: unknown key (a Hugging Face name; here it is components.language.alpha)",
+        "lr: unknown key (did you mean train.lr or relevance.lr?)",  # a key of a section, one level too high
+    ):
+        assert f"  - {line}\n" in message + "\n", line
+
+
+@pytest.mark.parametrize(
+    "train, data_eval, message",
+    [
+        ({"keep_best": "accuracy"}, True, "train.keep_best: unknown metric 'accuracy', expected one of ['eval_loss'"),
+        ({"early_stopping_patience": 0}, True, "train.early_stopping_patience: must be a positive integer, got 0"),
+        ({"keep_best": "eval_loss"}, False, "train.keep_best: needs an evaluation set; set data.eval.path"),
+        ({"keep_best": "CIDEr-D"}, True, "train.keep_best: CIDEr-D is computed every train.eval_generate_every steps"),
+        ({"report_to": ["comet"]}, True, "train.report_to: expected a list of one of 'tensorboard', 'mlflow', 'wandb'"),
+    ],
+)
+def test_best_checkpoint_early_stopping_and_trackers_are_checked(train, data_eval, message):
+    raw = {"components": {"language": {"mode": "lora"}}, "train": train}
+    if data_eval:
+        raw["data"] = {"eval": {"path": "val.json"}}
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        recipe_from_dict(raw)
+    recipe_from_dict(
+        {**raw, "train": {"keep_best": "CIDEr-D", "eval_generate_every": 5}, "data": {"eval": {"path": "v"}}}
+    )

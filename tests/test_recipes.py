@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import tiny_vlm_folder
 
-from vlm_tune.data import TrainCollator, build_dataset
+from vlm_tune.data import build_dataset
+from vlm_tune.data.chat_collate import train_collator_for
 from vlm_tune.model.load import load_model
 from vlm_tune.model.targeting import apply_targeting
 from vlm_tune.recipe import COMPONENT_NAMES, load_recipe
@@ -15,6 +16,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # recipe file -> the tiny architecture standing in for its hub model
 ARCH_OF_RECIPE = {
     "demo.yaml": "idefics3",
+    "demo_vqa.yaml": "idefics3",
     "smolvlm_256m.yaml": "idefics3",
     "smolvlm_2b.yaml": "idefics3",
     "qwen2_5_vl_3b_qlora.yaml": "qwen2_5_vl",
@@ -54,7 +56,7 @@ def test_recipe_applies_to_a_tiny_model_of_its_architecture(name, tmp_path, monk
     data_cfg = recipe.data
     data_cfg.num_workers = 0
     dataset = build_dataset(data_cfg.train, data_cfg, train=True)
-    batch = TrainCollator(processor, data_cfg)([dataset[0], dataset[1]])
+    batch = train_collator_for(dataset, processor, data_cfg)([dataset[0], dataset[1]])
     batch.pop("skipped")
     batch = {key: value.to(model.device) for key, value in batch.items()}  # 4-bit models load onto the GPU if any
     model.train()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from vlm_tune.run_log import read_log
 from vlm_tune.train import TrainingError, main, train
 from vlm_tune.train_step import due
 
+ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
@@ -72,7 +74,17 @@ def _recipe(setup, output_dir, **train_overrides):
 
 def _losses(run_dir) -> dict[int, float]:
     """step -> training loss, the last record of a step winning (a resumed run repeats steps)."""
-    return {r["step"]: r["loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in read_log(Path(run_dir) / "log.jsonl") if "train/loss" in r}
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class SimulatedCrash(Exception):
@@ -90,8 +102,14 @@ def test_loss_falls_and_run_folder_is_complete(setup, tmp_path):
     assert checkpoint.name == "checkpoint-12"
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert "eval_loss" in summary and summary["eval_loss"] > 0
-    record = read_log(tmp_path / "run" / "log.jsonl")[0]
-    assert set(record["lr"]) == {"projector", "language"} and record["tokens_per_s"] > 0
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    start, record = records[:2]
+    assert start["event"] == "start" and start["total_steps"] == 12
+    assert set(record["train/lr"]) == {"projector", "language"} and record["train/tokens_per_s"] > 0
+    sweep = _benchmark("relevance_sweep")  # the benchmark reads these logs
+    assert sweep.read_last_logged(tmp_path / "run", "eval/loss", "eval_loss") == summary["eval_loss"]
+    last_speed = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r][-1]
+    assert sweep.read_last_logged(tmp_path / "run", "train/tokens_per_s", "tokens_per_s") == last_speed
 
 
 def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
@@ -143,10 +161,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
     def load_vlm_whose_logits_turn_nan(*args, **kwargs):  # fault injection: NaN logits from the 5th forward on
         loaded = real_load_vlm(*args, **kwargs)
 
-        def poison(module, inputs, output):
+        def count(module, inputs):
             calls["forward"] += 1
+
+        def poison(module, inputs, output):
             return output * float("nan") if calls["forward"] >= 5 else output
 
+        loaded.model.register_forward_pre_hook(count)  # one model forward per step (the head may run per loss chunk)
         loaded.model.get_output_embeddings().register_forward_hook(poison)
         return loaded
 
@@ -166,22 +187,29 @@ def test_a_cadence_falls_on_every_nth_step_and_always_on_the_last():
 def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"components": {"vision": {"mode": "lora", "rank": 0}}, "trian": {}}))
-    assert main([str(path)]) == 2
+    assert main([str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "components.vision.rank: must be a positive integer, got 0" in err
     assert "trian: unknown key (did you mean 'train'?)" in err
     assert "Traceback" not in err
 
 
-def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
-    """Run the training command as `accelerate launch` would (torchrun for several CPU processes, since
-    accelerate launch starts multi-CPU jobs through mpirun; Accelerator then picks the gloo backend)."""
+def readme_command(program: str) -> list[str]:
+    """The README's command line that starts with `program` (the documented way to run something)."""
+    readme = (ROOT / "README.md").read_text()
+    return shlex.split(next(line for line in readme.splitlines() if line.startswith(f"{program} ")))
+
+
+def _launch(recipe, tmp_path, num_processes: int, cpu: bool) -> subprocess.CompletedProcess:
+    """Run the training command as documented: the README's torchrun command for several CPU processes,
+    `accelerate launch` otherwise."""
     path = tmp_path / f"recipe-{num_processes}.yaml"
     path.write_text(yaml.safe_dump(recipe.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if cpu and num_processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
+        command = readme_command("torchrun")  # torchrun --standalone --nproc_per_node 2 -m vlm_tune.train RECIPE
+        assert command[-1].endswith(".yaml") and command[command.index("--nproc_per_node") + 1] == str(num_processes)
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:-1], str(path)]  # torchrun's module
     else:
         launcher = [
             "accelerate.commands.launch",
@@ -196,14 +224,10 @@ def _launch(recipe, tmp_path, num_processes: int, cpu: bool):
             *(["--cpu"] if cpu else []),
             *(["--multi_gpu"] if num_processes > 1 else []),
         ]
-    result = subprocess.run(
-        [sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+        command = [sys.executable, "-m", *launcher, "-m", "vlm_tune.train", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -225,11 +249,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     for recipe in (one, two):
         recipe.components["language"].dropout = 0.0
     _launch(one, tmp_path, 1, cpu=device == "cpu")
-    _launch(two, tmp_path, 2, cpu=device == "cpu")
+    result = _launch(two, tmp_path, 2, cpu=device == "cpu")
     single, data_parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(single) == sorted(data_parallel) == [1, 2, 3, 4]
     for step in single:  # same samples per step, loss normalised by the tokens of all processes
         assert data_parallel[step] == pytest.approx(single[step], abs=1e-4), step
+    # Two processes of one group, one log: one start record saying so, every step once, one summary printed.
+    records = read_log(tmp_path / "two" / "log.jsonl")
+    (start,) = [r for r in records if r.get("event") == "start"]
+    assert start["world_size"] == 2 and start["devices"].startswith(f"2 x {device}") and start["effective_batch"] == 4
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert result.stdout.count("Training plan") == 1 and result.stdout.count("Done: 4 steps") == 1
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused_in_one_line(setup, tmp_path):
+    """accelerate launch --cpu starts one process whatever --num_processes says: refused, not a silent copy."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(setup, tmp_path / "run").to_dict()))
+    launch = ["accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", *launch, "-m", "vlm_tune.train", str(path)], capture_output=True, text=True, env=env
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: `accelerate launch --cpu --num_processes N` started one process, not N")
+    assert "torchrun --standalone --nproc_per_node N -m vlm_tune.train" in errors[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder, the data or the model
 
 
 def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tmp_path):
@@ -243,8 +290,8 @@ def test_relevance_trains_with_its_own_group_and_reloads_for_inference(setup, tm
     train(recipe)
     report = json.loads((tmp_path / "run" / "components.json").read_text())
     assert "relevance" in json.dumps(report)
-    first = read_log(tmp_path / "run" / "log.jsonl")[0]
-    assert "relevance" in first["lr"] and first["relevance_grad_norm"] >= 0.0
+    first = read_log(tmp_path / "run" / "log.jsonl")[1]  # after the start record
+    assert "relevance" in first["train/lr"] and first["train/relevance_grad_norm"] >= 0.0
     checkpoint = latest_checkpoint(tmp_path / "run")
     saved = load_file(checkpoint / "relevance.safetensors")
     model, _ = load_for_inference(recipe, checkpoint)
@@ -345,7 +392,7 @@ def test_init_from_starts_a_new_run_from_an_earlier_runs_weights(setup, tmp_path
     assert saved.keys() == loaded.keys()
     assert any(key.endswith("lora_B.weight") and saved[key].abs().max() > 1e-4 for key in saved)  # trained, not init
     assert all(torch.allclose(saved[key], loaded[key], atol=1e-6) for key in saved)
-    assert [r["step"] for r in read_log(tmp_path / "second" / "log.jsonl") if "loss" in r] == [1]  # a fresh count
+    assert [r["step"] for r in read_log(tmp_path / "second" / "log.jsonl") if "train/loss" in r] == [1]  # fresh count
 
     missing = _recipe(setup, tmp_path / "third", max_steps=1, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match=r"train.init_from: checkpoint .*nowhere does not exist"):
@@ -359,6 +406,167 @@ def test_relevance_start_step_holds_the_modules_then_follows_the_schedule(setup,
     recipe.relevance.enabled, recipe.relevance.keep, recipe.relevance.lr = True, 0.5, 1e-2
     recipe.relevance.start_step = 2
     train(recipe)
-    rates = [r["lr"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]  # lr of the next step
+    rates = [r["train/lr"] for r in read_log(tmp_path / "run" / "log.jsonl") if "train/loss" in r]  # the next step's
     assert [r["relevance"] for r in rates] == [0.0, 1e-2, 1e-2, 1e-2]  # steps 0 and 1 wait, then lr 1e-2
     assert all(r["language"] == 3e-3 for r in rates)  # the model learns from the first step
+
+
+# ----------------------------------------------------------------------------------------------
+# The run lifecycle: start summary, warnings, early checks, best checkpoint, early stopping, trackers
+# ----------------------------------------------------------------------------------------------
+
+
+def _set_with_bad_samples(folder: Path) -> Path:
+    """7 images: one whose file is missing, one whose two captions are empty, so 5 usable."""
+    path = _coco_set(folder, n_images=7)
+    raw = json.loads(path.read_text())
+    (folder / "images" / "5.png").unlink()
+    for annotation in raw["annotations"]:
+        if annotation["image_id"] == 6:
+            annotation["caption"] = " "
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_start_summary_counts_what_will_happen_and_warns_in_one_line_each(setup, tmp_path, monkeypatch, capsys, caplog):
+    from safetensors.torch import load_file
+
+    import vlm_tune.train as train_module
+
+    data = str(_set_with_bad_samples(tmp_path / "data"))
+    recipe = _recipe(setup, tmp_path / "run", epochs=3, max_steps=4, warmup_steps=4, save_every=0, log_every=2)
+    recipe.data.train.path = recipe.data.eval.path = data
+    recipe.components["projector"].rank = 16  # no effect on a full component
+    losses = []
+
+    def recording_train_step(*args, **kwargs):
+        result = real_train_step(*args, **kwargs)
+        losses.append(result[0])
+        return result
+
+    real_train_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", recording_train_step)
+    train(recipe)
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    start = records[0]
+    # Hand count: 5 usable images, micro-batches of 2 -> 3 per epoch; 2 per step -> 2 steps per epoch; 4 steps.
+    examples = {"used": 5, "skipped": {"image file not found": 1, "empty caption": 2}}
+    assert start["event"] == "start" and start["examples"] == {"train": examples, "eval": examples}
+    assert (start["micro_batches_per_epoch"], start["steps_per_epoch"], start["total_steps"]) == (3, 2, 4)
+    assert (start["epochs"], start["world_size"], start["batch_per_device"], start["grad_accum"]) == (2.0, 1, 2, 2)
+    assert start["effective_batch"] == 4 and start["devices"] == "cpu"
+    adapter = load_file(latest_checkpoint(tmp_path / "run") / "adapter" / "adapter_model.safetensors")
+    assert start["trainable_params"] == sum(tensor.numel() for tensor in adapter.values())  # LoRA + projector
+    assert start["precision"] == "no autocast; model weights float32"
+    assert start["checkpoints"] == f"{tmp_path / 'run'}/checkpoint-N, at the end; all kept"
+    out = capsys.readouterr()
+    assert "Training plan\n  examples      train 5 (3 skipped: image file not found 1, empty caption 2)" in out.out
+    assert "2 per device x 2 accumulated x 1 process(es) = 4 samples per step" in out.out
+
+    assert len(start["warnings"]) == 3
+    warmup, epochs, no_effect = start["warnings"]
+    assert warmup.startswith("train.warmup_steps (4) is not below the 4 optimizer steps: the whole run is warmup")
+    assert epochs.startswith("train.epochs (3) is ignored: train.max_steps (4) sets the length, 2.00 epoch(s)")
+    assert no_effect == "components.projector.rank: no effect, components.projector.mode is full"
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert all(warning in logged for warning in start["warnings"])
+
+    # The logged loss is the mean over the log_every window, and says which steps it covers.
+    logged_losses = {r["step"]: (r["train/loss"], r["loss_over_steps"]) for r in records if "train/loss" in r}
+    assert logged_losses.keys() == {2, 4} and len(losses) == 4
+    assert logged_losses[2] == (pytest.approx((losses[0] + losses[1]) / 2), [1, 2])
+    assert logged_losses[4] == (pytest.approx((losses[2] + losses[3]) / 2), [3, 4])
+    assert "step 2/4 (50%) | loss" in out.err and "(mean of steps 1-2)" in out.err  # plain lines: not a terminal
+    assert "\rtrain" not in out.err and "\rstep" not in out.err  # no bar redrawn into the log (transformers' may be)
+
+
+def test_data_sets_are_checked_before_the_model_loads(setup, tmp_path, monkeypatch):
+    import vlm_tune.model.load as load_module
+    from vlm_tune.data.bad_samples import DataError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(load_module, "load_vlm", no_loading)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"image": "0.png", "text": "a red square"}) + "\n")
+    recipe = _recipe(setup, tmp_path / "run")
+    recipe.data.train.format, recipe.data.train.path = "jsonl", str(rows)
+    with pytest.raises(DataError, match=r"no column \['caption'\] \(columns: \['image', 'text'\]\)"):
+        train(recipe)
+
+
+def test_keep_best_and_early_stopping_on_a_run_whose_eval_loss_goes_up(setup, tmp_path, monkeypatch):
+    import vlm_tune.train_step as step_module
+    from vlm_tune.checkpoint import resolve_checkpoint
+    from vlm_tune.eval_target import resolve_eval_checkpoint
+
+    forced = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # eval loss after steps 1, 2, ...: best at step 2, then up
+    monkeypatch.setattr(step_module, "eval_loss", lambda model, loader, accelerator: next(forced))
+    run = tmp_path / "run"
+    recipe = _recipe(setup, run, max_steps=8, save_every=0, eval_every=1, keep_checkpoints=1)
+    recipe.train.keep_best, recipe.train.early_stopping_patience = "eval_loss", 2
+    summary = train(recipe)
+    assert summary["step"] == 4 and summary["stopped_early"].startswith(
+        "early stopping: best eval_loss 2.0000 at step 2"
+    )
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]  # the best, and the newest
+    assert json.loads((run / "best.json").read_text()) == {
+        "checkpoint": "checkpoint-2",
+        "step": 2,
+        "metric": "eval_loss",
+        "value": 2.0,
+    }
+    assert resolve_checkpoint(run / "best") == run / "checkpoint-2"
+    assert resolve_eval_checkpoint(str(run), "best") == run / "checkpoint-2"  # evaluate --checkpoint best
+    assert json.loads((run / "checkpoint-4" / "state.json").read_text())["best"] == {
+        "metric": "eval_loss",
+        "value": 2.0,
+        "step": 2,
+        "stale": 2,
+    }
+    records = read_log(run / "log.jsonl")
+    assert [r["eval/loss"] for r in records if "eval/loss" in r] == [3.0, 2.0, 2.5, 2.6]
+    assert records[-1]["event"] == "early_stop" and records[-1]["step"] == 4
+
+
+def test_trackers_log_one_naming_scheme_to_mlflow_offline_and_tensorboard(setup, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is in the test extra")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run = tmp_path / "run"
+    recipe = _recipe(setup, run, max_steps=2, save_every=0, eval_every=1, report_to=["tensorboard", "mlflow"])
+    train(recipe)
+    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())  # a local file store, no server
+    experiment = client.get_experiment_by_name("vlm_tune")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.run_name == "run" and mlflow_run.data.params["train.lr"] == str(recipe.train.lr)
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, key)]
+        for key in ("train/loss", "eval/loss", "train/lr/language")
+    }
+    logged = read_log(run / "log.jsonl")
+    assert history["train/loss"] == [(r["step"], pytest.approx(r["train/loss"])) for r in logged if "train/loss" in r]
+    assert [step for step, _ in history["eval/loss"]] == [1, 2] and len(history["train/lr/language"]) == 2
+    assert mlflow.get_tracking_uri().startswith("file:")
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "eval/loss", "train/lr/language", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_anything_loads(setup, tmp_path, monkeypatch):
+    import importlib.util
+
+    from vlm_tune.run_log import TrackerError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
+    with pytest.raises(TrackerError, match=r"train.report_to: wandb not installed: pip install wandb"):
+        train(_recipe(setup, tmp_path / "run", report_to=["wandb"]))
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ Used by evaluation (`vlm_tune.evaluate`) and by the caption metrics logged durin
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from vlm_tune.recipe import DataConfig, EvalConfig
 
@@ -58,38 +59,46 @@ def _to_device(value, device, dtype):
 
 
 def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig) -> list[dict]:
-    """Generate for one collated batch; one `{"image_id", "prediction", "references"}` per image."""
+    """Generate for one collated batch; one `{"image_id", ("question",) "prediction", "references"}` per sample."""
     output = model.generate(
         **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
     )
     sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
     texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
+    questions = meta.get("questions") or [None] * len(texts)  # conversations: the question asked
     return [
-        {"image_id": image_id, "prediction": " ".join(text.split()), "references": list(references)}
-        for image_id, text, references in zip(meta["image_ids"], texts, meta["references"])
+        {
+            "image_id": image_id,
+            **({"question": question} if question is not None else {}),
+            "prediction": " ".join(text.split()),
+            "references": list(references),
+        }
+        for image_id, question, text, references in zip(meta["image_ids"], questions, texts, meta["references"])
     ]
 
 
 def generate_captions(
     model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
 ) -> list[dict]:
-    """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches.
+    """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches; for a conversation
+    set, answer the last question of every sample instead.
 
     Args:
         model: a VLM (base, PEFT or relevance wrapper) with a `generate` method.
         processor: its processor (the tokenizer decodes the new tokens).
-        dataset: items `{"image_id", "image", "captions", ...}` or None for an unreadable image (skipped).
+        dataset: items `{"image_id", "image", "captions", ...}` (or conversation items) or None for an unreadable
+            image (skipped).
         data_cfg: the `data` section (prompt, image size) for the generation collator.
         eval_cfg: batch size, number of beams, max new tokens, limit.
         show_progress: draw a tqdm progress bar.
     Returns:
-        `[{"image_id", "prediction", "references"}]` in dataset order, without skipped images (logged).
+        `[{"image_id", ("question",) "prediction", "references"}]`, without skipped samples (logged).
     """
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from vlm_tune.data.collate import GenerateCollator
+    from vlm_tune.data.chat_collate import generate_collator_for
 
     count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
     loader = DataLoader(
@@ -97,7 +106,7 @@ def generate_captions(
         batch_size=eval_cfg.batch_size,
         shuffle=False,
         num_workers=data_cfg.num_workers,
-        collate_fn=_CountingCollate(GenerateCollator(processor, data_cfg)),
+        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     device, dtype = _device_and_dtype(model)
@@ -126,3 +135,16 @@ def generate_captions(
     if skipped:
         logger.warning("%d image(s) were not captioned (unreadable, or dropped by the collator)", skipped)
     return rows
+
+
+def score_predictions(rows: list[dict], task: str, use_java: Optional[bool]) -> dict[str, float]:
+    """Caption metrics (task caption) or exact match / VQA accuracy / ANLS (task vqa) of generated rows."""
+    predictions = {r["image_id"]: r["prediction"] for r in rows}
+    references = {r["image_id"]: r["references"] for r in rows}
+    if task == "vqa":
+        from vlm_tune.vqa_metrics import score_answers
+
+        return score_answers(predictions, references)
+    from vlm_tune.metrics import score_captions
+
+    return score_captions(predictions, references, use_java=use_java)

@@ -13,7 +13,8 @@ Layout of `RUN_DIR/checkpoint-STEP/`:
     state.json               step, epoch, position in the epoch, losses so far
     COMPLETE                 written last: a folder without it is never used
 A checkpoint is written under a temporary name and renamed when complete, so a kill during a save
-never leaves a folder that looks complete and is not.
+never leaves a folder that looks complete and is not. `RUN_DIR/best.json` names the best checkpoint
+(train.keep_best), which pruning keeps besides the newest ones.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vlm_tune.errors import VlmTuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
+BEST_FILE = "best.json"  # in the run folder: {"checkpoint": "checkpoint-N", "step", "metric", "value"}
 
 
 class CheckpointError(VlmTuneError):
@@ -135,8 +137,10 @@ def save_checkpoint(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if keep:
+        best = best_checkpoint(output_dir)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:  # the best checkpoint is kept besides the newest `keep`
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -159,8 +163,25 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
+def write_best(output_dir: str | Path, checkpoint: Path, metric: str, value: float) -> None:
+    """Name `checkpoint` the run's best in `best.json` (train.keep_best)."""
+    record = {"checkpoint": checkpoint.name, "step": int(checkpoint.name.split("-")[1]), "metric": metric}
+    (Path(output_dir) / BEST_FILE).write_text(json.dumps({**record, "value": value}, indent=1) + "\n")
+
+
+def best_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint that `best.json` of a run folder names, or None."""
+    best_file = Path(output_dir) / BEST_FILE
+    try:
+        folder = Path(output_dir) / json.loads(best_file.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):  # no best.json (keep_best unset) or a garbled one
+        return None
+    return folder if (folder / COMPLETE_MARKER).is_file() else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint folder `path`, or the newest complete checkpoint of the run folder `path`.
+    """The complete checkpoint folder `path`, the newest complete checkpoint of the run folder `path`, or,
+    for `RUN/best`, the best checkpoint of RUN (train.keep_best).
 
     Raises:
         CheckpointError: naming the path and listing the complete checkpoints next to it.
@@ -168,6 +189,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / COMPLETE_MARKER).is_file():
         return path
+    if path.name == "best" and not path.exists():
+        best = best_checkpoint(path.parent)
+        if best is None:
+            raise CheckpointError(
+                f"{path.parent} has no best checkpoint ({BEST_FILE}): train with train.keep_best=eval_loss "
+                f"(or a caption metric), or name a checkpoint"
+            )
+        return best
     newest = latest_checkpoint(path) if not CHECKPOINT_PATTERN.match(path.name) else None
     if newest is not None:
         return newest

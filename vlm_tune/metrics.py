@@ -16,11 +16,10 @@ from typing import Optional
 
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+from vlm_tune.constants import METRIC_NAMES  # noqa: F401 (re-exported: the metric names, in order)
 from vlm_tune.errors import VlmTuneError
 
 logger = logging.getLogger("vlm_tune.metrics")
-
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
 class MetricsError(VlmTuneError, ValueError):

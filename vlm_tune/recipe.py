@@ -13,12 +13,15 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig
+from vlm_tune.constants import BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - COMPONENT_NAMES re-exported
+from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig, check_adapters
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
+from vlm_tune.recipe_hints import FOREIGN_KEYS
+from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
 
-COMPONENT_NAMES = ("vision", "projector", "cross_attention", "language")
 __all__ = ["AdaLoraSchedule", "ComponentConfig", "RecipeError"]  # schema parts defined in recipe_adapters.py
+CONVERSATION_FORMATS = ("llava", "messages", "hf")  # formats that can hold conversations (hf: a messages column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,12 +74,10 @@ class ModelConfig:
 
 @dataclass
 class DataSourceConfig:
-    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf"] = field(
-        default="coco", metadata={"help": "layout of the set"}
+    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf", "llava", "messages"] = field(
+        default="coco", metadata={"help": "layout of the set (llava, messages: conversations; hf: either)"}
     )
-    path: str = field(
-        default="", metadata={"help": "annotation file (coco, karpathy, jsonl, csv) or folder (imagefolder, hf)"}
-    )
+    path: str = field(default="", metadata={"help": "annotation file, or folder (formats imagefolder, hf)"})
     images: Optional[str] = field(
         default=None,
         metadata={
@@ -94,12 +95,24 @@ class DataSourceConfig:
     caption_column: str = field(
         default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
     )
-    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images"})
+    messages_column: str = field(default="messages", metadata={"help": "hf: column of conversations (no captions)"})
+    images_column: str = field(
+        default="images", metadata={"help": "hf: column holding a conversation's images (a list, or absent)"}
+    )
+    task: Literal["caption", "vqa"] = field(
+        default="caption", metadata={"help": "evaluation scores captions, or answers (exact match, VQA acc., ANLS)"}
+    )
+    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images (conversations)"})
 
     def _check(self) -> list[str]:
         errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
         if self.limit is not None and self.limit <= 0:
             errors.append(f"limit: must be a positive integer, got {self.limit}")
+        if self.task == "vqa" and self.format not in CONVERSATION_FORMATS:
+            errors.append(
+                f"task: vqa scores answers to questions, which format {self.format} cannot hold; "
+                f"use one of {list(CONVERSATION_FORMATS)}"
+            )
         return errors
 
 
@@ -122,7 +135,10 @@ class DataConfig:
         default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
     )
     max_length: int = field(
-        default=512, metadata={"help": "longest token sequence; captions are shortened, image tokens never cut"}
+        default=512, metadata={"help": "longest sequence; captions shortened, conversations cut after a turn"}
+    )
+    train_on: Literal["all", "last"] = field(
+        default="all", metadata={"help": "conversations: the loss covers every assistant turn, or only the last"}
     )
     group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length to cut padding"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
@@ -160,7 +176,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk (0: keep all)"})
     eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: only at the end)"})
     eval_generate_every: int = field(
-        default=0, metadata={"help": "caption metrics on eval.generate_limit samples every N steps (0: off)"}
+        default=0, metadata={"help": "data.eval.task metrics on eval.generate_limit samples every N steps (0: off)"}
     )
     log_every: int = field(default=1, metadata={"help": "log a line every N steps"})
     resume: Optional[str] = field(
@@ -173,18 +189,26 @@ class TrainConfig:
     adalora: AdaLoraSchedule = field(
         default_factory=AdaLoraSchedule, metadata={"help": "rank allocation of components with variant adalora"}
     )
+    report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = field(
+        default=None,
+        metadata={"help": "trackers (through accelerate): tensorboard, mlflow, wandb; null: tensorboard if installed"},
+    )
+    keep_best: Optional[str] = field(
+        default=None,
+        metadata={"help": "also keep the best checkpoint by eval_loss or a caption metric (CIDEr-D, BLEU-4...)"},
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "stop after N evaluations without improvement (of keep_best, else eval_loss)"},
+    )
 
     def _check(self) -> list[str]:
         errors = []
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "log_every": self.log_every,
-        }
-        errors += [f"{name}: must be a positive integer, got {value}" for name, value in positive.items() if value <= 0]
-        if self.max_steps is not None and self.max_steps <= 0:
-            errors.append(f"max_steps: must be a positive integer, got {self.max_steps}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive.update({"log_every": self.log_every, "max_steps": self.max_steps})  # max_steps: None or > 0
+        positive["early_stopping_patience"] = self.early_stopping_patience  # None or > 0
+        invalid = {name: value for name, value in positive.items() if value is not None and value <= 0}
+        errors += [f"{name}: must be a positive integer, got {value}" for name, value in invalid.items()]
         non_negative = {
             "warmup_steps": self.warmup_steps,
             "save_every": self.save_every,
@@ -197,6 +221,8 @@ class TrainConfig:
         errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         if self.lr <= 0:
             errors.append(f"lr: must be positive, got {self.lr}")
+        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+            errors.append(f"keep_best: unknown metric '{self.keep_best}', expected one of {list(BEST_METRICS)}")
         return errors
 
 
@@ -208,7 +234,7 @@ class EvalConfig:
     limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first N images"})
     generate_limit: int = field(default=32, metadata={"help": "images scored by train.eval_generate_every"})
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "evaluation folder (default: <checkpoint or output_dir>/eval-<split>)"}
+        default=None, metadata={"help": "evaluation folder (default: <checkpoint>/eval-<set>-<split>, see Evaluation)"}
     )
     contact_sheet_images: int = field(default=16, metadata={"help": "images drawn on contact_sheet.png (0: none)"})
     use_java: Optional[bool] = field(
@@ -282,6 +308,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "caption generation and metrics"})
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig, metadata={"help": "visual token selection"})
+    speed: SpeedConfig = field(default_factory=SpeedConfig, metadata={"help": "speed and memory levers"})
 
     def _check(self) -> list[str]:
         errors = [
@@ -297,33 +324,15 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        return errors + self._check_adapters()
+        return errors + self._check_best() + check_adapters(self.components, self.model.quantization, self.relevance)
 
-    def _check_adapters(self) -> list[str]:
-        """Soft prompts only on the language decoder; inits that need (or cannot take) 4-bit weights."""
-        errors = []
-        quant = self.model.quantization
-        for name, cfg in self.components.items():
-            where = f"components.{name}"
-            if cfg.mode in ("prompt", "prefix") and name != "language":
-                errors.append(f"{where}.mode: {cfg.mode} adds virtual tokens to the language decoder; use it there")
-            if cfg.mode in ("prompt", "prefix") and self.relevance.enabled:
-                errors.append(f"{where}.mode: {cfg.mode} does not combine with relevance.enabled yet; turn one off")
-            if cfg.mode != "lora" or cfg.init not in ("loftq", "pissa"):
-                continue
-            four_bit = quant is not None and name not in quant.keep_16bit
-            if cfg.init == "loftq" and not four_bit:
-                why = "model.quantization is not set" if quant is None else f"{name} is in quantization.keep_16bit"
-                errors.append(
-                    f"{where}.init: loftq initialises LoRA from the 4-bit quantisation error, but {why}; "
-                    f"use init: default or pissa for 16-bit weights"
-                )
-            if cfg.init == "pissa" and four_bit:
-                errors.append(
-                    f"{where}.init: pissa needs the 16-bit weights of {name}, which model.quantization loads in "
-                    f"4 bit; use init: loftq or olora, or add {name} to model.quantization.keep_16bit"
-                )
-        return errors
+    def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric
+        setting = "train.keep_best" if self.train.keep_best else "train.early_stopping_patience"
+        if (self.train.keep_best or self.train.early_stopping_patience) and self.data.eval is None:
+            return [f"{setting}: needs an evaluation set; set data.eval.path"]
+        if self.train.keep_best not in (None, "eval_loss") and not self.train.eval_generate_every:
+            return [f"{setting}: {self.train.keep_best} is computed every train.eval_generate_every steps, set it"]
+        return []
 
     def component(self, name: str) -> ComponentConfig:
         """The policy of one component; components not named in the recipe are frozen."""
@@ -341,7 +350,7 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
         RecipeError: listing every problem, each with its dotted path.
     """
     errors: list[str] = []
-    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors)
+    recipe = build_dataclass(Recipe, raw if raw is not None else {}, "", errors, renamed=FOREIGN_KEYS)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise RecipeError(f"{source}: {len(errors)} problem(s) in the recipe:\n{lines}")

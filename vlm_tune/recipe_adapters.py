@@ -1,4 +1,5 @@
-"""The recipe schema of what trains in a component (`components.NAME`) and of AdaLoRA's schedule (`train.adalora`).
+"""The recipe schema of what trains in a component (`components.NAME`), AdaLoRA's schedule (`train.adalora`), and the
+recipe-level checks of the components (`check_adapters`).
 
 Part of the recipe schema in vlm_tune/recipe.py (which re-exports both), kept apart for the file-size rule.
 """
@@ -120,3 +121,30 @@ class AdaLoraSchedule:
         """(warmup steps, final steps) for a run of `total_steps` optimizer steps."""
         count = lambda value: value if isinstance(value, int) else int(value * total_steps)  # noqa: E731
         return count(self.warmup), count(self.final)
+
+
+def check_adapters(components: dict, quant, relevance) -> list[str]:
+    """Recipe-level checks of `components`: soft prompts only on the language decoder (and not with relevance),
+    inits that need (or cannot take) 4-bit weights (`quant`: model.quantization, or None)."""
+    errors = []
+    for name, cfg in components.items():
+        where = f"components.{name}"
+        if cfg.mode in ("prompt", "prefix") and name != "language":
+            errors.append(f"{where}.mode: {cfg.mode} adds virtual tokens to the language decoder; use it there")
+        if cfg.mode in ("prompt", "prefix") and relevance.enabled:
+            errors.append(f"{where}.mode: {cfg.mode} does not combine with relevance.enabled yet; turn one off")
+        if cfg.mode != "lora" or cfg.init not in ("loftq", "pissa"):
+            continue
+        four_bit = quant is not None and name not in quant.keep_16bit
+        if cfg.init == "loftq" and not four_bit:
+            why = "model.quantization is not set" if quant is None else f"{name} is in quantization.keep_16bit"
+            errors.append(
+                f"{where}.init: loftq initialises LoRA from the 4-bit quantisation error, but {why}; "
+                f"use init: default or pissa for 16-bit weights"
+            )
+        if cfg.init == "pissa" and four_bit:
+            errors.append(
+                f"{where}.init: pissa needs the 16-bit weights of {name}, which model.quantization loads in "
+                f"4 bit; use init: loftq or olora, or add {name} to model.quantization.keep_16bit"
+            )
+    return errors

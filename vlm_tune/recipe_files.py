@@ -45,6 +45,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def flatten_keys(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """Plain recipe data as {dotted key: value}, mappings walked down to their leaves (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     """`override` on top of `base`; mappings merge key by key, anything else replaces."""
     merged = dict(base)

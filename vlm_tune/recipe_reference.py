@@ -32,6 +32,7 @@ SECTIONS: dict[str, type] = {
     "train.adalora": schema.AdaLoraSchedule,
     "eval": schema.EvalConfig,
     "relevance": schema.RelevanceConfig,
+    "speed": schema.SpeedConfig,
 }
 
 

@@ -8,8 +8,9 @@ from typing import Optional
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 THUMB_SIZE = 192  # pixels of each image on the contact sheet (small images are scaled up)
-TEXT_LINES = {"prediction": 3, "reference": 3}  # wrapped lines shown per caption kind
-COLOURS = {"image_id": (90, 90, 90), "prediction": (20, 60, 190), "reference": (20, 120, 40)}
+TEXT_LINES = {"question": 2, "prediction": 3, "reference": 3}  # wrapped lines shown per text kind
+COLOURS = {"image_id": (90, 90, 90), "question": (60, 60, 60), "prediction": (20, 60, 190), "reference": (20, 120, 40)}
+LABELS = {"question": "Q: ", "prediction": "pred: ", "reference": "ref: "}
 PADDING = 8
 
 
@@ -42,7 +43,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
 
 
 def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
-    """The first `limit` captioned images again (read from the dataset), with their captions."""
+    """The first `limit` captioned images (or answered questions) again, read from the dataset, with their texts.
+
+    A conversation shows its first image (a blank square when it has none) and its question."""
     by_id = {row["image_id"]: row for row in rows}
     entries = []
     for index in range(len(dataset)):
@@ -51,10 +54,12 @@ def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
         item = dataset[index]
         row = by_id.pop(str(item["image_id"]), None) if item is not None else None
         if row is not None:
+            images = [item["image"]] if "image" in item else item["images"]
             entries.append(
                 {
-                    "image": item["image"],
+                    "image": images[0] if images else Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), "white"),
                     "image_id": row["image_id"],
+                    **({"question": row["question"]} if "question" in row else {}),
                     "prediction": row["prediction"],
                     "reference": row["references"][0] if row["references"] else "",
                 }
@@ -63,10 +68,11 @@ def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
 
 
 def contact_sheet(entries: list[dict], path: str | Path, columns: int = 4) -> Path:
-    """Draw images in a grid, each with its id, predicted caption (blue) and first reference (green).
+    """Draw images in a grid, each with its id, question (grey, if any), prediction (blue) and first reference
+    (green).
 
     Args:
-        entries: dicts with "image" (PIL image), "image_id", "prediction", "reference".
+        entries: dicts with "image" (PIL image), "image_id", "prediction", "reference", optionally "question".
         path: the PNG file to write.
         columns: images per row.
     Returns:
@@ -78,7 +84,8 @@ def contact_sheet(entries: list[dict], path: str | Path, columns: int = 4) -> Pa
         raise ValueError("contact_sheet: no images to draw")
     font = _font()
     line_height = int(sum(font.getmetrics()) * 1.15) if hasattr(font, "getmetrics") else 14
-    text_height = line_height * (1 + sum(TEXT_LINES.values()))
+    kinds = [k for k in TEXT_LINES if k != "question" or any("question" in e for e in entries)]
+    text_height = line_height * (1 + sum(TEXT_LINES[k] for k in kinds))
     cell_width, cell_height = THUMB_SIZE + 2 * PADDING, THUMB_SIZE + text_height + 3 * PADDING
     columns = max(1, min(columns, len(entries)))
     rows = -(-len(entries) // columns)
@@ -92,8 +99,9 @@ def contact_sheet(entries: list[dict], path: str | Path, columns: int = 4) -> Pa
         y = top + THUMB_SIZE + PADDING
         draw.text((left, y), f"id {entry['image_id']}", fill=COLOURS["image_id"], font=font)
         y += line_height
-        for kind, label in (("prediction", "pred: "), ("reference", "ref: ")):
-            for line in _wrap(draw, label + (entry.get(kind) or "(empty)"), font, THUMB_SIZE, TEXT_LINES[kind]):
+        for kind in kinds:
+            text = LABELS[kind] + (entry.get(kind) or "(empty)")
+            for line in _wrap(draw, text, font, THUMB_SIZE, TEXT_LINES[kind]):
                 draw.text((left, y), line, fill=COLOURS[kind], font=font)
                 y += line_height
     path = Path(path)
@@ -131,23 +139,34 @@ def summary_markdown(info: dict, rows: list[dict], examples: int = 10) -> str:
     ]
     lines += ["| metric | score |", "| --- | ---: |"]
     lines += [f"| {name} | {value:.4f} |" for name, value in info["metrics"].items()]
-    if "METEOR" not in info["metrics"]:
+    vqa = info.get("task") == "vqa"
+    if "METEOR" not in info["metrics"] and not vqa:
         lines += ["", "METEOR was skipped: it needs Java (" + info.get("tokenizer", "") + " tokenizer used)."]
     lines += [
         "",
-        f"- evaluation set: `{info['data']}` (split `{info['split']}`), {info['num_images']} images scored"
+        f"- evaluation set: `{info['data']}`"
+        + (f" (split `{info['split']}`)" if info.get("split") else "")
+        + f", {info['num_images']} "
+        + ("questions" if vqa else "images")
+        + " scored"
         + (f", {info['skipped_images']} skipped (unreadable)" if info.get("skipped_images") else ""),
         f"- decoding: {decoding}, at most {info['max_new_tokens']} new tokens",
         f"- checkpoint: `{info['checkpoint']}`" if info.get("checkpoint") else "- checkpoint: none (base model)",
-        f"- tokenizer: {info.get('tokenizer')}; BLEU, METEOR, ROUGE-L in [0, 1], CIDEr-D on its 0-10 scale",
+        "- exact match, VQA accuracy and ANLS in [0, 1] (vlm_tune/vqa_metrics.py)"
+        if vqa
+        else f"- tokenizer: {info.get('tokenizer')}; BLEU, METEOR, ROUGE-L in [0, 1], CIDEr-D on its 0-10 scale",
         "",
         f"## First {min(examples, len(rows))} predictions",
         "",
-        "| image | prediction | first reference |",
-        "| --- | --- | --- |",
     ]
+    if vqa:
+        lines += ["| sample | question | prediction | first reference |", "| --- | --- | --- | --- |"]
+    else:
+        lines += ["| image | prediction | first reference |", "| --- | --- | --- |"]
     lines += [
-        f"| {_cell(r['image_id'])} | {_cell(r['prediction'])} | {_cell(_first(r['references']))} |"
+        f"| {_cell(r['image_id'])} |"
+        + (f" {_cell(r.get('question', ''))} |" if vqa else "")
+        + f" {_cell(r['prediction'])} | {_cell(_first(r['references']))} |"
         for r in rows[:examples]
     ]
     return "\n".join(lines) + "\n"

@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 
+from vlm_tune.best_tracker import BestTracker
 from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_training_state, resolve_checkpoint
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.model.adalora import schedule_rank_allocation
+from vlm_tune.progress import lr_text, make_progress
 from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
@@ -47,11 +49,23 @@ EMPTY_BATCH_LIMIT = 8  # micro-batches in a row without one usable sample before
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup_accelerator(recipe: Recipe):
+def _setup_accelerator(recipe: Recipe, run_dir: Path):
+    """The Accelerator with the run's trackers; processes that were started but do not form one group are refused."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    from vlm_tune.launch import cpu_group, launch_problem
+    from vlm_tune.run_log import chosen_trackers, make_trackers
+
+    trackers = make_trackers(chosen_trackers(recipe.train.report_to), run_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        cpu=cpu_group(torch.cuda.is_available()),  # processes started on a machine without a GPU join over gloo
+        log_with=trackers or None,
+    )
+    problem = launch_problem(accelerator.num_processes)
+    if problem is not None:
+        raise TrainingError(problem)
     set_seed(recipe.train.seed)
     return accelerator
 
@@ -104,35 +118,49 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
     return built
 
 
-def _setup_data(recipe: Recipe, processor, accelerator) -> TrainingData:
-    from torch.utils.data import DataLoader
-
-    from vlm_tune.data import TrainCollator, build_dataset, build_train_sampler
+def _setup_datasets(recipe: Recipe) -> tuple:
+    """The training and evaluation sets (None without data.eval): read before the model loads, so that a wrong
+    path or column name is reported at once, not after the model has loaded."""
+    from vlm_tune.data import build_dataset
 
     if recipe.data.train is None:
         raise TrainingError(
             "data.train is not set: name a training set, e.g. data.train.path=data/shapes/captions_train.json"
         )
     train_set = build_dataset(recipe.data.train, recipe.data, train=True, seed=recipe.train.seed)
-    sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
-    collator = TrainCollator(processor, recipe.data)
-    loader_args = {
-        "batch_size": recipe.train.batch_size,
-        "collate_fn": collator,
-        "num_workers": recipe.data.num_workers,
-    }
-    train_loader = accelerator.prepare_data_loader(DataLoader(train_set, sampler=sampler, **loader_args))
-    data = TrainingData(train_set, sampler, train_loader)
+    eval_set = None
     if recipe.data.eval is not None:
-        data.eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
-        data.eval_loader = accelerator.prepare_data_loader(DataLoader(data.eval_set, shuffle=False, **loader_args))
+        eval_set = build_dataset(recipe.data.eval, recipe.data, train=False, seed=recipe.train.seed)
+    return train_set, eval_set
+
+
+def _setup_loaders(recipe: Recipe, train_set, eval_set, processor, accelerator) -> TrainingData:
+    from torch.utils.data import DataLoader
+
+    from vlm_tune.data import build_train_sampler
+    from vlm_tune.data.chat_collate import train_collator_for
+    from vlm_tune.data.keepalive import vision_side_trains
+
+    sampler = build_train_sampler(train_set, recipe.data, recipe.train.batch_size, recipe.train.seed)
+    busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
+    collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
+    loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
+    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, **loader_args)
+    data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
+    if eval_set is not None:
+        data.eval_set = eval_set
+        collator = train_collator_for(eval_set, processor, recipe.data)  # no backward: no DDP wait
+        eval_loader = DataLoader(eval_set, shuffle=False, collate_fn=collator, **loader_args)
+        data.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return data
 
 
 def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+    from vlm_tune.model.speed import build_optimizer
+
+    optimizer = build_optimizer(groups, recipe.speed, recipe.train.lr)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps
@@ -148,39 +176,55 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     return optimizer, scheduler
 
 
-def _resume(checkpoint: Optional[Path], optimizer, scheduler, model) -> TrainingPosition:
-    """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler and
-    RNG states restored; its weights were loaded when the model was built)."""
+def _resume(checkpoint: Optional[Path], optimizer, scheduler, best: Optional[BestTracker], model) -> TrainingPosition:
+    """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler, RNG
+    and best-checkpoint states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
     state = load_training_state(checkpoint, optimizer, scheduler, model)
+    if best is not None:
+        best.restore(state.get("best"))
     logger.info("Resumed from %s (step %d)", checkpoint, state["step"])
     return TrainingPosition(state["step"], state["epoch"], state["batches_done"])
 
 
-def _setup(recipe: Recipe) -> tuple[TrainingRun, TrainingPosition]:
-    """Everything the loop needs, and the position it starts from (fresh, or the checkpoint resumed from)."""
-    from tqdm.auto import tqdm
+def _announce(recipe: Recipe, data: TrainingData, built, accelerator, total_steps: int, log: RunLog, start: int):
+    """Print the start summary and its warnings, write it as the first record, start the trackers (main process)."""
+    from vlm_tune.run_summary import tracker_config, training_plan
 
-    accelerator = _setup_accelerator(recipe)
-    run_dir = _setup_run_dir(recipe, accelerator)
+    plan = training_plan(recipe, data, built.report, accelerator, total_steps, log.run_dir, start)
+    if accelerator.is_main_process:
+        print("\n".join(plan.lines()), flush=True)
+        for warning in plan.warnings:
+            logger.warning(warning)
+    log.start(tracker_config(recipe, plan))
+    log.write(plan.record())
+
+
+def _setup(recipe: Recipe, show_progress: Optional[bool] = None) -> tuple[TrainingRun, TrainingPosition]:
+    """Everything the loop needs, and the position it starts from (fresh, or the checkpoint resumed from)."""
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = _setup_accelerator(recipe, run_dir)
+    _setup_run_dir(recipe, accelerator)
+    train_set, eval_set = _setup_datasets(recipe)
     resume_from = _resume_checkpoint(recipe, run_dir)
     built = _setup_model(recipe, accelerator, run_dir, resume_from)
-    data = _setup_data(recipe, built.processor, accelerator)
-    cfg = recipe.train
+    data = _setup_loaders(recipe, train_set, eval_set, built.processor, accelerator)
+    cfg, main = recipe.train, accelerator.is_main_process
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
     optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
     schedule_rank_allocation(built.model, total_steps, recipe.train.adalora)  # AdaLoRA only
     model, optimizer = accelerator.prepare(built.model, optimizer)
-    position = _resume(resume_from, optimizer, scheduler, built.model)
-    main = accelerator.is_main_process
-    progress = tqdm(total=total_steps, initial=position.step, disable=not main, desc="train", dynamic_ncols=True)
-    log = RunLog(run_dir, enabled=main)
+    best = BestTracker.from_recipe(cfg)
+    position = _resume(resume_from, optimizer, scheduler, best, built.model)
+    log = RunLog(run_dir, accelerator, enabled=main)
+    _announce(recipe, data, built, accelerator, total_steps, log, position.step)
+    progress = make_progress(total_steps, position.step, cfg.log_every, enabled=main, bar=show_progress)
     run = TrainingRun(
         recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
     )
-    run.report = built.report
-    run.summary.update(run_dir=str(run_dir), total_steps=total_steps)
+    run.best, run.report = best, built.report
+    run.summary.update(run_dir=str(run_dir), total_steps=total_steps, main_process=main)
     return run, position
 
 
@@ -237,30 +281,40 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, loss, grad_norm, run.optimizer, tokens_per_s)
+            record["train/seconds"] = train_seconds
+            if torch.cuda.is_available():
+                record["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            run.losses.append(loss)  # logged as their mean every train.log_every steps
+            window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
+            run.progress.set_postfix(
+                loss=window_loss, lr=lr_text(run.optimizer.param_groups), tok_s=f"{tokens_per_s:.0f}"
+            )
             run.progress.update(1)
-            lr = f"{run.optimizer.param_groups[0]['lr']:.2e}"
-            run.progress.set_postfix(loss=f"{loss:.4f}", lr=lr, tok_s=f"{tokens_per_s:.0f}")
             run.summary["loss"] = loss
             after_step(run, record, position)
             if on_step is not None:
                 on_step(position.step)
-            if position.step == run.total_steps:
+            if position.step == run.total_steps or run.stop_reason:
                 return
             mark = time.perf_counter()
         position.epoch, position.batches_done = position.epoch + 1, 0  # the epoch ran out before the last step
 
 
-def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Train as the recipe says; return a summary (steps, last loss, eval loss, run folder).
+def train(
+    recipe: Recipe, on_step: Optional[Callable[[int], None]] = None, show_progress: Optional[bool] = None
+) -> dict:
+    """Train as the recipe says; return a summary (steps, last loss, eval loss, run folder, early stop).
 
     Args:
         recipe: a validated recipe.
         on_step: called with the step number after every optimizer step (tests use it to simulate a crash).
+        show_progress: True: a progress bar; False: plain lines every train.log_every steps; None: a bar
+            when stderr is a terminal.
     Raises:
         TrainingStopped: the loss became NaN/infinite (the last good checkpoint is kept).
         TrainingError, DataError, CheckpointError...: a setup that cannot train (the message says the fix).
     """
-    run, position = _setup(recipe)
+    run, position = _setup(recipe, show_progress)
     cfg, data, main = recipe.train, run.data, run.main
     if cfg.eval_generate_every and position.step == 0 and data.eval_set is not None and main:
         scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
@@ -284,6 +338,8 @@ def train(recipe: Recipe, on_step: Optional[Callable[[int], None]] = None) -> di
         run.log.close()
         _save_bad_samples(data, run.skipped, run.run_dir, main)
     run.summary["step"] = position.step
+    if run.stop_reason:
+        run.summary["stopped_early"] = run.stop_reason
     return run.summary
 
 
@@ -302,12 +358,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = CommandParser(prog="python -m vlm_tune.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4 components.vision.rank=16")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="plain progress lines every train.log_every steps, no bar"
+    )
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def command() -> int:
-        summary = train(load_recipe(args.recipe, args.overrides))
-        print(f"Done: {summary['step']} steps, run folder {summary['run_dir']}")
+        summary = train(load_recipe(args.recipe, args.overrides), show_progress=False if args.no_progress else None)
+        stopped = f" ({summary['stopped_early']})" if "stopped_early" in summary else ""
+        if summary["main_process"]:
+            print(f"Done: {summary['step']} steps{stopped}, run folder {summary['run_dir']}")
         return 130 if summary.get("interrupted") else 0
 
     return run_command(command)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from vlm_tune.best_tracker import BestTracker
 from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.recipe import Recipe
@@ -68,6 +69,9 @@ class TrainingRun:
     progress: Any
     summary: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # bad samples met in batches
+    best: Optional[BestTracker] = None  # train.keep_best / early_stopping_patience
+    losses: list[float] = field(default_factory=list)  # losses of the steps since the last log line
+    stop_reason: Optional[str] = None  # set when early stopping ends the run before the last step
     report: Any = None  # the targeting report (rewritten at each save while AdaLoRA re-allocates ranks)
 
     @property
@@ -157,11 +161,10 @@ def eval_loss(model, loader, accelerator) -> float:
 
 
 def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> dict[str, float]:
-    """Caption metrics on the first eval.generate_limit evaluation images (main process)."""
+    """Caption or VQA metrics (data.eval.task) on the first eval.generate_limit evaluation samples (main process)."""
     from torch.utils.data import Subset
 
-    from vlm_tune.captioning import generate_captions
-    from vlm_tune.metrics import score_captions
+    from vlm_tune.captioning import generate_captions, score_predictions
 
     subset = Subset(eval_set, range(min(recipe.eval.generate_limit, len(eval_set))))
     unwrapped = accelerator.unwrap_model(model)
@@ -169,26 +172,22 @@ def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> 
     with accelerator.autocast():
         rows = generate_captions(unwrapped, processor, subset, recipe.data, recipe.eval, show_progress=False)
     unwrapped.train()
-    return score_captions(
-        {r["image_id"]: r["prediction"] for r in rows},
-        {r["image_id"]: r["references"] for r in rows},
-        use_java=recipe.eval.use_java,
-    )
+    return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
 
 
 def step_record(position: TrainingPosition, loss: float, grad_norm, optimizer, tokens_per_s: float) -> dict:
-    """The log line of one optimizer step (all processes)."""
+    """The log line of one optimizer step (all processes); `after_step` replaces the loss by the window's mean."""
     record = {
         "step": position.step,
         "epoch": position.epoch,
-        "loss": loss,
-        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-        "tokens_per_s": tokens_per_s,
+        "train/loss": loss,
+        "train/lr": {g["name"]: g["lr"] for g in optimizer.param_groups},  # the lr of the next step
+        "train/tokens_per_s": tokens_per_s,  # running average over the run
     }
     if grad_norm is not None:
-        record["grad_norm"] = grad_norm["model"]
+        record["train/grad_norm"] = grad_norm["model"]
         if RELEVANCE_GROUP in grad_norm:
-            record["relevance_grad_norm"] = grad_norm[RELEVANCE_GROUP]
+            record["train/relevance_grad_norm"] = grad_norm[RELEVANCE_GROUP]
     return record
 
 
@@ -205,17 +204,59 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
     from vlm_tune.checkpoint import save_checkpoint
 
     if run.main:
+        state = {"epoch": position.epoch, "batches_done": position.batches_done}
+        if run.best is not None:
+            state["best"] = run.best.state()
         save_checkpoint(
             run.run_dir,
             position.step,
             run.accelerator.unwrap_model(run.model),
-            {"epoch": position.epoch, "batches_done": position.batches_done},
+            state,
             run.optimizer,
             run.scheduler,
             keep=run.recipe.train.keep_checkpoints,
         )
         _write_layer_ranks(run)
     run.accelerator.wait_for_everyone()
+
+
+def _log_window(run: TrainingRun, record: dict) -> None:
+    """Log the step's record with `train/loss` the mean over the steps since the last log line."""
+    step = record["step"]
+    first = step - len(run.losses) + 1
+    record = {**record, "train/loss": sum(run.losses) / len(run.losses), "loss_over_steps": [first, step]}
+    run.losses.clear()
+    run.log.write(record)
+
+
+def _evaluate(run: TrainingRun, step: int) -> dict[str, float]:
+    """The eval loss and caption metrics due at this step ({"eval_loss": ..., "CIDEr-D": ...}; {} if none)."""
+    cfg, total = run.recipe.train, run.total_steps
+    scores: dict[str, float] = {}
+    if run.data.eval_loader is not None and due(cfg.eval_every, step, total):
+        scores["eval_loss"] = run.summary["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
+        run.log.write({"step": step, "eval/loss": scores["eval_loss"]})
+        run.progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}")
+    captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
+    if captions_due and run.data.eval_set is not None:
+        metrics = {}
+        if run.main:  # generation runs on the main process; the others wait for its scores
+            metrics = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
+            run.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        scores.update(_shared_scores(metrics, run.accelerator) if run.best is not None else metrics)
+    return scores
+
+
+def _shared_scores(scores: dict[str, float], accelerator) -> dict[str, float]:
+    """The main process's scores on every process (caption metrics are computed on the main one only)."""
+    if accelerator.num_processes == 1:
+        return scores
+    from accelerate.utils import broadcast_object_list
+
+    shared = [scores]
+    broadcast_object_list(shared, from_process=0)
+    return shared[0]
 
 
 def _write_layer_ranks(run: TrainingRun) -> None:
@@ -229,18 +270,22 @@ def _write_layer_ranks(run: TrainingRun) -> None:
 
 
 def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> None:
-    """Log, compute the eval loss and caption metrics, and save, each when its cadence falls on this step."""
+    """Log, evaluate (eval loss, caption metrics), keep the best, save, and stop early, each when due."""
+    from vlm_tune.checkpoint import write_best
+
     cfg, step, total = run.recipe.train, position.step, run.total_steps
     if due(cfg.log_every, step, total):
-        run.log.write(record)
-    if run.data.eval_loader is not None and due(cfg.eval_every, step, total):
-        run.summary["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
-        run.log.write({"step": step, "eval_loss": run.summary["eval_loss"]})
-        run.progress.write(f"step {step}: eval loss {run.summary['eval_loss']:.4f}")
-    captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
-    if captions_due and run.data.eval_set is not None and run.main:
-        scores = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
-        run.log.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
-        run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    if due(cfg.save_every, step, total):
+        _log_window(run, record)
+    scores = _evaluate(run, step)
+    improved = False
+    if run.best is not None and scores:
+        improved = run.best.update(step, scores)  # the same scores on every process: they decide alike
+        if run.best.exhausted and step < total:
+            run.stop_reason = f"early stopping: {run.best.describe()}"
+    if due(cfg.save_every, step, total) or (improved and run.best.keep) or run.stop_reason:
         save_run(run, position)
+    if improved and run.best.keep and run.main:
+        write_best(run.run_dir, run.run_dir / f"checkpoint-{step}", run.best.metric, run.best.value)
+    if run.stop_reason:
+        run.log.write({"step": step, "event": "early_stop", "reason": run.stop_reason})
+        run.progress.write(f"step {step}: {run.stop_reason}; stopping")

@@ -105,10 +105,16 @@ class CaptionEncoder:
         return fit_within(image, self.budget.longest_edge, self.budget.max_pixels) if self.budget.resizes else image
 
     def encode(self, texts: list[str], images: list, padding_side: str, suffixes: Optional[list[str]] = None):
-        """One processor call over a batch: tensors, padded on `padding_side`, no truncation."""
+        """One processor call over a batch of one image per text: tensors, padded on `padding_side`, no truncation."""
+        return self.encode_image_lists(texts, [[image] for image in images], padding_side, suffixes)
+
+    def encode_image_lists(
+        self, texts: list[str], image_lists: list[list], padding_side: str, suffixes: Optional[list[str]] = None
+    ):
+        """One processor call over a batch with any number of images per text (none for text-only samples)."""
         kwargs = dict(
             text=texts,
-            images=[[image] for image in images],
+            images=image_lists if any(image_lists) else None,
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",
@@ -254,21 +260,34 @@ class GenerateCollator:
 
     def __call__(self, items: list[Optional[dict]]) -> Optional[tuple[dict, dict]]:
         samples, skipped = _split_none(items)
-        while samples:
-            samples, encoded, dropped = self.encoder.encode_robust(samples, self._encode)
-            skipped += dropped
-            if encoded is None:
-                break
-            lengths = encoded["attention_mask"].sum(1).tolist()
-            too_long = [i for i, n in enumerate(lengths) if n >= self.encoder.max_length]
-            if not too_long:
-                inputs = {key: value for key, value in encoded.items() if key != "labels"}
-                meta = {
-                    "image_ids": [s["image_id"] for s in samples],
-                    "references": [list(s["captions"]) for s in samples],
-                    "skipped": skipped,
-                }
-                return inputs, meta
-            skipped += [_too_long(samples[i], lengths[i], self.encoder.max_length) for i in too_long]
-            samples = [s for i, s in enumerate(samples) if i not in too_long]
-        return None
+        encoded = generation_inputs(self.encoder, samples, self._encode, _too_long)
+        if encoded is None:
+            return None
+        samples, inputs, dropped = encoded
+        meta = {
+            "image_ids": [s["image_id"] for s in samples],
+            "references": [list(s["captions"]) for s in samples],
+            "skipped": skipped + dropped,
+        }
+        return inputs, meta
+
+
+def generation_inputs(encoder: CaptionEncoder, samples: list[dict], build, too_long) -> Optional[tuple]:
+    """`build(samples)` for generation, without the samples that fail or leave no room within `data.max_length`.
+
+    Returns:
+        (kept samples, inputs without labels, skipped records), or None when no sample is left.
+    """
+    skipped: list[dict] = []
+    while samples:
+        samples, encoded, dropped = encoder.encode_robust(samples, build)
+        skipped += dropped
+        if encoded is None:
+            break
+        lengths = encoded["attention_mask"].sum(1).tolist()
+        rows = [i for i, n in enumerate(lengths) if n >= encoder.max_length]
+        if not rows:
+            return samples, {key: value for key, value in encoded.items() if key != "labels"}, skipped
+        skipped += [too_long(samples[i], lengths[i], encoder.max_length) for i in rows]
+        samples = [s for i, s in enumerate(samples) if i not in rows]
+    return None

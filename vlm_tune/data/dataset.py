@@ -95,15 +95,8 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        try:
-            image = self._load_image(record)
-        except ImageLoadError as exc:
-            if self.on_error == "raise":
-                raise DataError(
-                    f"{self.source_path}: image {record.image_id}: {exc} "
-                    f"(set data.on_error: skip to skip and count such samples)"
-                ) from None
-            logger.warning("skipping image %s: %s", record.image_id, exc)
+        image = load_or_skip(lambda: self._load_image(record), f"image {record.image_id}", self)
+        if image is None:
             return None
         if self.train:
             rng = sample_rng(self.seed, self.epoch, index)
@@ -117,6 +110,23 @@ class CaptionDataset(Dataset):
             "caption": caption,
             "prompt": prompt,
         }
+
+
+def load_or_skip(load, name: str, dataset) -> Any:
+    """`load()`, or None (logged) when it raises `ImageLoadError` and `dataset.on_error` is "skip".
+
+    Raises:
+        DataError: naming `dataset.source_path` and `name` (e.g. "image 42"), when `on_error` is "raise".
+    """
+    try:
+        return load()
+    except ImageLoadError as exc:
+        if dataset.on_error == "raise":
+            raise DataError(
+                f"{dataset.source_path}: {name}: {exc} (set data.on_error: skip to skip and count such samples)"
+            ) from None
+        logger.warning("skipping %s: %s", name, exc)
+        return None
 
 
 def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[int]) -> list[Record]:
@@ -146,7 +156,8 @@ def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[in
 
 
 def build_dataset(source: DataSourceConfig, data_cfg: DataConfig, train: bool, seed: int = 0) -> CaptionDataset:
-    """Read one recipe source (`data.train` or `data.eval`) into a lazily loading dataset.
+    """Read one recipe source (`data.train` or `data.eval`) into a lazily loading dataset (a
+    `ConversationDataset` for conversation sets, see vlm_tune/data/conversations.py).
 
     Args:
         source: format, path, images folder, split, column names and limit of the set.
@@ -160,6 +171,15 @@ def build_dataset(source: DataSourceConfig, data_cfg: DataConfig, train: bool, s
         DataError: unreadable annotations, a bad sample with `data.on_error: raise`, or no usable
             sample left (the message counts what was skipped and why).
     """
+    from vlm_tune.data.conversation_dataset import build_conversation_dataset, holds_conversations
+
+    if holds_conversations(source):  # llava, messages, or hf with a messages column: ConversationDataset
+        return build_conversation_dataset(source, data_cfg)
+    if source.task == "vqa":
+        raise DataError(
+            f"{source.path}: task vqa needs conversations, but the set has a caption column "
+            f"'{source.caption_column}' and is read as captions; point data.<train|eval>.caption_column elsewhere"
+        )
     log = BadSampleLog(str(Path(source.path)), data_cfg.on_error)
     data = read_source(source, log)
     records = _usable_records(data.records, log, source.limit)

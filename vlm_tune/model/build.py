@@ -59,6 +59,7 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     """
     from vlm_tune.checkpoint import load_weights, resolve_checkpoint
     from vlm_tune.model.load import load_vlm
+    from vlm_tune.model.speed import apply_speed
     from vlm_tune.model.targeting import apply_targeting, param_groups
 
     if checkpoint is not None:
@@ -70,6 +71,8 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     if components is None:  # a 16-bit model whose components were not found: this raises, naming the fix
         components = find_components(loaded.model, recipe.components)
     model, report = apply_targeting(loaded.model, recipe.components, component_map=components)
+    if training:  # chunked loss, padding tiles, checkpointing per component (each computes the same result)
+        apply_speed(model, recipe.speed, recipe.model, components)
     if recipe.relevance.enabled:
         from vlm_tune.relevance import attach_relevance, relevance_row
 

@@ -1,0 +1,124 @@
+"""Measurements of the GPU benchmark: step timing and peak memory, FLOPs by component, a kernel profile."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(step, batches: list[dict], steps: dict) -> dict:
+    """Warm-up steps, then windows of steps; seconds per step of each window, peak memory over all of them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    losses = [step(batches[i % len(batches)]) for i in range(steps["warmup"])]
+    windows, done = [], steps["warmup"]
+    for _ in range(steps["windows"]):
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps["per_window"]):
+            losses.append(step(batches[done % len(batches)]))
+            done += 1
+        sync()
+        windows.append((time.perf_counter() - start) / steps["per_window"])
+    cuda = torch.cuda.is_available()
+    return {
+        "step_s": statistics.median(windows),
+        "step_s_min": min(windows),
+        "step_s_max": max(windows),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "last_loss": float(losses[-1]),
+    }
+
+
+def count_flops(model, batch: dict, cmap, forward_only: tuple = ("vision", "projector")) -> dict:
+    """Forward FLOPs of one batch by component: Linear layers (4-bit ones too) as 2 x rows x in x out, every
+    other op (attention, convolutions, matrix products outside Linear layers) by torch's FLOP formulas.
+
+    torch's own FlopCounterMode misses bitsandbytes' 4-bit matrix products (custom ops), hence this counter.
+    Returns forward FLOPs, the forward-only part (frozen vision side) and the useful FLOPs of a step.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    from vlm_tune.model.targeting import base_name
+
+    flops: dict[str, float] = {}
+    stack: list[tuple[str, bool]] = []  # (component, is a Linear layer) of the modules running, innermost last
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def add(amount: float) -> None:
+        component = next((c for c, _ in reversed(stack) if c), "other")
+        flops[component] = flops.get(component, 0.0) + amount
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in flop_registry and not (stack and stack[-1][1]):
+                add(flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out))
+            return out
+
+    def enter(module, args):
+        name = names.get(id(module), "")
+        linear = isinstance(module, torch.nn.Linear)
+        stack.append((cmap.component_of(base_name(name)) or "", linear))
+        if linear and "lora_" not in name:  # LoRA's own products are left out
+            add(2.0 * args[0].numel() * module.out_features)
+
+    def leave(module, args, output):
+        stack.pop()
+
+    hooks = []
+    for module in model.modules():
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with autocast(), Ops():
+            model(**batch).loss.detach()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    once = sum(v for k, v in flops.items() if k in forward_only)
+    total = sum(flops.values())
+    return {
+        "forward_flops": total,
+        "forward_only_flops": once,
+        "useful_flops": once + 2 * (total - once),
+        "flops_by_component": flops,
+    }
+
+
+def profile_steps(step, batch: dict, path: str) -> None:
+    """torch.profiler over 3 steps: the top kernels by GPU time and the GPU-busy share, written to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(batch)
+        sync()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels = sum(getattr(e, key) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    header = f"wall {wall:.3f} s for 3 steps; GPU kernel time {kernels:.3f} s ({100 * kernels / wall:.0f}% busy)\n"
+    Path(path).write_text(header + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
+
+
+def autocast():
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16)

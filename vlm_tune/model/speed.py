@@ -1,0 +1,108 @@
+"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing, optimizer.
+
+Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
+gradients); benchmarks/gpu.py measures what each one buys on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlm_tune.errors import VlmTuneError
+from vlm_tune.model.components import ComponentMap
+from vlm_tune.recipe import ModelConfig, SpeedConfig
+
+logger = logging.getLogger(__name__)
+
+
+class SpeedError(VlmTuneError, ValueError):
+    """A speed setting that cannot be used here (the message names the field and the fix)."""
+
+
+@dataclass
+class SpeedPatches:
+    """What `apply_speed` installed; `remove()` returns the model to its own paths."""
+
+    handles: list = field(default_factory=list)
+    checkpointed: dict[str, int] = field(default_factory=dict)  # component -> layers that recompute
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_layers(model: nn.Module, cmap: ComponentMap, components: list[str], every: int) -> dict[str, int]:
+    """Keep activation checkpointing on only for every `every`-th layer of the named components.
+
+    Acts on the layers `model.gradient_checkpointing` switched on (transformers' GradientCheckpointingLayer);
+    layers are counted per component in model order, the first of each component included.
+    Returns:
+        component -> number of layers left checkpointed.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    seen: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for name, module in _base(model).named_modules():
+        if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
+            continue
+        component = cmap.component_of(name) or "other"
+        position = seen.get(component, 0)
+        seen[component] = position + 1
+        module.gradient_checkpointing = component in components and position % every == 0
+        kept[component] = kept.get(component, 0) + int(module.gradient_checkpointing)
+    return kept
+
+
+def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cmap: ComponentMap) -> SpeedPatches:
+    """Install the recipe's speed levers on the model `apply_targeting` returned.
+
+    Args:
+        model: the targeted (PEFT) model.
+        speed: the recipe's `speed` section; model_cfg: its `model` section (gradient_checkpointing).
+        cmap: the model's components (from `find_components`).
+    Returns:
+        The installed patches.
+    """
+    from vlm_tune.model.loss import install_chunked_loss
+    from vlm_tune.model.tiles import install_padding_tile_drop
+
+    patches = SpeedPatches()
+    if speed.loss == "chunked":
+        patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
+    if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
+        patches.handles.append(install_padding_tile_drop(model))
+    if model_cfg.gradient_checkpointing:
+        patches.checkpointed = checkpoint_layers(model, cmap, speed.checkpoint_components, speed.checkpoint_every)
+        logger.info("Activation checkpointing on %s layers", patches.checkpointed or "no")
+    return patches
+
+
+def build_optimizer(groups: list[dict], speed: SpeedConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer `speed.optimizer` names, over the parameter groups of `param_groups`.
+
+    Raises:
+        SpeedError: paged_adamw_8bit without bitsandbytes.
+    """
+    groups = [group for group in groups if group["params"]]
+    if speed.optimizer == "paged_adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SpeedError(
+                "speed.optimizer: paged_adamw_8bit needs bitsandbytes (pip install bitsandbytes), "
+                "or set speed.optimizer: adamw_fused"
+            ) from None
+        return bnb.optim.PagedAdamW8bit(groups, lr=lr)
+    if speed.optimizer == "adamw_fused":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr)

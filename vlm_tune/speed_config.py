@@ -1,0 +1,53 @@
+"""The recipe's `speed` section: the speed and memory levers (applied by vlm_tune/model/speed.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlm_tune.constants import COMPONENT_NAMES
+
+
+@dataclass
+class SpeedConfig:
+    loss: Literal["chunked", "model"] = field(
+        default="chunked",
+        metadata={
+            "help": "chunked: cross-entropy over the label positions only, a chunk of rows at a time "
+            "(no full-vocabulary logits); model: the model's own loss over logits of every position"
+        },
+    )
+    loss_chunk_tokens: int = field(default=1024, metadata={"help": "label positions per chunk of the chunked loss"})
+    padding_tiles: Literal["drop", "keep"] = field(
+        default="drop",
+        metadata={
+            "help": "mllama in training: padding tiles' features skip the projector and the cross-attention "
+            "keys (same result: they are masked); keep: the model's own path"
+        },
+    )
+    checkpoint_components: list[str] = field(
+        default_factory=lambda: list(COMPONENT_NAMES),
+        metadata={"help": "with model.gradient_checkpointing: the components whose layers recompute activations"},
+    )
+    checkpoint_every: int = field(
+        default=1, metadata={"help": "with model.gradient_checkpointing: recompute every n-th layer of a component"}
+    )
+    optimizer: Literal["adamw", "adamw_fused", "paged_adamw_8bit"] = field(
+        default="adamw_fused",
+        metadata={
+            "help": "adamw (torch, foreach), adamw_fused (torch, one fused kernel), "
+            "paged_adamw_8bit (bitsandbytes: 8-bit states, paged to CPU memory under pressure)"
+        },
+    )
+
+    def _check(self) -> list[str]:
+        errors = [
+            f"checkpoint_components: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
+            for name in self.checkpoint_components
+            if name not in COMPONENT_NAMES
+        ]
+        if self.checkpoint_every <= 0:
+            errors.append(f"checkpoint_every: must be a positive integer, got {self.checkpoint_every}")
+        if self.loss_chunk_tokens <= 0:
+            errors.append(f"loss_chunk_tokens: must be a positive integer, got {self.loss_chunk_tokens}")
+        return errors
