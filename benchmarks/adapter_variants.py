@@ -34,7 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-from relevance_sweep import _mean_std, read_last_logged, read_metrics, run
+from relevance_sweep import _mean_std, read_last_logged, read_metrics, train_and_evaluate, write_results
 
 _LANGUAGE = "components.language."
 VARIANTS: dict[str, list[str]] = {
@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only and not finished:
                 continue
             if not (args.reuse or args.report_only) or not finished:
-                log_file = run_dir / "sweep.log"
-                train = [sys.executable, "-m", "vlm_tune.train", "--no-progress", args.recipe, *overrides]
-                trained = run(train, log_file, args.dry_run)
-                evaluate = [sys.executable, "-m", "vlm_tune.evaluate", args.recipe, *overrides, "--checkpoint"]
-                evaluate += [str(run_dir), "--output-dir", str(eval_dir), "--overwrite", "--no-progress"]
-                failures += not (trained and run(evaluate, log_file, args.dry_run))
+                failures += not train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
             results.append(
                 {
                     "variant": variant,
@@ -123,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.dry_run:
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "adapter_variants.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = table(results)
-    (root / "adapter_variants.md").write_text(markdown)
-    print(markdown)
+    write_results(root, "adapter_variants", results, table(results))
     return 1 if failures else 0
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from vlm_tune.constants import IGNORE_INDEX
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.patches import attend_to_prefix, virtual_token_embeddings
+from vlm_tune.model.wrapping import ModelWrapper, base_model, with_original_prompt
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 SOFT_PROMPT_CONFIG_FILE = "soft_prompt.json"
@@ -63,10 +64,6 @@ _PER_TOKEN_FILL = {
 
 class SoftPromptError(VlmTuneError, ValueError):
     """Soft prompts that cannot be used here (the message names the family, the field and the fix)."""
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def check_family(model_type: str, mode: str, attn_implementation: str) -> None:
@@ -124,7 +121,7 @@ def _prefix_start(decoder: nn.Module, attention: list[nn.Module], ids: torch.Ten
     }
 
 
-class SoftPromptWrapper(nn.Module):
+class SoftPromptWrapper(ModelWrapper):
     """A VLM whose language decoder reads trained virtual tokens; `forward` / `generate` behave like the model's.
 
     Attributes:
@@ -139,25 +136,13 @@ class SoftPromptWrapper(nn.Module):
         self.settings = settings
         self.placeholder_id = placeholder_id
 
-    @property
-    def config(self):
-        return _base_model(self.model).config
-
-    @property
-    def generation_config(self):
-        return _base_model(self.model).generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def _with_virtual_tokens(self, batch: dict):
         """(batch with P placeholders before each row's first token, a context swapping in their embeddings)."""
         if self.soft_prompt.mode != "prompt":
             return batch, contextlib.nullcontext()
         batch, virtual, slot = insert_placeholders(batch, self.settings["num_virtual_tokens"], self.placeholder_id)
         values = self.soft_prompt.embeddings[slot]  # [B, T + P, D]
-        embedding = _base_model(self.model).get_input_embeddings()
+        embedding = base_model(self.model).get_input_embeddings()
         return batch, virtual_token_embeddings(embedding, virtual, values)
 
     def forward(self, **batch):
@@ -174,13 +159,7 @@ class SoftPromptWrapper(nn.Module):
         prepared, context = self._with_virtual_tokens(inputs)
         with context:
             output = self.model.generate(**prepared)
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        seen = prepared["input_ids"].shape[1]
-        full = torch.cat([inputs["input_ids"].to(sequences.device), sequences[:, seen:]], dim=1)
-        if isinstance(output, torch.Tensor):
-            return full
-        output.sequences = full
-        return output
+        return with_original_prompt(output, inputs["input_ids"], prepared["input_ids"].shape[1])
 
     def save(self, folder: str | Path) -> Path:
         """Write the virtual tokens (`soft_prompt.safetensors`) and their settings (`soft_prompt.json`)."""
@@ -253,7 +232,7 @@ def attach_soft_prompt(model: nn.Module, cfg, components, processor, seed: int) 
     Raises:
         SoftPromptError: the family or its attention cannot take this mode.
     """
-    base = _base_model(model)
+    base = base_model(model)
     decoder = base.get_decoder()
     attention = _self_attention(decoder)
     check_family(components.model_type, cfg.mode, attention[0].config._attn_implementation if attention else "?")
