@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 demo: install
-	$(PYTHON) -m vlm_tune.train recipes/demo.yaml
+	$(PYTHON) -m vlm_tune.train recipes/demo.yaml train.overwrite=true  # a second make demo starts over in runs/demo
 	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo --output-dir runs/demo/eval-trained --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from peft import LoraConfig, get_peft_model
 from tiny import tiny_vlm_folder
+
+from vlm_tune.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +48,13 @@ BAD_INPUTS = [
     BadInput(
         "train: no model folder",
         "vlm_tune.train",
-        lambda f: [f["recipe"], f"model.name_or_path={f['missing']}"],
+        lambda f: [f["recipe"], f"model.name_or_path={f['missing']}", f"train.output_dir={f['root']}/run-no-model"],
         "model.name_or_path: no such folder",
     ),
     BadInput(
         "train: init_from missing",
         "vlm_tune.train",
-        lambda f: [f["recipe"], f"train.init_from={f['missing']}"],
+        lambda f: [f["recipe"], f"train.init_from={f['missing']}", f"train.output_dir={f['root']}/run-init"],
         "train.init_from: checkpoint",
     ),
     BadInput(
@@ -59,10 +63,22 @@ BAD_INPUTS = [
         lambda f: [f["recipe"], f"train.output_dir={f['recipe']}"],
         "train.output_dir: cannot write the run folder",
     ),
+    BadInput(
+        "train: output_dir holds another run's checkpoints",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], f"train.output_dir={f['reused_run']}"],
+        "already holds checkpoints of a run (checkpoint-9); continue it with train.resume=auto",
+    ),
+    BadInput(
+        "train: unknown attention implementation",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "model.attn_implementation=fastest"],
+        "model.attn_implementation: unknown 'fastest'",
+    ),
     BadInput(  # fails after the tiny model loads
         "train: relevance on blip-2",
         "vlm_tune.train",
-        lambda f: [f["blip2_recipe"], "relevance.enabled=true"],
+        lambda f: [f["blip2_recipe"], "relevance.enabled=true", f"train.output_dir={f['root']}/run-blip2"],
         "model type 'blip-2' is not supported",
     ),
     BadInput(
@@ -84,7 +100,10 @@ BAD_INPUTS = [
         "train.adalora: warmup (0 steps) and final (1 steps) leave no step",
     ),
     BadInput(  # fails before the model loads
-        "train: no training set", "vlm_tune.train", lambda f: [f["recipe"], "data.train=null"], "data.train is not set"
+        "train: no training set",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "data.train=null", f"train.output_dir={f['root']}/run-no-data"],
+        "data.train is not set",
     ),
     BadInput(
         "train: a Hugging Face key",
@@ -101,7 +120,12 @@ BAD_INPUTS = [
     BadInput(
         "train: wrong caption column",
         "vlm_tune.train",
-        lambda f: [f["recipe"], "data.train.format=jsonl", f"data.train.path={f['rows']}"],
+        lambda f: [
+            f["recipe"],
+            "data.train.format=jsonl",
+            f"data.train.path={f['rows']}",
+            f"train.output_dir={f['root']}/run-cols",
+        ],
         "no column ['caption']",
     ),
     # python -m vlm_tune.evaluate
@@ -209,11 +233,15 @@ def files(tmp_path_factory) -> dict[str, str]:
         (root / name).mkdir()
         (root / name / "metrics.json").write_text(json.dumps({"metrics": metrics}))
     (root / "empty").mkdir()
+    lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    save_checkpoint(root / "reused", 9, lora, {"epoch": 0, "batches_done": 9})
     (root / "bare_run" / "checkpoint-1").mkdir(parents=True)  # a complete checkpoint, no recipe.yaml anywhere
     (root / "bare_run" / "checkpoint-1" / "COMPLETE").write_text("ok\n")
     (root / "rows.jsonl").write_text(json.dumps({"image": "0.png", "text": "a red square"}) + "\n")
     (root / "annotations.json").write_text(json.dumps({"images": [], "annotations": []}))
     return {
+        "root": str(root),  # rows that reach the run folder get one each: a run folder is locked while in use
+        "reused_run": str(root / "reused"),
         "bare_run": str(root / "bare_run"),
         "rows": str(root / "rows.jsonl"),
         "coco_plain": str(root / "annotations.json"),

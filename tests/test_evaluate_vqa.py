@@ -48,8 +48,8 @@ def test_vqa_evaluation_writes_the_folder_with_questions(tmp_path):
     result = evaluate_run(recipe_from_dict(raw), show_progress=False)
     assert set(result["metrics"]) == {"exact_match", "vqa_accuracy", "anls"}
     assert all(0.0 <= value <= 1.0 for value in result["metrics"].values())
-    folder = result["output_dir"]
-    assert folder == tmp_path / "run" / "eval-base-val" and set(result["files"]) == {
+    folder = result["output_dir"]  # eval-base-<set folder>-<split file>
+    assert folder == tmp_path / "run" / "eval-base-data-val" and set(result["files"]) == {
         "metrics.json",
         "predictions.jsonl",
         "summary.md",

@@ -264,6 +264,23 @@ def test_adalora_schedule_counts_and_fractions():
     assert recipe.component("language").adalora_target_rank == 5  # two thirds of the default rank 8
 
 
+def test_sizes_attention_and_fault_budgets_are_checked_with_their_field():
+    errors = _errors(
+        {
+            **GOOD,
+            "model": {"attn_implementation": "fast_please"},
+            "data": {"max_pixels": -5, "image_size": 0},
+            "train": {"skip_nonfinite_steps": -1},
+        }
+    )
+    assert "model.attn_implementation: unknown 'fast_please', expected one of ['eager', 'sdpa'" in errors[0]
+    assert "data.image_size: must be a positive integer or null, got 0" in errors
+    assert "data.max_pixels: must be a positive integer or null, got -5" in errors
+    assert "train.skip_nonfinite_steps: must be >= 0, got -1" in errors
+    kernel = recipe_from_dict({**GOOD, "model": {"attn_implementation": "kernels-community/flash-attn"}})
+    assert kernel.model.attn_implementation == "kernels-community/flash-attn"
+
+
 def test_keys_spelt_as_hugging_face_does_get_the_key_of_this_recipe():
     raw = {
         "learning_rate": 1e-4,

@@ -88,10 +88,10 @@ if sys.argv[3] == "no-dummy":  # the collective mismatch this guards against (a 
 seen = {}
 real_step = train_module.train_step
 
-def recording_step(model, group, *args, **kwargs):
-    seen["model"] = model
+def recording_step(run, group, *args, **kwargs):
+    seen["model"] = run.model
     seen.setdefault("rows", []).append(group[0]["input_ids"].shape[0])  # 2: text-only sample + dummy image
-    return real_step(model, group, *args, **kwargs)
+    return real_step(run, group, *args, **kwargs)
 
 train_module.train_step = recording_step
 train_module.train(load_recipe(sys.argv[1]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from vlm_tune.data.bad_samples import is_skipped
 from vlm_tune.recipe import DataConfig, EvalConfig
 
 logger = logging.getLogger("vlm_tune.evaluate")
@@ -20,7 +21,7 @@ class _CountingCollate:
         self.collator = collator
 
     def __call__(self, items: list):
-        usable = sum(item is not None for item in items)
+        usable = sum(not is_skipped(item) for item in items)
         return (self.collator(items) if usable else None), len(items), usable
 
 

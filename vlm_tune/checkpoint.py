@@ -2,38 +2,45 @@
 
 Only reads and writes files; `vlm_tune.model.build.build_model` prepares the model they are loaded into.
 Layout of `RUN_DIR/checkpoint-STEP/`:
-    adapter/                 standard PEFT folder for the original base (LoRA weights + `modules_to_save` copies)
-    adapter_training.safetensors  the adapter as it trains, where adapter/ holds a converted form
-                             (adalora, init pissa / olora / loftq: see vlm_tune/model/adapter_files.py)
-    trained.safetensors      other fully trained parameters (full components outside modules_to_save)
-    relevance.safetensors    relevance modules (when enabled), written by RelevanceWrapper.save
-    relevance.json           the relevance settings they were trained with
-    soft_prompt.safetensors  virtual tokens (components.language.mode prompt / prefix), with soft_prompt.json
-    training_state.pt        optimizer, scheduler, RNG states (resume only)
-    state.json               step, epoch, position in the epoch, losses so far
-    COMPLETE                 written last: a folder without it is never used
-A checkpoint is written under a temporary name and renamed when complete, so a kill during a save
-never leaves a folder that looks complete and is not. `RUN_DIR/best.json` names the best checkpoint
-(train.keep_best), which pruning keeps besides the newest ones.
+    adapter/                     standard PEFT folder for the original base (LoRA weights + `modules_to_save`)
+    adapter_training.safetensors the adapter as it trains, where adapter/ holds a converted form
+                                 (adalora, init pissa / olora / loftq: see vlm_tune/model/adapter_files.py)
+    trained.safetensors          other fully trained parameters (full components outside modules_to_save)
+    relevance.safetensors        relevance modules (when enabled), written by RelevanceWrapper.save
+    relevance.json               the relevance settings they were trained with
+    soft_prompt.safetensors      virtual tokens (components.language.mode prompt / prefix), with soft_prompt.json
+    training_state.safetensors   optimizer / scheduler / RNG tensors, and
+    training_state.json          the rest of those states, and AdaLoRA's importance scores (nothing is pickled)
+    recipe.yaml                  the resolved recipe of the run that wrote it
+    state.json                   step, epoch, position in the epoch, write order (`serial`)
+    COMPLETE                     written last: a folder without it is never used
+A checkpoint is written under a temporary name (`.checkpoint-STEP-*`) and renamed when complete; one that
+replaces an older folder of the same step moves that one aside first and deletes it last, so a kill at any
+moment leaves a complete checkpoint of the step (or of the step before). Pruning renames before it deletes.
+"Newest" means written last (`serial`), so an older run's higher step numbers never outrank this run's.
+`RUN_DIR/best.json` names the best checkpoint (train.keep_best), which pruning keeps besides the newest ones.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.errors import VlmTuneError, disk_error
+from vlm_tune.training_state import (
+    save_training_state,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-(\d+)-")  # staging, replaced or pruned folders
+REPLACED_TAG = "-replaced-"  # a complete checkpoint moved aside while its successor is renamed in
 COMPLETE_MARKER = "COMPLETE"
 BEST_FILE = "best.json"  # in the run folder: {"checkpoint": "checkpoint-N", "step", "metric", "value"}
 
@@ -42,25 +49,29 @@ class CheckpointError(VlmTuneError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
-def _relevance_wrapper(model: torch.nn.Module):
+class NonFiniteWeightsError(CheckpointError):
+    """The weights to save hold NaN or infinite values; no checkpoint is written."""
+
+
+def relevance_wrapper_of(model: torch.nn.Module):
     """The relevance wrapper when `model` is one, else None."""
     from vlm_tune.relevance import RelevanceWrapper
 
     return model if isinstance(model, RelevanceWrapper) else None
 
 
-def _soft_prompt_wrapper(model: torch.nn.Module):
+def soft_prompt_wrapper_of(model: torch.nn.Module):
     """The soft-prompt wrapper when `model` is one, else None."""
     from vlm_tune.model.soft_prompt import optional_wrapper
 
     return optional_wrapper(model)
 
 
-def _peft_model(model: torch.nn.Module) -> torch.nn.Module:
+def peft_model_of(model: torch.nn.Module) -> torch.nn.Module:
     """The PEFT model itself, or the one inside a relevance or soft-prompt wrapper."""
     from peft import PeftModel
 
-    wrapper = _relevance_wrapper(model) or _soft_prompt_wrapper(model)
+    wrapper = relevance_wrapper_of(model) or soft_prompt_wrapper_of(model)
     peft_model = wrapper.model if wrapper is not None else model
     if not isinstance(peft_model, PeftModel):
         raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
@@ -79,14 +90,19 @@ def _extra_trained_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]
 def _save_weights(model: torch.nn.Module, folder: Path) -> None:
     from vlm_tune.model.adapter_files import save_adapter
 
-    peft_model = _peft_model(model)
+    peft_model = peft_model_of(model)
     save_adapter(peft_model, folder)
     extra = _extra_trained_state(peft_model)
     if extra:
         save_file(extra, folder / "trained.safetensors")
-    for wrapper in (_relevance_wrapper(model), _soft_prompt_wrapper(model)):
+    for wrapper in (relevance_wrapper_of(model), soft_prompt_wrapper_of(model)):
         if wrapper is not None:
             wrapper.save(folder)
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters that hold a NaN or an infinite value."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
 def save_checkpoint(
@@ -97,55 +113,125 @@ def save_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     keep: int = 0,
+    rng: Optional[dict[str, Any]] = None,
+    recipe: Any = None,
 ) -> Path:
-    """Write `checkpoint-STEP` atomically and prune old ones.
+    """Write `checkpoint-STEP` atomically, then prune old ones.
 
     Args:
         output_dir: the run folder.
         step: optimizer steps done.
         model: the unwrapped model (PEFT model, or a relevance wrapper around one).
-        state: JSON-serialisable training position (epoch, batches done in the epoch, losses...).
+        state: JSON-serialisable training position (epoch, batches done in the epoch...).
         optimizer, scheduler: saved with the RNG states for an exact resume.
         keep: newest complete checkpoints to keep (0: all).
+        rng: the random states to save (`training_state.capture_rng`; None: the current ones).
+        recipe: the run's `Recipe`, saved as the checkpoint's recipe.yaml.
     Returns:
         The checkpoint folder.
+    Raises:
+        NonFiniteWeightsError: a trainable parameter holds NaN or inf (nothing is written).
+        CheckpointError: the folder cannot be written (the disk is full, no permission...).
     """
     from vlm_tune.model.adapter_files import adapter_training_state
 
     output_dir = Path(output_dir)
+    broken = non_finite_parameters(model)
+    if broken:
+        raise NonFiniteWeightsError(f"{len(broken)} trained tensor(s) hold NaN or inf values, e.g. {broken[0]}")
     final = output_dir / f"checkpoint-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
+    staging = None
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
         _save_weights(model, staging)
-        training_state = {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-        }
-        training_state["adapter"] = adapter_training_state(model)  # AdaLoRA's importance scores (else None)
-        torch.save(training_state, staging / "training_state.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        save_training_state(staging, optimizer, scheduler, rng, adapter=adapter_training_state(model))
+        if recipe is not None:
+            from vlm_tune.recipe import dump_recipe
+
+            dump_recipe(recipe, staging / "recipe.yaml")
+        serial = max((checkpoint_serial(p) for p in list_checkpoints(output_dir)), default=0) + 1
+        (staging / "state.json").write_text(json.dumps({"step": step, **state, "serial": serial}, indent=1))
         (staging / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a periodic save)
-            shutil.rmtree(final)
-        staging.rename(final)
+        _move_into_place(staging, final)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {final}: {disk_error(exc)}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     if keep:
-        best = best_checkpoint(output_dir)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            if old != best:  # the best checkpoint is kept besides the newest `keep`
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(output_dir, keep)
     return final
 
 
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished `staging` folder to `final`; an existing `final` is moved aside first, deleted last."""
+    if not final.exists():
+        staging.rename(final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}{REPLACED_TAG}", dir=final.parent))
+    aside.rmdir()  # only the unique name is wanted
+    final.rename(aside)  # a kill from here on leaves `aside`, which clean_temporary_folders restores
+    staging.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest (last written) complete checkpoints and the best one; return the deleted.
+
+    Each is renamed to a temporary name first, so a kill while deleting never leaves a partial checkpoint-N.
+    """
+    best = best_checkpoint(output_dir)
+    doomed = [old for old in list_checkpoints(output_dir)[:-keep] if old != best]  # the best is kept besides
+    for old in doomed:
+        hidden = Path(tempfile.mkdtemp(prefix=f".{old.name}-pruned-", dir=old.parent))
+        hidden.rmdir()
+        old.rename(hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    return doomed
+
+
+def clean_temporary_folders(output_dir: str | Path) -> list[str]:
+    """Remove the `.checkpoint-*` folders that killed saves and prunes left behind.
+
+    A complete checkpoint that was moved aside for its replacement, and whose replacement never arrived,
+    is renamed back instead. Only the process that holds the run folder's lock may call this.
+
+    Returns:
+        One line per folder: what it was and what was done with it.
+    """
+    output_dir = Path(output_dir)
+    done = []
+    for child in sorted(output_dir.glob(".checkpoint-*")):
+        match = TEMPORARY_PATTERN.match(child.name)
+        if match is None or not child.is_dir():
+            continue
+        final = output_dir / f"checkpoint-{match.group(1)}"
+        if REPLACED_TAG in child.name and (child / COMPLETE_MARKER).is_file() and not final.exists():
+            child.rename(final)
+            done.append(f"{child.name}: restored as {final.name}")
+        else:
+            shutil.rmtree(child, ignore_errors=True)
+            done.append(f"{child.name}: removed")
+    return done
+
+
+def checkpoint_serial(checkpoint: Path) -> int:
+    """The write order of a checkpoint (state.json `serial`; 0 for checkpoints written without one)."""
+    try:
+        return int(json.loads((checkpoint / "state.json").read_text()).get("serial", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was taken at (state.json)."""
+    return int(json.loads((checkpoint / "state.json").read_text())["step"])
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in a run folder, oldest first (incomplete or temporary folders are skipped)."""
+    """Complete checkpoints in a run folder, oldest (first written) first; incomplete or temporary folders
+    are skipped. Checkpoints without a write order come first, by step."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -153,12 +239,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     for child in output_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(child.name)
         if match and (child / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+            found.append((checkpoint_serial(child), int(match.group(1)), child))
+    return [path for _, _, path in sorted(found)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run folder, or None."""
+    """The newest (last written) complete checkpoint of a run folder, or None."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
@@ -197,88 +283,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 f"(or a caption metric), or name a checkpoint"
             )
         return best
-    newest = latest_checkpoint(path) if not CHECKPOINT_PATTERN.match(path.name) else None
+    temporary = TEMPORARY_PATTERN.match(path.name) is not None
+    newest = latest_checkpoint(path) if not CHECKPOINT_PATTERN.match(path.name) and not temporary else None
     if newest is not None:
         return newest
-    nearby = list_checkpoints(path if path.is_dir() and not CHECKPOINT_PATTERN.match(path.name) else path.parent)
-    listing = ", ".join(str(p) for p in nearby) or "none"
-    reason = "does not exist" if not path.exists() else "is not a complete checkpoint (no COMPLETE marker)"
+    run_folder = path.is_dir() and not CHECKPOINT_PATTERN.match(path.name) and not temporary
+    listing = ", ".join(str(p) for p in list_checkpoints(path if run_folder else path.parent)) or "none"
+    if not path.exists():
+        reason = "does not exist"
+    elif temporary:
+        reason = "is the temporary folder of a save that did not finish"
+    else:
+        reason = "is not a complete checkpoint (no COMPLETE marker)"
     raise CheckpointError(f"checkpoint {path} {reason}. Complete checkpoints found there: {listing}")
-
-
-def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a checkpoint's adapter, fully trained parts and relevance modules into a prepared model.
-
-    `model` must already carry the same targeting (and relevance wrapper) as the run that saved it;
-    `checkpoint` is a checkpoint folder or a run folder (its newest complete checkpoint).
-
-    Raises:
-        CheckpointError: the checkpoint is missing or incomplete, a parameter of it has no place in the model,
-            or it holds relevance modules that the model lacks or that do not fit.
-    """
-    from peft import set_peft_model_state_dict
-
-    from vlm_tune.model.adapter_files import load_training_form
-    from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
-
-    checkpoint = resolve_checkpoint(checkpoint)
-    peft_model = _peft_model(model)
-    if not load_training_form(peft_model, checkpoint):  # adapter/ is then the form the model trains in
-        adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
-        result = set_peft_model_state_dict(peft_model, load_file(adapter_file))
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        if unexpected:
-            raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
-    extra_file = checkpoint / "trained.safetensors"
-    if extra_file.is_file():
-        missing_unexpected = peft_model.load_state_dict(load_file(extra_file), strict=False)
-        if missing_unexpected.unexpected_keys:
-            raise CheckpointError(
-                f"{extra_file}: weights with no place in the model: {missing_unexpected.unexpected_keys[:5]}"
-            )
-    if (checkpoint / RELEVANCE_FILE).is_file():
-        wrapper = _relevance_wrapper(model)
-        if wrapper is None:
-            raise CheckpointError(f"{checkpoint} holds relevance modules: set relevance.enabled=true to load it")
-        try:
-            wrapper.load(checkpoint)
-        except RelevanceError as error:  # weights of another relevance method / size
-            raise CheckpointError(str(error)) from None
-    _load_soft_prompt(model, checkpoint)
-
-
-def _load_soft_prompt(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Virtual tokens of the checkpoint into a soft-prompt wrapper (both present, or neither)."""
-    from vlm_tune.model.soft_prompt import SOFT_PROMPT_FILE, SoftPromptError
-
-    wrapper = _soft_prompt_wrapper(model)
-    if wrapper is None and (checkpoint / SOFT_PROMPT_FILE).is_file():
-        raise CheckpointError(f"{checkpoint} holds a soft prompt: set components.language.mode as in its run")
-    if wrapper is not None:
-        try:
-            wrapper.load(checkpoint)
-        except SoftPromptError as error:
-            raise CheckpointError(str(error)) from None
-
-
-def load_training_state(
-    checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None, model: Optional[torch.nn.Module] = None
-) -> dict:
-    """Restore optimizer, scheduler, RNG states (and the model's AdaLoRA scores); return the position (state.json)."""
-    from vlm_tune.model.adapter_files import restore_adapter_training_state
-
-    checkpoint = resolve_checkpoint(checkpoint)
-    training_state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None and training_state["optimizer"] is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-    if scheduler is not None and training_state["scheduler"] is not None:
-        scheduler.load_state_dict(training_state["scheduler"])
-    if model is not None:
-        restore_adapter_training_state(model, training_state.get("adapter"))
-    rng = training_state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((checkpoint / "state.json").read_text())

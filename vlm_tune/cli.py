@@ -23,10 +23,13 @@ def run_command(command: Callable[[], int]) -> int:
     Args:
         command: the body of a CLI's `main`, returning the exit code of a successful run.
     Returns:
-        The exit code: the command's own, or the error's `exit_code` (2 for user mistakes).
+        The exit code: the command's own, the error's `exit_code` (2 for user mistakes), or 130 on Ctrl-C.
     """
     try:
         return command()
     except VlmTuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the parts that handle it (loading, say): no traceback
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -7,21 +7,23 @@ path and reported together in one `RecipeError`, so a user fixes a recipe in one
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import yaml
 
-from vlm_tune.constants import BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - COMPONENT_NAMES re-exported
+from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - re-exported
+from vlm_tune.data_config import CONVERSATION_FORMATS, DataConfig, DataSourceConfig  # noqa: F401 - re-exported
 from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig, check_adapters
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.recipe_hints import FOREIGN_KEYS
+from vlm_tune.relevance_config import RelevanceConfig
 from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
 
 __all__ = ["AdaLoraSchedule", "ComponentConfig", "RecipeError"]  # schema parts defined in recipe_adapters.py
-CONVERSATION_FORMATS = ("llava", "messages", "hf")  # formats that can hold conversations (hf: a messages column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,87 +73,14 @@ class ModelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint folder"})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
 
-
-@dataclass
-class DataSourceConfig:
-    format: Literal["coco", "karpathy", "jsonl", "csv", "imagefolder", "hf", "llava", "messages"] = field(
-        default="coco", metadata={"help": "layout of the set (llava, messages: conversations; hf: either)"}
-    )
-    path: str = field(default="", metadata={"help": "annotation file, or folder (formats imagefolder, hf)"})
-    images: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "folder that image paths are relative to (default: next to `path`; coco also tries its images/)"
-        },
-    )
-    split: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "split to keep: karpathy train/val/test/restval (join with +), hf split, "
-            "imagefolder subfolder, jsonl/csv 'split' column"
-        },
-    )
-    image_column: str = field(default="image", metadata={"help": "column or field holding the image (path or image)"})
-    caption_column: str = field(
-        default="caption", metadata={"help": "column or field holding the caption (string or list of strings)"}
-    )
-    messages_column: str = field(default="messages", metadata={"help": "hf: column of conversations (no captions)"})
-    images_column: str = field(
-        default="images", metadata={"help": "hf: column holding a conversation's images (a list, or absent)"}
-    )
-    task: Literal["caption", "vqa"] = field(
-        default="caption", metadata={"help": "evaluation scores captions, or answers (exact match, VQA acc., ANLS)"}
-    )
-    limit: Optional[int] = field(default=None, metadata={"help": "keep only the first N images (conversations)"})
-
     def _check(self) -> list[str]:
-        errors = [] if self.path else ["path: required, the annotation file or dataset folder"]
-        if self.limit is not None and self.limit <= 0:
-            errors.append(f"limit: must be a positive integer, got {self.limit}")
-        if self.task == "vqa" and self.format not in CONVERSATION_FORMATS:
-            errors.append(
-                f"task: vqa scores answers to questions, which format {self.format} cannot hold; "
-                f"use one of {list(CONVERSATION_FORMATS)}"
-            )
-        return errors
-
-
-@dataclass
-class DataConfig:
-    train: Optional[DataSourceConfig] = field(default=None, metadata={"help": "training set"})
-    eval: Optional[DataSourceConfig] = field(
-        default=None, metadata={"help": "evaluation set (eval loss and caption metrics)"}
-    )
-    prompt: Union[str, list[str]] = field(
-        default="Describe the image.", metadata={"help": "user turn; a list is sampled per example"}
-    )
-    on_error: Literal["skip", "raise"] = field(
-        default="skip", metadata={"help": "bad image or caption: skip and count, or stop"}
-    )
-    image_size: Optional[int] = field(
-        default=None, metadata={"help": "longest image edge in pixels given to the processor"}
-    )
-    max_pixels: Optional[int] = field(
-        default=None, metadata={"help": "pixel budget per image (Qwen-VL style processors)"}
-    )
-    max_length: int = field(
-        default=512, metadata={"help": "longest sequence; captions shortened, conversations cut after a turn"}
-    )
-    train_on: Literal["all", "last"] = field(
-        default="all", metadata={"help": "conversations: the loss covers every assistant turn, or only the last"}
-    )
-    group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length to cut padding"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-
-    def _check(self) -> list[str]:
-        errors = []
-        if isinstance(self.prompt, list) and not self.prompt:
-            errors.append("prompt: the list of prompts is empty")
-        if self.max_length <= 0:
-            errors.append(f"max_length: must be a positive integer, got {self.max_length}")
-        if self.num_workers < 0:
-            errors.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return errors
+        known = self.attn_implementation in ATTENTION_IMPLEMENTATIONS
+        if known or re.fullmatch(r"[^/:@]+/[^/:@]+(@[^/:]+)?(:[^/:]+)?", self.attn_implementation):
+            return []
+        return [
+            f"attn_implementation: unknown '{self.attn_implementation}', expected one of "
+            f"{list(ATTENTION_IMPLEMENTATIONS)} or a hub kernel such as kernels-community/flash-attn"
+        ]
 
 
 @dataclass
@@ -201,6 +130,8 @@ class TrainConfig:
         default=None,
         metadata={"help": "stop after N evaluations without improvement (of keep_best, else eval_loss)"},
     )
+    overwrite: bool = field(default=False, metadata={"help": "a fresh run may start in an output_dir with checkpoints"})
+    skip_nonfinite_steps: int = field(default=0, metadata={"help": "NaN/inf steps skipped (no update) before stopping"})
 
     def _check(self) -> list[str]:
         errors = []
@@ -215,6 +146,7 @@ class TrainConfig:
             "eval_every": self.eval_every,
             "eval_generate_every": self.eval_generate_every,
             "keep_checkpoints": self.keep_checkpoints,
+            "skip_nonfinite_steps": self.skip_nonfinite_steps,
             "max_grad_norm": self.max_grad_norm,
             "weight_decay": self.weight_decay,
         }
@@ -253,50 +185,6 @@ class EvalConfig:
             errors.append(f"contact_sheet_images: must be >= 0, got {self.contact_sheet_images}")
         if self.limit is not None and self.limit <= 0:
             errors.append(f"limit: must be a positive integer, got {self.limit}")
-        return errors
-
-
-@dataclass
-class RelevanceConfig:
-    enabled: bool = field(
-        default=False, metadata={"help": "insert knowing/balancing/attending between projector and language model"}
-    )
-    keep: Union[int, float] = field(
-        default=1.0, metadata={"help": "visual tokens kept per image: a count (int >= 1) or a fraction in (0, 1]"}
-    )
-    method: Literal["relevance", "random", "pool"] = field(
-        default="relevance", metadata={"help": "relevance modules, or a baseline at the same K"}
-    )
-    summary_token: bool = field(
-        default=False, metadata={"help": "fold the dropped tokens into one summary token, one of the K slots"}
-    )
-    lr: Optional[float] = field(
-        default=None, metadata={"help": "learning rate of the relevance modules (default train.lr)"}
-    )
-    hidden_size: int = field(default=64, metadata={"help": "width of the relevance modules' internal projections"})
-    temperature: float = field(default=1.0, metadata={"help": "softness of the differentiable selection in training"})
-    exploration: float = field(
-        default=0.0, metadata={"help": "Gumbel noise added to the relevance when choosing in training (0: none)"}
-    )
-    start_step: int = field(
-        default=0,
-        metadata={"help": "optimizer step from which the modules learn; before it they choose by their initial scores"},
-    )
-
-    def _check(self) -> list[str]:
-        errors = []
-        if isinstance(self.keep, bool) or (isinstance(self.keep, int) and self.keep < 1):
-            errors.append(f"keep: a count must be an integer >= 1, got {self.keep}")
-        elif isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
-            errors.append(f"keep: a fraction must be in (0, 1], got {self.keep}")
-        if self.lr is not None and self.lr <= 0:
-            errors.append(f"lr: must be positive, got {self.lr}")
-        if self.hidden_size <= 0:
-            errors.append(f"hidden_size: must be a positive integer, got {self.hidden_size}")
-        if self.temperature <= 0:
-            errors.append(f"temperature: must be positive, got {self.temperature}")
-        non_negative = {"exploration": self.exploration, "start_step": self.start_step}
-        errors += [f"{name}: must be >= 0, got {value}" for name, value in non_negative.items() if value < 0]
         return errors
 
 

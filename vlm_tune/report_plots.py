@@ -7,6 +7,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from vlm_tune.data.bad_samples import is_skipped
+
 THUMB_SIZE = 192  # pixels of each image on the contact sheet (small images are scaled up)
 TEXT_LINES = {"question": 2, "prediction": 3, "reference": 3}  # wrapped lines shown per text kind
 COLOURS = {"image_id": (90, 90, 90), "question": (60, 60, 60), "prediction": (20, 60, 190), "reference": (20, 120, 40)}
@@ -52,7 +54,7 @@ def contact_entries(dataset, rows: list[dict], limit: int) -> list[dict]:
         if len(entries) >= min(limit, len(rows)):
             break
         item = dataset[index]
-        row = by_id.pop(str(item["image_id"]), None) if item is not None else None
+        row = by_id.pop(str(item["image_id"]), None) if not is_skipped(item) else None
         if row is not None:
             images = [item["image"]] if "image" in item else item["images"]
             entries.append(

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from vlm_tune.errors import VlmTuneError
+from vlm_tune.errors import VlmTuneError, disk_error
 
 logger = logging.getLogger("vlm_tune.train")
 
@@ -88,6 +88,10 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return found
 
 
+class RunLogError(VlmTuneError):
+    """log.jsonl cannot be written (the message names the file, and a full disk as such)."""
+
+
 class RunLog:
     """Appends records to `log.jsonl` and sends their scalars to the accelerator's trackers.
 
@@ -115,11 +119,17 @@ class RunLog:
         logger.info("Tracking with %s", ", ".join(tracker.name for tracker in self._trackers))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (it must hold `step`) to log.jsonl, and its scalars to the trackers."""
+        """Append one record (it must hold `step`) to log.jsonl, and its scalars to the trackers.
+
+        NaN and infinite numbers are written as null, so every line stays valid JSON.
+        """
         if not self.enabled:
             return
-        with open(self.path, "a") as sink:
-            sink.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as sink:
+                sink.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        except OSError as exc:
+            raise RunLogError(f"train.output_dir: cannot write {self.path} ({disk_error(exc)})") from None
         values = scalars(record)
         if values and self._trackers:
             self.accelerator.log(values, step=record["step"])
@@ -133,19 +143,50 @@ class RunLog:
         plot_losses(self.path, self.run_dir / "loss.png")
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 def read_log(path: str | Path) -> list[dict]:
-    """All records of a log.jsonl file (an empty list if it does not exist)."""
+    """All records of a log.jsonl file (an empty list if it does not exist).
+
+    A last line cut short (the process was killed while writing it) is left out.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # an empty line, or one a kill cut short
+    return records
+
+
+def trim_log(path: str | Path, last_step: int) -> None:
+    """Keep only the records of steps up to `last_step` (a resumed run logs the later steps again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [r for r in read_log(path) if isinstance(r, dict) and r.get("step", 0) <= last_step]
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    os.replace(staging, path)  # atomic: a kill leaves the old log or the trimmed one
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path) -> Optional[Path]:
     """Plot training and eval loss against the step into a PNG; None when there is nothing to plot."""
     records = read_log(log_path)
-    train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    train = [(r["step"], r["train/loss"]) for r in records if r.get("train/loss") is not None]
+    evals = [(r["step"], r["eval/loss"]) for r in records if r.get("eval/loss") is not None]
     if not train and not evals:
         return None
     import matplotlib

@@ -18,13 +18,16 @@ from typing import Optional
 import torch
 
 from vlm_tune.best_tracker import BestTracker
-from vlm_tune.checkpoint import CheckpointError, latest_checkpoint, load_training_state, resolve_checkpoint
+from vlm_tune.checkpoint import CheckpointError
+from vlm_tune.checkpoint_load import last_finite_checkpoint, load_training_state
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
+from vlm_tune.interrupts import agreed_interrupt, catch_interrupts, shielded
 from vlm_tune.model.adalora import schedule_rank_allocation
 from vlm_tune.progress import lr_text, make_progress
-from vlm_tune.recipe import Recipe, dump_recipe, load_recipe
+from vlm_tune.recipe import Recipe, load_recipe
+from vlm_tune.run_dir import open_run_folder
 from vlm_tune.run_log import RunLog
 from vlm_tune.train_step import (
     TrainingData,
@@ -39,6 +42,7 @@ from vlm_tune.train_step import (
     step_record,
     train_step,
 )
+from vlm_tune.training_state import capture_rng, preserved_rng
 
 logger = logging.getLogger("vlm_tune.train")
 EMPTY_BATCH_LIMIT = 8  # micro-batches in a row without one usable sample before training stops
@@ -70,33 +74,6 @@ def _setup_accelerator(recipe: Recipe, run_dir: Path):
     return accelerator
 
 
-def _setup_run_dir(recipe: Recipe, accelerator) -> Path:
-    run_dir = Path(recipe.train.output_dir)
-    if accelerator.is_main_process:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_recipe(recipe, run_dir / "recipe.yaml")
-        except OSError as exc:
-            raise TrainingError(f"train.output_dir: cannot write the run folder {run_dir} ({exc.strerror})") from None
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> Optional[Path]:
-    """The checkpoint train.resume names (auto: the newest complete one of the run folder), or None."""
-    if not recipe.train.resume:
-        return None
-    if recipe.train.resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            logger.info("train.resume=auto: no complete checkpoint in %s, starting fresh", run_dir)
-        return found
-    try:
-        return resolve_checkpoint(recipe.train.resume)
-    except CheckpointError as error:
-        raise CheckpointError(f"train.resume: {error}") from None
-
-
 def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Optional[Path]):
     """Build the model with the weights of the checkpoint resumed from, else of train.init_from; write its report."""
     from vlm_tune.model.build import build_model
@@ -105,11 +82,8 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
     try:
         built = build_model(recipe, checkpoint=resume_from or init_from, training=True)
     except CheckpointError as error:
-        if init_from is None:
-            raise
-        raise CheckpointError(
-            f"train.init_from: {error} (the recipe's components must match the run that saved it)"
-        ) from None
+        key = "train.init_from" if init_from is not None else "train.resume"
+        raise CheckpointError(f"{key}: {error} (the recipe's components must match the run that saved it)") from None
     if init_from is not None:
         logger.info("Started from the weights of %s", init_from)
     if accelerator.is_main_process:
@@ -145,7 +119,9 @@ def _setup_loaders(recipe: Recipe, train_set, eval_set, processor, accelerator) 
     busy = accelerator.num_processes > 1 and vision_side_trains(recipe)  # text-only batches get a dummy image
     collator = train_collator_for(train_set, processor, recipe.data, keep_vision_busy=busy)
     loader_args = {"batch_size": recipe.train.batch_size, "num_workers": recipe.data.num_workers}
-    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, **loader_args)
+    # Its own generator: a loader drawing its worker seed from the global RNG would shift a resumed run's draws.
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, collate_fn=collator, generator=generator, **loader_args)
     data = TrainingData(train_set, sampler, accelerator.prepare_data_loader(train_loader))
     if eval_set is not None:
         data.eval_set = eval_set
@@ -181,11 +157,15 @@ def _resume(checkpoint: Optional[Path], optimizer, scheduler, best: Optional[Bes
     and best-checkpoint states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
-    state = load_training_state(checkpoint, optimizer, scheduler, model)
+    try:
+        state = load_training_state(checkpoint, optimizer, scheduler, model)
+    except CheckpointError as error:
+        raise CheckpointError(f"train.resume: {error}") from None
     if best is not None:
         best.restore(state.get("best"))
     logger.info("Resumed from %s (step %d)", checkpoint, state["step"])
-    return TrainingPosition(state["step"], state["epoch"], state["batches_done"])
+    skipped = state.get("nonfinite_skipped", 0)
+    return TrainingPosition(state["step"], state["epoch"], state["batches_done"], skipped, state["rng"])
 
 
 def _announce(recipe: Recipe, data: TrainingData, built, accelerator, total_steps: int, log: RunLog, start: int):
@@ -203,11 +183,20 @@ def _announce(recipe: Recipe, data: TrainingData, built, accelerator, total_step
 
 def _setup(recipe: Recipe, show_progress: Optional[bool] = None) -> tuple[TrainingRun, TrainingPosition]:
     """Everything the loop needs, and the position it starts from (fresh, or the checkpoint resumed from)."""
-    run_dir = Path(recipe.train.output_dir)
-    accelerator = _setup_accelerator(recipe, run_dir)
-    _setup_run_dir(recipe, accelerator)
+    accelerator = _setup_accelerator(recipe, Path(recipe.train.output_dir))
+    folder, resume_from = open_run_folder(recipe, accelerator)
+    try:
+        run, position = _setup_training(recipe, accelerator, folder.path, resume_from, show_progress)
+    except BaseException:
+        folder.release()
+        raise
+    run.folder = folder
+    return run, position
+
+
+def _setup_training(recipe: Recipe, accelerator, run_dir: Path, resume_from: Optional[Path], show_progress):
+    """`_setup` once the run folder is locked: data, model, optimizer, position, log and progress."""
     train_set, eval_set = _setup_datasets(recipe)
-    resume_from = _resume_checkpoint(recipe, run_dir)
     built = _setup_model(recipe, accelerator, run_dir, resume_from)
     data = _setup_loaders(recipe, train_set, eval_set, built.processor, accelerator)
     cfg, main = recipe.train, accelerator.is_main_process
@@ -252,52 +241,59 @@ def _usable(group: list[dict], run: TrainingRun) -> list[dict]:
 
 
 def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callable[[int], None]]) -> None:
-    """Optimizer steps from `position` to the last one; `position` follows along (for a save on Ctrl-C)."""
+    """Optimizer steps from `position` to the last one (or the end of train.epochs); `position` moves only
+    when a step is complete, so a save on Ctrl-C holds the last complete step."""
     cfg, accelerator, data = run.recipe.train, run.accelerator, run.data
-    skip, train_seconds, tokens_seen, empty_batches = position.batches_done, 0.0, 0, 0
-    while position.step < run.total_steps:
-        if skip >= len(data.train_loader):  # the checkpoint was taken at the very end of an epoch
-            position.epoch, position.batches_done, skip = position.epoch + 1, 0, 0
+    position.rng = position.rng or capture_rng()
+    train_seconds, tokens_seen, empty_batches = 0.0, 0, 0
+    while position.step < run.total_steps and (cfg.max_steps or position.epoch < cfg.epochs):
+        if position.batches_done >= len(data.train_loader):  # the checkpoint was taken at the very end of an epoch
+            position.next_epoch()
+            continue
         data.train_set.set_epoch(position.epoch)  # caption and prompt draws
+        skip = position.batches_done
         loader = accelerator.skip_first_batches(data.train_loader, skip) if skip else data.train_loader
         loader.set_epoch(position.epoch)  # sample order; accelerate would otherwise count its own passes
-        skip = 0
         micro_batches = iter(loader)
         mark = time.perf_counter()  # tokens/s counts data loading and steps, not evaluation or saving
         while group := list(itertools.islice(micro_batches, cfg.grad_accum)):  # one optimizer step
-            position.batches_done += len(group)
             usable = _usable(group, run)
+            if agreed_interrupt(accelerator):  # several processes: all stop at this boundary
+                raise KeyboardInterrupt
             if not every_process_has_data(usable, accelerator):
+                position.advance(len(group), steps=0)
                 empty_batches += len(group)
                 if empty_batches >= EMPTY_BATCH_LIMIT:
                     raise DataError(_nothing_usable_message(empty_batches, run.skipped, run.run_dir))
                 continue
             empty_batches = 0
-            loss, grad_norm, step_tokens = train_step(
-                run.model, usable, run.optimizer, run.scheduler, accelerator, cfg.max_grad_norm, position.step
-            )
-            tokens_seen += step_tokens
-            position.step += 1
+            result = train_step(run, usable, position, len(group))
+            tokens_seen += result.input_tokens
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
-            record = step_record(position, loss, grad_norm, run.optimizer, tokens_per_s)
+            record = step_record(position, result, run.optimizer, tokens_per_s)
             record["train/seconds"] = train_seconds
             if torch.cuda.is_available():
                 record["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            run.losses.append(loss)  # logged as their mean every train.log_every steps
+            run.losses.append(result.loss)  # logged as their mean every train.log_every steps
             window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
             run.progress.set_postfix(
                 loss=window_loss, lr=lr_text(run.optimizer.param_groups), tok_s=f"{tokens_per_s:.0f}"
             )
             run.progress.update(1)
-            run.summary["loss"] = loss
+            run.summary["loss"] = result.loss
+            if result.skipped:
+                run.progress.write(f"step {position.step}: {result.skipped}; its update was skipped")
             after_step(run, record, position)
             if on_step is not None:
                 on_step(position.step)
             if position.step == run.total_steps or run.stop_reason:
                 return
             mark = time.perf_counter()
-        position.epoch, position.batches_done = position.epoch + 1, 0  # the epoch ran out before the last step
+        position.next_epoch()  # the epoch ran out before the last step
+    if 0 < position.step < run.total_steps:  # train.epochs ended early (wholly bad batches): the last step's jobs
+        run.total_steps = position.step
+        after_step(run, None, position)
 
 
 def train(
@@ -305,42 +301,66 @@ def train(
 ) -> dict:
     """Train as the recipe says; return a summary (steps, last loss, eval loss, run folder, early stop).
 
+    Ctrl-C stops training: the last complete step is saved (unless this run saved it already) and the summary
+    says `interrupted`; a second Ctrl-C during that save waits for it.
+
     Args:
         recipe: a validated recipe.
         on_step: called with the step number after every optimizer step (tests use it to simulate a crash).
         show_progress: True: a progress bar; False: plain lines every train.log_every steps; None: a bar
             when stderr is a terminal.
     Raises:
-        TrainingStopped: the loss became NaN/infinite (the last good checkpoint is kept).
-        TrainingError, DataError, CheckpointError...: a setup that cannot train (the message says the fix).
+        TrainingStopped: a non-finite loss or gradient norm (the message names the last finite checkpoint).
+        TrainingError, DataError, CheckpointError, RunFolderError...: a setup that cannot train (the message
+            says the fix).
     """
     run, position = _setup(recipe, show_progress)
-    cfg, data, main = recipe.train, run.data, run.main
-    if cfg.eval_generate_every and position.step == 0 and data.eval_set is not None and main:
-        scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
-        run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})  # before training
-    run.model.train()
-    try:
-        _loop(run, position, on_step)
-    except KeyboardInterrupt:
-        run.progress.write(f"Interrupted: saving checkpoint-{position.step} before exiting")
-        save_run(run, position)
-        run.summary["interrupted"] = True
-    except TrainingStopped as error:
-        last = latest_checkpoint(run.run_dir)
-        raise TrainingStopped(
-            f"{error}. Training stopped; the last good checkpoint is {last or 'none (no save yet)'}. "
-            f"Lower train.lr, set train.max_grad_norm, or check the data, then resume with "
-            f"train.resume=auto."
-        ) from None
-    finally:
-        run.progress.close()
-        run.log.close()
-        _save_bad_samples(data, run.skipped, run.run_dir, main)
+    with catch_interrupts(immediate=run.accelerator.num_processes == 1):
+        try:
+            _first_eval(run, position)
+            run.model.train()
+            _loop(run, position, on_step)
+        except KeyboardInterrupt:
+            _save_on_interrupt(run, position)
+        except TrainingStopped as error:
+            last = last_finite_checkpoint(run.run_dir) if run.main else None
+            raise TrainingStopped(
+                f"{error}. Training stopped; the last good checkpoint is {last or 'none (no finite save yet)'}. "
+                f"Lower train.lr, set train.max_grad_norm, or check the data, then resume with "
+                f"train.resume={last or 'auto'} (train.skip_nonfinite_steps=N skips up to N such steps)"
+            ) from None
+        finally:
+            with shielded():  # a Ctrl-C while closing cannot cut the log or the lock short
+                run.progress.close()
+                run.log.close()
+                _save_bad_samples(run.data, run.skipped, run.run_dir, run.main)
+                run.folder.release()
     run.summary["step"] = position.step
     if run.stop_reason:
         run.summary["stopped_early"] = run.stop_reason
     return run.summary
+
+
+def _first_eval(run: TrainingRun, position: TrainingPosition) -> None:
+    """Caption metrics of the model before training (train.eval_generate_every, fresh runs)."""
+    data, recipe = run.data, run.recipe
+    if recipe.train.eval_generate_every and position.step == 0 and data.eval_set is not None and run.main:
+        with preserved_rng():
+            scores = caption_metrics(run.model, run.processor, data.eval_set, recipe, run.accelerator)
+        run.log.write({"step": 0, **{f"eval/{k}": v for k, v in scores.items()}})
+
+
+def _save_on_interrupt(run: TrainingRun, position: TrainingPosition) -> None:
+    """Save the last complete step on Ctrl-C, unless this run saved it already; a second Ctrl-C waits for it."""
+    with shielded():
+        if position.step in run.saved_steps:
+            run.progress.write(f"Interrupted: checkpoint-{position.step} was saved already; exiting")
+        elif position.step == 0:
+            run.progress.write("Interrupted before the first step: nothing to save")
+        else:
+            run.progress.write(f"Interrupted: saving checkpoint-{position.step} (the last complete step)")
+            save_run(run, position)
+    run.summary["interrupted"] = True
 
 
 def _save_bad_samples(data: TrainingData, skipped: list[dict], run_dir: Path, main: bool) -> None:

@@ -18,8 +18,10 @@ import torch
 from vlm_tune.best_tracker import BestTracker
 from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
 from vlm_tune.errors import VlmTuneError
+from vlm_tune.interrupts import deferred
 from vlm_tune.recipe import Recipe
 from vlm_tune.run_log import RunLog
+from vlm_tune.training_state import capture_rng, preserved_rng
 
 
 class TrainingError(VlmTuneError):
@@ -45,11 +47,41 @@ class TrainingData:
 
 @dataclass
 class TrainingPosition:
-    """Where training stands: optimizer steps done, the epoch, and micro-batches done in that epoch."""
+    """Where training stands: optimizer steps done, the epoch, micro-batches done in that epoch, steps skipped
+    for a non-finite loss or gradient norm, and the random states as they were when it last moved (what a
+    checkpoint saves, so that a resume draws exactly what the uninterrupted run drew)."""
 
     step: int = 0
     epoch: int = 0
     batches_done: int = 0
+    nonfinite_skipped: int = 0
+    rng: Optional[dict] = field(default=None, repr=False)
+
+    def advance(self, batches: int, steps: int = 1) -> None:
+        """Count `batches` more micro-batches of this epoch, and `steps` more optimizer steps, as done."""
+        self.step += steps
+        self.batches_done += batches
+        self.rng = capture_rng()
+
+    def next_epoch(self) -> None:
+        """Move to the start of the next epoch."""
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.rng = capture_rng()
+
+    def saved(self) -> dict:
+        """The position as a checkpoint's state.json holds it (the step is saved apart)."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "nonfinite_skipped": self.nonfinite_skipped}
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: its loss, gradient norms (see clip_gradients), input tokens over all processes,
+    and why its update was skipped (None when it was applied)."""
+
+    loss: float
+    grad_norm: dict[str, float]
+    input_tokens: int
+    skipped: Optional[str] = None
 
 
 @dataclass
@@ -69,6 +101,8 @@ class TrainingRun:
     progress: Any
     summary: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # bad samples met in batches
+    saved_steps: set[int] = field(default_factory=set)  # checkpoints this run wrote
+    folder: Any = None  # the locked run folder (vlm_tune.run_dir.RunFolder)
     best: Optional[BestTracker] = None  # train.keep_best / early_stopping_patience
     losses: list[float] = field(default_factory=list)  # losses of the steps since the last log line
     stop_reason: Optional[str] = None  # set when early stopping ends the run before the last step
@@ -92,34 +126,58 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
 
-def clip_gradients(optimizer, accelerator, max_grad_norm: float) -> Optional[dict[str, float]]:
+def clip_gradients(optimizer, accelerator, max_grad_norm: float) -> dict[str, float]:
     """Clip the model's gradients and the relevance modules' gradients, each to `max_grad_norm`.
 
     Clipped apart so that spiky gradients of the small scoring modules never scale down the model's update.
+    `max_grad_norm` 0 measures the norms without clipping (the non-finite check needs them).
 
     Returns:
-        {"model": norm before clipping, "relevance": ...} (relevance only when it trains), or None if disabled.
+        {"model": norm before clipping, "relevance": ...} (relevance only when it trains).
     """
-    if max_grad_norm <= 0:
-        return None
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf
     parts = {
         "model": [p for g in optimizer.param_groups if g.get("name") != RELEVANCE_GROUP for p in g["params"]],
         RELEVANCE_GROUP: [p for g in optimizer.param_groups if g.get("name") == RELEVANCE_GROUP for p in g["params"]],
     }
-    return {part: float(accelerator.clip_grad_norm_(params, max_grad_norm)) for part, params in parts.items() if params}
+    return {part: float(accelerator.clip_grad_norm_(params, limit)) for part, params in parts.items() if params}
 
 
-def train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_grad_norm: float, step: int):
-    """Forward/backward over the micro-batches of one optimizer step, then clip and step.
+def _non_finite(loss: float, grad_norm: dict[str, float], accelerator) -> Optional[str]:
+    """What is not finite in this step (the same verdict on every process), or None.
 
-    Returns:
-        (loss per label token over all processes, gradient norms (see clip_gradients) or None,
-        input tokens over all processes)
+    Under fp16 the gradient scaler skips steps with inf gradients itself, so only the loss is checked then.
+    """
+    if not math.isfinite(loss):  # reduced over the processes already
+        return f"the loss became {loss}"
+    if accelerator.scaler is not None:
+        return None
+    bad = {part: norm for part, norm in grad_norm.items() if not math.isfinite(norm)}
+    anywhere = bool(bad)
+    if accelerator.num_processes > 1:  # the norms agree after DDP's all-reduce; make the decision agree too
+        anywhere = bool(accelerator.reduce(torch.tensor(float(anywhere), device=accelerator.device), "max").item())
+    if not anywhere:
+        return None
+    part, norm = next(iter(bad.items()), ("model", "non-finite on another process"))
+    return f"the {part} gradient norm became {norm}"
+
+
+def train_step(run: TrainingRun, group: list[dict], position: TrainingPosition, n_batches: int) -> StepResult:
+    """Forward/backward over the micro-batches of one optimizer step, then check, clip, step and move `position`.
+
+    The update and the move of `position` (by `n_batches` micro-batches and one step) happen together, with
+    Ctrl-C held off, so a checkpoint always holds the state after a whole step. A non-finite loss or gradient
+    norm never reaches the weights: the update is skipped (up to train.skip_nonfinite_steps times; the step
+    still counts) or training stops.
+
     Raises:
-        TrainingStopped: the loss is NaN or infinite (checked on every process alike, before the update).
+        TrainingStopped: a non-finite loss or gradient norm beyond train.skip_nonfinite_steps (checked on every
+            process alike, before the update).
     """
     from vlm_tune.model.adalora import allocate_ranks, orthogonality_penalty
 
+    model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
+    cfg = run.recipe.train
     tokens_per_batch = [label_tokens(batch) for batch in group]
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in group)
     counts = accelerator.reduce(torch.tensor([sum(tokens_per_batch), input_tokens], device=accelerator.device), "sum")
@@ -134,14 +192,24 @@ def train_step(model, group: list[dict], optimizer, scheduler, accelerator, max_
             accelerator.backward((loss + penalty) * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
         loss_sum += loss.detach().float() * n_tokens
     step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
-    if not math.isfinite(step_loss):
-        raise TrainingStopped(f"the loss became {step_loss} at step {step + 1}")
-    grad_norm = clip_gradients(optimizer, accelerator, max_grad_norm)
-    optimizer.step()
-    allocate_ranks(model, step + 1)  # AdaLoRA: after the optimizer step, before zero_grad, as PEFT requires
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, step_input_tokens
+    grad_norm = clip_gradients(optimizer, accelerator, cfg.max_grad_norm)
+    skipped = _non_finite(step_loss, grad_norm, accelerator)
+    if skipped is not None and position.nonfinite_skipped >= cfg.skip_nonfinite_steps:
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingStopped(
+            f"{skipped} at step {position.step + 1} (before its update; skipped so far: "
+            f"{position.nonfinite_skipped}, train.skip_nonfinite_steps={cfg.skip_nonfinite_steps})"
+        )
+    with deferred():  # the update and the position it leads to go together
+        if skipped is None:
+            optimizer.step()
+            allocate_ranks(model, position.step + 1)  # AdaLoRA: after the optimizer step, before zero_grad (PEFT)
+            scheduler.step()
+        else:
+            position.nonfinite_skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        position.advance(n_batches)
+    return StepResult(step_loss, grad_norm, step_input_tokens, skipped)
 
 
 @torch.no_grad()
@@ -175,19 +243,21 @@ def caption_metrics(model, processor, eval_set, recipe: Recipe, accelerator) -> 
     return score_predictions(rows, recipe.data.eval.task, recipe.eval.use_java)
 
 
-def step_record(position: TrainingPosition, loss: float, grad_norm, optimizer, tokens_per_s: float) -> dict:
+def step_record(position: TrainingPosition, result: StepResult, optimizer, tokens_per_s: float) -> dict:
     """The log line of one optimizer step (all processes); `after_step` replaces the loss by the window's mean."""
     record = {
         "step": position.step,
         "epoch": position.epoch,
-        "train/loss": loss,
+        "train/loss": result.loss,
         "train/lr": {g["name"]: g["lr"] for g in optimizer.param_groups},  # the lr of the next step
         "train/tokens_per_s": tokens_per_s,  # running average over the run
+        "train/grad_norm": result.grad_norm.get("model"),
     }
-    if grad_norm is not None:
-        record["train/grad_norm"] = grad_norm["model"]
-        if RELEVANCE_GROUP in grad_norm:
-            record["train/relevance_grad_norm"] = grad_norm[RELEVANCE_GROUP]
+    if RELEVANCE_GROUP in result.grad_norm:
+        record["train/relevance_grad_norm"] = result.grad_norm[RELEVANCE_GROUP]
+    if result.skipped is not None:
+        record["skipped"] = f"{result.skipped}: update skipped"
+        record["nonfinite_skipped"] = position.nonfinite_skipped
     return record
 
 
@@ -200,31 +270,50 @@ def due(every: int, step: int, total: int) -> bool:
 
 
 def save_run(run: TrainingRun, position: TrainingPosition) -> None:
-    """Write `checkpoint-STEP` of the run (main process; every process waits for it)."""
-    from vlm_tune.checkpoint import save_checkpoint
+    """Write `checkpoint-STEP` of the run (main process; every process waits for it); Ctrl-C waits for it.
 
-    if run.main:
-        state = {"epoch": position.epoch, "batches_done": position.batches_done}
-        if run.best is not None:
-            state["best"] = run.best.state()
-        save_checkpoint(
-            run.run_dir,
-            position.step,
-            run.accelerator.unwrap_model(run.model),
-            state,
-            run.optimizer,
-            run.scheduler,
-            keep=run.recipe.train.keep_checkpoints,
+    Raises:
+        TrainingStopped: the weights hold NaN or inf values (checked on every process; nothing is written).
+    """
+    from vlm_tune.checkpoint import non_finite_parameters, save_checkpoint
+
+    model = run.accelerator.unwrap_model(run.model)
+    broken = non_finite_parameters(model)
+    if broken:
+        raise TrainingStopped(
+            f"after step {position.step} {len(broken)} trained tensor(s) hold NaN or inf values (e.g. {broken[0]}), "
+            f"so checkpoint-{position.step} was not written"
         )
-        _write_layer_ranks(run)
-    run.accelerator.wait_for_everyone()
+    if position.step in run.saved_steps:  # never replace a complete checkpoint of this run
+        return
+    state = position.saved()
+    if run.best is not None:
+        state["best"] = run.best.state()
+    with deferred():
+        if run.main:
+            save_checkpoint(
+                run.run_dir,
+                position.step,
+                model,
+                state,
+                run.optimizer,
+                run.scheduler,
+                keep=run.recipe.train.keep_checkpoints,
+                rng=position.rng,
+                recipe=run.recipe,
+            )
+            _write_layer_ranks(run)
+        run.saved_steps.add(position.step)
+        run.accelerator.wait_for_everyone()
 
 
 def _log_window(run: TrainingRun, record: dict) -> None:
     """Log the step's record with `train/loss` the mean over the steps since the last log line."""
     step = record["step"]
     first = step - len(run.losses) + 1
-    record = {**record, "train/loss": sum(run.losses) / len(run.losses), "loss_over_steps": [first, step]}
+    finite = [loss for loss in run.losses if math.isfinite(loss)]  # a skipped step's NaN loss stays out
+    mean = sum(finite) / len(finite) if finite else None
+    record = {**record, "train/loss": mean, "loss_over_steps": [first, step]}
     run.losses.clear()
     run.log.write(record)
 
@@ -234,14 +323,17 @@ def _evaluate(run: TrainingRun, step: int) -> dict[str, float]:
     cfg, total = run.recipe.train, run.total_steps
     scores: dict[str, float] = {}
     if run.data.eval_loader is not None and due(cfg.eval_every, step, total):
-        scores["eval_loss"] = run.summary["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
+        with preserved_rng():  # evaluating never changes what training draws next
+            scores["eval_loss"] = eval_loss(run.model, run.data.eval_loader, run.accelerator)
+        run.summary["eval_loss"] = scores["eval_loss"]
         run.log.write({"step": step, "eval/loss": scores["eval_loss"]})
         run.progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}")
     captions_due = cfg.eval_generate_every and due(cfg.eval_generate_every, step, total)  # 0: never
     if captions_due and run.data.eval_set is not None:
         metrics = {}
         if run.main:  # generation runs on the main process; the others wait for its scores
-            metrics = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
+            with preserved_rng():
+                metrics = caption_metrics(run.model, run.processor, run.data.eval_set, run.recipe, run.accelerator)
             run.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
             run.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         scores.update(_shared_scores(metrics, run.accelerator) if run.best is not None else metrics)
@@ -269,12 +361,13 @@ def _write_layer_ranks(run: TrainingRun) -> None:
         run.report.write(run.run_dir)
 
 
-def after_step(run: TrainingRun, record: dict, position: TrainingPosition) -> None:
-    """Log, evaluate (eval loss, caption metrics), keep the best, save, and stop early, each when due."""
+def after_step(run: TrainingRun, record: Optional[dict], position: TrainingPosition) -> None:
+    """Log, evaluate (eval loss, caption metrics), keep the best, save, and stop early, each when due
+    (`record` None: the step was logged already)."""
     from vlm_tune.checkpoint import write_best
 
     cfg, step, total = run.recipe.train, position.step, run.total_steps
-    if due(cfg.log_every, step, total):
+    if record is not None and due(cfg.log_every, step, total):
         _log_window(run, record)
     scores = _evaluate(run, step)
     improved = False

@@ -10,6 +10,7 @@ import torch
 from data_fixtures import data_cfg, make_image, source, write_coco, write_csv, write_jsonl
 
 from vlm_tune.data import DataError, build_dataset, write_bad_samples
+from vlm_tune.data.bad_samples import is_skipped
 
 
 def _coco(tmp_path, captions):
@@ -35,14 +36,16 @@ def test_missing_image_raise_names_the_file_and_the_setting(tmp_path):
         build_dataset(config, data_cfg(on_error="raise"), train=True)
 
 
-def test_unreadable_image_skip_returns_none_and_logs(tmp_path, caplog):
+def test_unreadable_image_skip_names_the_image_and_the_reason_and_logs(tmp_path, caplog):
     config = _coco(tmp_path, {"a.png": ["a"], "b.png": ["b"]})
     (tmp_path / "val2017" / "b.png").write_bytes(b"\x89PNG broken")
     dataset = build_dataset(config, data_cfg(), train=True)
     assert len(dataset) == 2  # found lazily, not at build time
     with caplog.at_level(logging.WARNING, logger="vlm_tune.data"):
-        assert dataset[1] is None
-    assert "b.png" in caplog.text and dataset[0] is not None
+        skipped = dataset[1]
+    assert is_skipped(skipped) and not is_skipped(dataset[0])
+    assert skipped["image_id"] == dataset.records[1].image_id and skipped["file"] == str(tmp_path / "val2017" / "b.png")
+    assert skipped["reason"].startswith("unreadable image") and "b.png" in caplog.text
 
 
 def test_unreadable_image_raise_names_the_file(tmp_path):
@@ -134,8 +137,8 @@ def test_one_bad_jpeg_does_not_stop_a_worker_dataloader(tmp_path):
     config = _coco(tmp_path, {f"{i}.jpg": [f"image {i}"] for i in range(8)})
     (tmp_path / "val2017" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     dataset = build_dataset(config, data_cfg(), train=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=4, num_workers=2, collate_fn=lambda items: [i for i in items if i is not None]
-    )
-    seen = [item["caption"] for batch in loader for item in batch]
-    assert seen == [f"image {i}" for i in range(8) if i != 3]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list)
+    items = [item for batch in loader for item in batch]
+    assert [item["caption"] for item in items if not is_skipped(item)] == [f"image {i}" for i in range(8) if i != 3]
+    skipped = [item for item in items if is_skipped(item)]  # the record crosses from the worker process
+    assert len(skipped) == 1 and skipped[0]["file"].endswith("3.jpg") and "unreadable image" in skipped[0]["reason"]

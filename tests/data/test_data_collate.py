@@ -78,7 +78,7 @@ def test_generation_inputs_are_left_padded_and_match_single_generation(arch):
     assert processor.tokenizer.padding_side == "right"  # unchanged: the left padding is per call
     assert meta["image_ids"] == ["img0", "img1"]
     assert meta["references"] == [[CAPTIONS[0], "another reference"], [CAPTIONS[1], "another reference"]]
-    assert meta["skipped"] == [{"image_id": None, "reason": "image could not be read (named in the log)"}]
+    assert meta["skipped"] == [{"image_id": None, "file": None, "reason": "image could not be read"}]
     assert "labels" not in inputs and (inputs["attention_mask"][:, -1] == 1).all()
     assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum()  # row 0 padded on the left
 

@@ -118,3 +118,16 @@ def test_mixed_precision_keeps_fp32_masters_and_loads_checkpoint_weights_unround
     save_checkpoint(tmp_path / "run", 1, first.model, {"epoch": 0, "batches_done": 0})
     again = build_model(recipe, checkpoint=tmp_path / "run", training=True)
     assert all(torch.all(p == 1.0 + 2**-12) for group in again.groups for p in group["params"])
+
+
+def test_a_checkpoint_of_another_lora_rank_names_the_component_and_both_ranks(folder, tmp_path):
+    built = build_model(_recipe(folder), training=True)  # language rank 4
+    (tmp_path / "run").mkdir()
+    checkpoint = save_checkpoint(tmp_path / "run", 1, built.model, {"epoch": 0, "batches_done": 0})
+    other = _recipe(folder)
+    other.components["language"].rank = 8
+    with pytest.raises(
+        CheckpointError, match=r"components.language was trained with LoRA rank 4, the recipe gives it rank 8; "
+    ) as raised:
+        build_model(other, checkpoint=checkpoint, training=True)
+    assert "set components.language.rank=4" in str(raised.value) and "\n" not in str(raised.value)

@@ -155,6 +155,33 @@ def test_not_a_model_folder(tmp_path):
     assert resolve_source("HuggingFaceTB/SmolVLM-256M-Instruct") == "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
+def test_trust_remote_code_is_suggested_only_for_a_config_that_names_custom_code(tmp_path):
+    import json
+
+    plain, custom = tmp_path / "plain", tmp_path / "custom"
+    for folder, config in ((plain, {"model_type": "not-a-known-type"}), (custom, {"model_type": "mine"})):
+        folder.mkdir()
+        config.update({"auto_map": {"AutoConfig": "modeling_mine.MineConfig"}} if folder == custom else {})
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="cannot read the model config") as unknown:
+        load_model(ModelConfig(name_or_path=str(plain)))
+    assert "set model.trust_remote_code" not in str(unknown.value)
+    with pytest.raises(LoadError, match="ships its own code: set model.trust_remote_code: true"):
+        load_model(ModelConfig(name_or_path=str(custom)))
+
+
+def test_an_attention_implementation_that_cannot_run_here_names_the_field(tmp_path):
+    folder = tiny_vlm_folder("idefics3", tmp_path)
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(LoadError, match=r"model.attn_implementation=flash_attention_2: .*sdpa and eager"):
+        load_model(ModelConfig(name_or_path=str(folder), dtype="float32", attn_implementation="flash_attention_2"))
+
+
 def test_text_only_model_is_not_a_vlm(tmp_path):
     config = tf.LlamaConfig(
         vocab_size=64,

@@ -30,6 +30,19 @@ def bad_record(image_id: Optional[str], file: Optional[str], reason: str) -> dic
     return {"image_id": image_id, "file": file, "reason": reason}
 
 
+class SkippedSample(dict):
+    """What a dataset gives for a sample it skips (`data.on_error: skip`): that sample's bad-sample record.
+
+    Collators leave it out of the batch and list it in the batch's "skipped", so bad_samples.jsonl names
+    the image and the reason even when the image was read in a DataLoader worker.
+    """
+
+
+def is_skipped(item) -> bool:
+    """True for the item of a skipped sample (a `SkippedSample`, or None from a dataset that returns None)."""
+    return item is None or isinstance(item, SkippedSample)
+
+
 class BadSampleLog:
     """Collects bad samples of one source under the `data.on_error` policy.
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from vlm_tune.constants import IGNORE_INDEX
-from vlm_tune.data.bad_samples import DataError
+from vlm_tune.data.bad_samples import DataError, is_skipped
 from vlm_tune.data.families import caption_style, chat_messages, image_budget, image_placeholder, special_token_ids
 from vlm_tune.data.images import fit_within
 from vlm_tune.recipe import DataConfig
@@ -25,7 +25,7 @@ logger = logging.getLogger("vlm_tune.data")
 
 # Processor outputs laid out [batch, sequence, ...]: cut together when a sequence is shortened.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
-UNREADABLE = "image could not be read (named in the log)"
+UNREADABLE = {"image_id": None, "file": None, "reason": "image could not be read"}  # a dataset that gives None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -156,8 +156,9 @@ class CaptionEncoder:
 
 
 def _split_none(items: list) -> tuple[list[dict], list[dict]]:
-    samples = [item for item in items if item is not None]
-    skipped = [{"image_id": None, "reason": UNREADABLE} for item in items if item is None]
+    """(the usable samples, the records of the skipped ones: image, file and reason)."""
+    samples = [item for item in items if not is_skipped(item)]
+    skipped = [dict(item) if item is not None else dict(UNREADABLE) for item in items if is_skipped(item)]
     return samples, skipped
 
 

@@ -1,7 +1,7 @@
 """`ConversationDataset`: conversation records of one source, images loaded lazily when a sample is used.
 
 An item is `{"image_id" (the sample's id), "images" (PIL RGB, in placeholder order), "messages", "answers"}`,
-or None when one of its images cannot be decoded and `data.on_error` is "skip".
+or a `SkippedSample` naming the image and why when one of its images cannot be decoded (`data.on_error: skip`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-from vlm_tune.data.bad_samples import BadSampleLog, DataError
+from vlm_tune.data.bad_samples import BadSampleLog, DataError, is_skipped
 from vlm_tune.data.conversations import Conversation, read_hf_conversations, read_llava, read_messages, turn_text
 from vlm_tune.data.dataset import load_or_skip
 from vlm_tune.data.images import ImageLoadError, load_rgb
@@ -32,10 +32,11 @@ class ConversationDataset(Dataset):
         source_path: the annotation file or folder this set was read from.
     """
 
-    def __init__(self, records: list[Conversation], image_table, on_error: str, source_path: str, bad_samples):
+    def __init__(self, records: list[Conversation], image_table, data_cfg: DataConfig, source_path: str, bad_samples):
         self.records = records
         self.image_table = image_table
-        self.on_error = on_error
+        self.on_error = data_cfg.on_error
+        self.max_image_pixels = data_cfg.max_image_pixels
         self.source_path = source_path
         self.bad_samples = bad_samples
 
@@ -50,25 +51,26 @@ class ConversationDataset(Dataset):
         return [sum(len(turn_text(m).split()) for m in r.messages) + 16 * r.image_count for r in self.records]
 
     def _load_images(self, record: Conversation) -> list:
+        cap = self.max_image_pixels
         if record.row is None:
-            return [load_rgb(path) for path in record.images]
+            return [load_rgb(path, max_pixels=cap) for path in record.images]
         name = f"row {record.row} of {self.source_path}"
         values = self.image_table[record.row][self.image_table.column_names[0]]  # [{"bytes", "path"}], undecoded
         images = []
         for value in values:
             if isinstance(value, dict) and value.get("bytes"):
-                images.append(load_rgb(value["bytes"], name=name))
+                images.append(load_rgb(value["bytes"], name=name, max_pixels=cap))
             elif isinstance(value, dict) and value.get("path"):
-                images.append(load_rgb(value["path"]))
+                images.append(load_rgb(value["path"], max_pixels=cap))
             else:
-                raise ImageLoadError(f"{name}: an empty image")
+                raise ImageLoadError(name, "an empty image")
         return images
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        images = load_or_skip(lambda: self._load_images(record), f"sample {record.sample_id}", self)
-        if images is None:
-            return None
+        images = load_or_skip(lambda: self._load_images(record), record.sample_id, self)
+        if is_skipped(images):
+            return images
         return {
             "image_id": record.sample_id,
             "images": images,
@@ -119,4 +121,4 @@ def build_conversation_dataset(source: DataSourceConfig, data_cfg: DataConfig) -
             f"{log.counts() or 'nothing'}; check the path, the images folder and the layout (see the README)"
         )
     log.warn()
-    return ConversationDataset(usable, image_table, data_cfg.on_error, str(source.path), log.records)
+    return ConversationDataset(usable, image_table, data_cfg, str(source.path), log.records)

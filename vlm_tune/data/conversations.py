@@ -12,12 +12,13 @@ images differ in number, or an image is a URL (nothing is downloaded).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from vlm_tune.data.bad_samples import BadSampleLog, DataError
+from vlm_tune.data.images import OutsideImageFolder, image_path
+from vlm_tune.data.text_files import read_utf8, utf8_lines
 from vlm_tune.recipe import DataSourceConfig
 
 IMAGE_PLACEHOLDER = "<image>"  # in LLaVA values and in string contents of `messages`
@@ -114,7 +115,7 @@ def count_images(messages: list[dict]) -> int:
     return sum(p["type"] == "image" for m in messages for p in m["content"])
 
 
-def _resolve_images(named: list[Optional[str]], listed: list, root: Path) -> list[str]:
+def _resolve_images(named: list[Optional[str]], listed: list, root: Path, allow_outside: bool) -> list[str]:
     """Image files in placeholder order: a part's own path, else the next entry of the record's image list."""
     listed = list(listed)
     if any(n is None for n in named) and any(n is not None for n in named):
@@ -132,7 +133,10 @@ def _resolve_images(named: list[Optional[str]], listed: list, root: Path) -> lis
             raise BadConversation(f"image entry {entry!r} is not a path")
         if entry.startswith(("http://", "https://")):
             raise BadConversation(f"image {entry} is a URL; nothing is downloaded: give a local path")
-        files.append(os.path.abspath(root / entry.removeprefix("file://")))
+        try:
+            files.append(image_path(root, entry.removeprefix("file://"), allow_outside))
+        except OutsideImageFolder as exc:
+            raise BadConversation(str(exc)) from None
     return files
 
 
@@ -146,9 +150,16 @@ def _answers(raw: Any, messages: list[dict]) -> list[str]:
 
 
 def make_conversation(
-    sample_id: str, turns: list[tuple[str, Any]], listed_images: Any, answers: Any, root: Path, in_table: bool = False
+    sample_id: str,
+    turns: list[tuple[str, Any]],
+    listed_images: Any,
+    answers: Any,
+    root: Path,
+    in_table: bool = False,
+    allow_outside: bool = False,
 ) -> Conversation:
-    """Validate one record: `turns` = [(role, content)], `listed_images` = the record's image list.
+    """Validate one record: `turns` = [(role, content)], `listed_images` = the record's image list (paths inside
+    `root`, unless `allow_outside`).
 
     Raises:
         BadConversation: the record breaks one of the rules of the module docstring.
@@ -167,7 +178,7 @@ def make_conversation(
         if len(listed) != len(named):
             raise BadConversation(f"{len(named)} image placeholder(s) but {len(listed)} image(s)")
         return Conversation(sample_id, messages, [], _answers(answers, messages), image_count=len(named))
-    files = _resolve_images(named, listed, root)
+    files = _resolve_images(named, listed, root, allow_outside)
     return Conversation(sample_id, messages, files, _answers(answers, messages), image_count=len(files))
 
 
@@ -180,14 +191,15 @@ def _entries(path: Path, log: BadSampleLog, what: str) -> list[tuple[str, Any]]:
     """(where, entry) for a JSON list file or a JSONL file."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found (check data.<train|eval>.path)")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    with path.open("rb") as handle:
+        is_list = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if is_list:
         try:
-            return [(f"entry {i}", entry) for i, entry in enumerate(json.loads(text))]
+            return [(f"entry {i}", entry) for i, entry in enumerate(json.loads(read_utf8(path)))]
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not a valid JSON list of {what} records ({exc})") from None
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in utf8_lines(path, log):
         if not line.strip():
             continue
         try:
@@ -240,7 +252,8 @@ def _read_records(source: DataSourceConfig, log: BadSampleLog, what: str, turns_
         sample_id = str(entry.get("id", where.replace(" ", "_")))
         images = entry.get("image", entry.get("images")) if what == "LLaVA" else entry.get("images")
         try:
-            records.append(make_conversation(sample_id, turns_of(entry), images, entry.get("answers"), root))
+            turns, answers, allow = turns_of(entry), entry.get("answers"), source.allow_outside_paths
+            records.append(make_conversation(sample_id, turns, images, answers, root, allow_outside=allow))
         except BadConversation as exc:
             log.add(sample_id, None, f"broken record: {where}: {exc}")
     return records
@@ -281,8 +294,9 @@ def read_hf_conversations(source: DataSourceConfig, log: BadSampleLog, table) ->
         sample_id = str(entry.get("id", row))
         images = entry.get(images_column) if images_column else None
         try:
+            turns = _messages_turns(entry, source.messages_column)
             record = make_conversation(
-                sample_id, _messages_turns(entry, source.messages_column), images, entry.get("answers"), root, in_table
+                sample_id, turns, images, entry.get("answers"), root, in_table, source.allow_outside_paths
             )
         except BadConversation as exc:
             log.add(sample_id, None, f"broken record: row {row}: {exc}")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
-from vlm_tune.data.bad_samples import BadSampleLog, DataError
+from vlm_tune.data.bad_samples import BadSampleLog, DataError, SkippedSample, bad_record, is_skipped
 from vlm_tune.data.images import ImageLoadError, load_rgb
 from vlm_tune.data.sources import Record, SourceData, read_source
 from vlm_tune.recipe import DataConfig, DataSourceConfig
@@ -41,8 +41,8 @@ class CaptionDataset(Dataset):
     """Image-caption samples of one source.
 
     An item is `{"image_id", "image" (PIL RGB), "captions" (all references), "caption" (the one
-    drawn for this epoch in training, the first one in evaluation), "prompt"}`, or None when the
-    image cannot be decoded and `data.on_error` is "skip".
+    drawn for this epoch in training, the first one in evaluation), "prompt"}`, or a `SkippedSample`
+    naming the image and why when it cannot be decoded and `data.on_error` is "skip".
 
     Attributes:
         bad_samples: `[{"image_id", "file", "reason"}]` found while building (missing images,
@@ -65,6 +65,7 @@ class CaptionDataset(Dataset):
         self.image_column = source.image_column
         self.prompts = [data_cfg.prompt] if isinstance(data_cfg.prompt, str) else list(data_cfg.prompt)
         self.on_error = data_cfg.on_error
+        self.max_image_pixels = data_cfg.max_image_pixels
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -84,20 +85,20 @@ class CaptionDataset(Dataset):
 
     def _load_image(self, record: Record):
         if record.file is not None:
-            return load_rgb(record.file)
+            return load_rgb(record.file, max_pixels=self.max_image_pixels)
         value = self.image_table[record.row][self.image_column]  # {"bytes", "path"}, undecoded
         name = f"row {record.row} of {self.source_path}"
         if isinstance(value, dict) and value.get("bytes"):
-            return load_rgb(value["bytes"], name=name)
+            return load_rgb(value["bytes"], name=name, max_pixels=self.max_image_pixels)
         if isinstance(value, dict) and value.get("path"):
-            return load_rgb(value["path"])
-        raise ImageLoadError(f"{name}: no image in column '{self.image_column}'")
+            return load_rgb(value["path"], max_pixels=self.max_image_pixels)
+        raise ImageLoadError(name, f"no image in column '{self.image_column}'")
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        image = load_or_skip(lambda: self._load_image(record), f"image {record.image_id}", self)
-        if image is None:
-            return None
+        image = load_or_skip(lambda: self._load_image(record), record.image_id, self)
+        if is_skipped(image):
+            return image
         if self.train:
             rng = sample_rng(self.seed, self.epoch, index)
             caption, prompt = rng.choice(record.captions), rng.choice(self.prompts)
@@ -112,21 +113,23 @@ class CaptionDataset(Dataset):
         }
 
 
-def load_or_skip(load, name: str, dataset) -> Any:
-    """`load()`, or None (logged) when it raises `ImageLoadError` and `dataset.on_error` is "skip".
+def load_or_skip(load, sample_id: str, dataset) -> Any:
+    """`load()`, or the sample's `SkippedSample` record (logged) when it raises `ImageLoadError` and
+    `dataset.on_error` is "skip".
 
     Raises:
-        DataError: naming `dataset.source_path` and `name` (e.g. "image 42"), when `on_error` is "raise".
+        DataError: naming `dataset.source_path`, the sample and the image, when `on_error` is "raise".
     """
     try:
         return load()
     except ImageLoadError as exc:
         if dataset.on_error == "raise":
             raise DataError(
-                f"{dataset.source_path}: {name}: {exc} (set data.on_error: skip to skip and count such samples)"
+                f"{dataset.source_path}: sample {sample_id}: {exc} "
+                f"(set data.on_error: skip to skip and count such samples)"
             ) from None
-        logger.warning("skipping %s: %s", name, exc)
-        return None
+        logger.warning("skipping sample %s: %s", sample_id, exc)
+        return SkippedSample(bad_record(sample_id, exc.image, exc.reason or str(exc)))
 
 
 def _usable_records(records: list[Record], log: BadSampleLog, limit: Optional[int]) -> list[Record]:

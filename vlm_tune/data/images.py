@@ -8,8 +8,9 @@ long run never accumulates open handles.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,7 +19,55 @@ ImageSource = Union[str, Path, bytes, Image.Image]
 
 
 class ImageLoadError(OSError):
-    """An image that cannot be read or decoded; the message names the file and the cause."""
+    """An image that cannot be read or decoded; the message names the file (`image`) and the cause (`reason`)."""
+
+    def __init__(self, image: str, reason: Optional[str] = None):
+        super().__init__(image if reason is None else f"{image}: {reason}")
+        self.image, self.reason = image, reason
+
+
+class OutsideImageFolder(ValueError):
+    """An annotation's image path that leads out of the set's image folder."""
+
+
+def image_path(root: Path, entry: str, allow_outside: bool = False) -> str:
+    """The absolute path of an annotation's image `entry` (relative to `root`, or absolute).
+
+    `..` and absolute entries are resolved as written (symlinks inside the folder are the folder owner's
+    choice and are followed when reading), and the result must lie inside `root`.
+
+    Raises:
+        OutsideImageFolder: the path leads out of `root` and `allow_outside` is False.
+    """
+    folder = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(folder, entry))
+    if not allow_outside and os.path.commonpath([folder, path]) != folder:
+        raise OutsideImageFolder(
+            f"image path {entry!r} leads outside the image folder {folder} "
+            f"(set data.<train|eval>.allow_outside_paths: true to read it)"
+        )
+    return path
+
+
+def _decode_within(opened: Image.Image, max_pixels: Optional[int], label: str) -> None:
+    """Decode `opened`, a JPEG over `max_pixels` at a reduced size (1/2 to 1/8, by the decoder itself).
+
+    Raises:
+        ImageLoadError: another format over `max_pixels`, or a JPEG that stays over it at 1/8.
+    """
+    width, height = opened.size
+    if max_pixels is not None and width * height > max_pixels:
+        if opened.format == "JPEG":  # asked for a quarter of the cap, the decoder returns at most the cap
+            scale = (max_pixels / 4 / (width * height)) ** 0.5
+            opened.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        if opened.size[0] * opened.size[1] > max_pixels:
+            raise ImageLoadError(
+                label,
+                f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is over data.max_image_pixels "
+                f"({max_pixels / 1e6:.0f} MP), and only JPEG is downscaled while decoding; shrink the file "
+                f"or raise data.max_image_pixels",
+            )
+    opened.load()  # decode now: truncated or corrupt data fails here, inside the caller's try
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
@@ -53,16 +102,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
+def load_rgb(source: ImageSource, name: str | None = None, max_pixels: Optional[int] = None) -> Image.Image:
     """Load an image from a path, encoded bytes or a Pillow image as upright 8-bit RGB.
 
     Args:
         source: a file path, the encoded bytes of an image file, or a Pillow image.
         name: how to name the image in errors (default: the path).
+        max_pixels: `data.max_image_pixels`: a bigger JPEG is downscaled while it is decoded, a bigger image
+            of another format is refused before decoding (None: no cap).
     Returns:
         A fully decoded RGB image not tied to any open file.
     Raises:
-        ImageLoadError: the file is missing, not an image, truncated or corrupt.
+        ImageLoadError: the file is missing, not an image, truncated, corrupt, or over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "<in-memory image>")
     try:
@@ -71,14 +122,16 @@ def load_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
             return to_rgb(image).copy() if image is source else to_rgb(image)
         opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         with opened:
-            opened.load()  # decode now: truncated or corrupt data fails here, inside the try
+            _decode_within(opened, max_pixels, label)
             upright = ImageOps.exif_transpose(opened)
             rgb = to_rgb(upright)
             return rgb.copy() if rgb is opened else rgb
     except FileNotFoundError:
-        raise ImageLoadError(f"{label}: image file not found") from None
+        raise ImageLoadError(label, "image file not found") from None
+    except ImageLoadError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{label}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise ImageLoadError(label, f"unreadable image ({type(exc).__name__}: {exc})") from None
 
 
 def fit_within(image: Image.Image, longest_edge: int | None, max_pixels: int | None) -> Image.Image:

@@ -9,6 +9,7 @@ not the announced format at all is always a `DataError`, since nothing in it cou
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vlm_tune.data.bad_samples import BadSampleLog, DataError
+from vlm_tune.data.images import OutsideImageFolder, image_path
+from vlm_tune.data.text_files import read_utf8, utf8_lines
 from vlm_tune.recipe import DataSourceConfig
 
 
@@ -43,9 +46,8 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found (check data.<train|eval>.path)")
     try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not a valid JSON {what} file ({exc})") from None
 
 
@@ -53,8 +55,13 @@ def _images_root(source: DataSourceConfig, default: Path) -> Path:
     return Path(source.images) if source.images else default
 
 
-def _join(root: Path, relative: str) -> str:
-    return os.path.abspath(root / relative)
+def _image_file(root: Path, entry: str, allow_outside: bool, log: BadSampleLog, image_id) -> Optional[str]:
+    """The path of an annotation's image inside the set's image folder, or None (a bad sample, logged)."""
+    try:
+        return image_path(root, entry, allow_outside)
+    except OutsideImageFolder as exc:
+        log.add(str(image_id), entry, str(exc))
+        return None
 
 
 def _wanted_splits(source: DataSourceConfig) -> Optional[set[str]]:
@@ -114,16 +121,12 @@ def read_coco(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
         by_id[image_id].captions.append(annotation["caption"])
     records = list(by_id.values())
     root = _images_root(source, path.parent)
-    if (
-        not source.images
-        and records
-        and not (root / records[0].file).exists()
-        and (root / "images" / records[0].file).exists()
-    ):
+    first = records[0].file if records else None
+    if not source.images and first and not (root / first).exists() and (root / "images" / first).exists():
         root = root / "images"  # the common <set>/captions_*.json + <set>/images/ layout
     for record in records:
-        record.file = _join(root, record.file)
-    return SourceData(records)
+        record.file = _image_file(root, record.file, source.allow_outside_paths, log, record.image_id)
+    return SourceData([record for record in records if record.file is not None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,9 +160,10 @@ def read_karpathy(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
             continue
         image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
         captions = [s.get("raw") if isinstance(s, dict) else None for s in entry["sentences"]]
-        records.append(
-            Record(str(image_id), captions, _join(root, os.path.join(entry.get("filepath", ""), entry["filename"])))
-        )
+        entry_path = os.path.join(entry.get("filepath", ""), entry["filename"])
+        file = _image_file(root, entry_path, source.allow_outside_paths, log, image_id)
+        if file is not None:
+            records.append(Record(str(image_id), captions, file))
     if wanted is not None and not records and raw["images"]:
         raise DataError(
             f"{path}: no image in split '{source.split}'; splits in the file: {sorted(str(s) for s in seen_splits)}"
@@ -173,34 +177,32 @@ def read_karpathy(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
 
 
 def _jsonl_rows(path: Path, log: BadSampleLog):
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                log.add(None, None, f"broken record: line {line_number} is not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(row, dict):
-                log.add(None, None, f"broken record: line {line_number} is not a JSON object")
-                continue
-            yield line_number, row
+    for line_number, line in utf8_lines(path, log):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            log.add(None, None, f"broken record: line {line_number} is not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            log.add(None, None, f"broken record: line {line_number} is not a JSON object")
+            continue
+        yield line_number, row
 
 
 def _csv_rows(path: Path, log: BadSampleLog):
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            if None in row or None in row.values():  # more or fewer cells than header columns
-                log.add(
-                    None,
-                    None,
-                    f"broken record: line {reader.line_num} does not have the "
-                    f"{len(reader.fieldnames or [])} cells of the header",
-                )
-                continue
-            yield reader.line_num, row
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    for row in reader:
+        if None in row or None in row.values():  # more or fewer cells than header columns
+            log.add(
+                None,
+                None,
+                f"broken record: line {reader.line_num} does not have the "
+                f"{len(reader.fieldnames or [])} cells of the header",
+            )
+            continue
+        yield reader.line_num, row
 
 
 def _group_table(
@@ -212,6 +214,7 @@ def _group_table(
     log: BadSampleLog,
     wanted: Optional[set[str]],
     field_hint: str,
+    allow_outside: bool = False,
 ) -> list[Record]:
     """Group rows by image path, keeping first-seen order; a caption cell may be a list."""
     by_image: dict[str, Record] = {}
@@ -237,12 +240,15 @@ def _group_table(
             log.add(None, None, f"broken record: line {line_number} has no image path in '{image_column}'")
             continue
         if caption_column not in row:
-            log.add(image, _join(root, image), f"broken record: line {line_number} has no '{caption_column}'")
+            log.add(image, str(root / image), f"broken record: line {line_number} has no '{caption_column}'")
             continue
         record = by_image.get(image)
         if record is None:
             image_id = str(row.get("image_id", image))
-            record = by_image[image] = Record(image_id, [], _join(root, image))
+            file = _image_file(root, image, allow_outside, log, image_id)
+            if file is None:
+                continue
+            record = by_image[image] = Record(image_id, [], file)
         caption = row[caption_column]
         record.captions.extend(caption if isinstance(caption, list) else [caption])
     return list(by_image.values())
@@ -261,6 +267,7 @@ def _read_table(source: DataSourceConfig, log: BadSampleLog, kind: str, rows) ->
         log,
         _wanted_splits(source),
         "data.<train|eval>",
+        source.allow_outside_paths,
     )
     return SourceData(records)
 
@@ -296,6 +303,7 @@ def read_imagefolder(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
                 log,
                 None,
                 "data.<train|eval>",
+                source.allow_outside_paths,
             )
             return SourceData(records)
     raise DataError(
@@ -353,7 +361,8 @@ def read_hf(source: DataSourceConfig, log: BadSampleLog) -> SourceData:
         if in_table:  # image stored in the table: loaded from its row when used
             records.append(Record(str(image_id), captions, row=row))
         elif isinstance(paths[row], str) and paths[row]:
-            records.append(Record(str(image_id), captions, file=_join(root, paths[row])))
+            file = _image_file(root, paths[row], source.allow_outside_paths, log, image_id)
+            records.extend([Record(str(image_id), captions, file=file)] if file else [])
         else:
             log.add(str(image_id), None, f"broken record: row {row} has no image path in '{source.image_column}'")
     image_table = None

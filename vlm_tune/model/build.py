@@ -57,7 +57,8 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
         InitError: `init: loftq` finds no 16-bit weight of a layer in the base model's safetensors.
         CheckpointError: the checkpoint is missing, incomplete, or does not fit the recipe's model.
     """
-    from vlm_tune.checkpoint import load_weights, resolve_checkpoint
+    from vlm_tune.checkpoint import resolve_checkpoint
+    from vlm_tune.checkpoint_load import load_weights
     from vlm_tune.model.load import load_vlm
     from vlm_tune.model.speed import apply_speed
     from vlm_tune.model.targeting import apply_targeting, param_groups
@@ -88,7 +89,7 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     if training and recipe.train.mixed_precision != "no":
         _fp32_masters(groups)
     if checkpoint is not None:  # after the fp32 cast, so fp32 checkpoint weights are not rounded through 16 bit
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, components)
     return BuiltModel(model, loaded.processor, components, report, groups)
 
 

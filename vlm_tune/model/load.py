@@ -8,6 +8,7 @@ checkpointing is non-reentrant, and the vision tower / projector stay 16-bit (`k
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -73,11 +74,24 @@ def _load_config(source: str, cfg: ModelConfig):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "folder" if Path(source).is_dir() else "hub id"
+        if _names_custom_code(source, str(exc)) and not cfg.trust_remote_code:
+            fix = "The model ships its own code: set model.trust_remote_code: true if you trust it"
+        else:
+            fix = "Check the name (and network / HF_TOKEN for hub ids), and that transformers knows this model type"
         raise LoadError(
-            f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. "
-            f"Check the name (and network / HF_TOKEN for hub ids), or set model.trust_remote_code: "
-            f"true for models with their own code"
+            f"model.name_or_path: cannot read the model config of {where} '{source}': {first_line}. {fix}"
         ) from None
+
+
+def _names_custom_code(source: str, error: str) -> bool:
+    """True when the model's config names code of its own (an `auto_map`), or transformers says it does."""
+    if "trust_remote_code=True" in error or "contains custom code" in error:
+        return True
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def vlm_class(config, source: str = "") -> type:
@@ -335,7 +349,7 @@ def load_vlm(
     if quant is not None:  # the skeleton's components name what stays 16-bit; module names do not change at load
         cmap, heads = _skeleton_components(model_class, config, components)
         kwargs["quantization_config"] = bnb_config(quant, cmap, heads)
-    model = model_class.from_pretrained(source, **kwargs)
+    model = _from_pretrained(model_class, source, kwargs)
     model.requires_grad_(False)
     if cmap is None:
         cmap = _components_or_none(model, components)
@@ -348,6 +362,20 @@ def load_vlm(
         print(f"Loaded {model.config.model_type} from {source} ({weights})")
         print(weight_memory_table(weight_memory(model, cmap)))
     return LoadedModel(model, processor, cmap)
+
+
+def _from_pretrained(model_class, source: str, kwargs: dict) -> nn.Module:
+    """`from_pretrained`; an attention implementation that cannot run here becomes one line naming the field."""
+    try:
+        return model_class.from_pretrained(source, **kwargs)
+    except (ImportError, ValueError) as exc:
+        text = str(exc).strip()
+        if "attention" not in text.lower() and "kernel" not in text.lower():
+            raise
+        raise LoadError(
+            f"model.attn_implementation={kwargs['attn_implementation']}: {text.splitlines()[0]} "
+            f"(sdpa and eager run everywhere)"
+        ) from None
 
 
 def load_model(
