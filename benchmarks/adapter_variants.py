@@ -19,8 +19,9 @@ And in 4 bit (`model.quantization`: the decoder in NF4, vision and projector in 
 against loftq.
 
 It reads `RUN/log.jsonl` (last "eval/loss"), `RUN/eval/metrics.json` (CIDEr-D, BLEU-4) and
-`RUN/components.json` (the language row's trainable parameters) and writes a markdown table (mean ± std over
-seeds, ROOT/adapter_variants.md) and the raw numbers (ROOT/adapter_variants.json).
+`RUN/components.json` (the language row's trainable parameters); it prints each run's wall time (train +
+evaluate) and keeps its training seconds (log.jsonl's last "train/seconds") in the raw numbers. It writes a
+markdown table (mean ± std over seeds, ROOT/adapter_variants.md) and the raw numbers (ROOT/adapter_variants.json).
 
 Usage:
     python benchmarks/adapter_variants.py [--recipe recipes/demo.yaml] [--root runs/adapter_variants]
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from relevance_sweep import _mean_std, read_last_logged, read_metrics, train_and_evaluate, write_results
@@ -106,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only and not finished:
                 continue
             if not (args.reuse or args.report_only) or not finished:
+                started = time.monotonic()
                 failures += not train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
+                print(f"  {run_dir.name}: {time.monotonic() - started:.0f} s (train + evaluate)", flush=True)
             results.append(
                 {
                     "variant": variant,
                     "seed": seed,
                     "language_params": language_params(run_dir),
                     "eval_loss": read_last_logged(run_dir, "eval/loss", "eval_loss"),
+                    "train_seconds": read_last_logged(run_dir, "train/seconds"),
                     **read_metrics(eval_dir),
                 }
             )

@@ -74,7 +74,8 @@ def train_and_evaluate(recipe: str, overrides: list[str], run_dir: Path, dry_run
     """Train RECIPE with `overrides` into `run_dir`, then evaluate its newest checkpoint into RUN/eval; True when
     both succeeded (their output goes to RUN/sweep.log)."""
     log_file = run_dir / "sweep.log"
-    trained = run([sys.executable, "-m", "vlm_tune.train", recipe, *overrides], log_file, dry_run)
+    fresh = ["train.overwrite=true"]  # the sweep trains this run anew even where an unfinished one left checkpoints
+    trained = run([sys.executable, "-m", "vlm_tune.train", recipe, *overrides, *fresh], log_file, dry_run)
     evaluate = [sys.executable, "-m", "vlm_tune.evaluate", recipe, *overrides, "--checkpoint", str(run_dir)]
     evaluate += ["--output-dir", str(run_dir / "eval"), "--overwrite", "--no-progress"]  # the run was trained anew
     return trained and run(evaluate, log_file, dry_run)
