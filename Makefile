@@ -15,6 +15,8 @@ demo: install
 	$(PYTHON) -m vlm_tune.evaluate recipes/demo.yaml --output-dir runs/demo/eval-base --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --checkpoint runs/demo --output-dir runs/demo/eval-trained --overwrite
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo/eval-base runs/demo/eval-trained --out runs/demo/compare.md
+	$(PYTHON) -m vlm_tune.export runs/demo --out runs/demo/export-merged --merge --overwrite
+	$(PYTHON) scripts/plain_transformers_caption.py runs/demo/export-merged data/shapes/images/test_00000.png data/shapes/images/test_00001.png
 
 demo-vqa: install
 	$(PYTHON) -m vlm_tune.train recipes/demo_vqa.yaml
@@ -23,8 +25,8 @@ demo-vqa: install
 	$(PYTHON) -m vlm_tune.evaluate --compare runs/demo_vqa/eval-base runs/demo_vqa/eval-trained --out runs/demo_vqa/compare.md
 
 lint:
-	$(PYTHON) -m ruff check vlm_tune tests benchmarks
-	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks
+	$(PYTHON) -m ruff check vlm_tune tests benchmarks scripts
+	$(PYTHON) -m ruff format --check vlm_tune tests benchmarks scripts
 
 test: install lint
 	$(PYTHON) -m pytest -q --timeout 900

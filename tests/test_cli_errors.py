@@ -193,6 +193,87 @@ BAD_INPUTS = [
         lambda f: ["--compare", f["eval_a"], f["eval_a"], "--out", f"{f['missing']}/compare.md"],
         "cannot write the comparison",
     ),
+    # python -m vlm_tune.export
+    BadInput("export: no --out", "vlm_tune.export", lambda f: [f["fake_run"]], "required: --out"),
+    BadInput(
+        "export: checkpoint missing",
+        "vlm_tune.export",
+        lambda f: [f["missing"], "--out", f"{f['missing']}-out"],
+        "does not exist",
+    ),
+    BadInput(
+        "export: not a checkpoint",
+        "vlm_tune.export",
+        lambda f: [f["empty_dir"], "--out", f"{f['missing']}-out"],
+        "is not a complete checkpoint",
+    ),
+    BadInput(
+        "export: no recipe beside the checkpoint",
+        "vlm_tune.export",
+        lambda f: [f["lonely_checkpoint"], "--out", f"{f['missing']}-out"],
+        "--recipe RECIPE.yaml",
+    ),
+    BadInput(
+        "export: --out holds other files",
+        "vlm_tune.export",
+        lambda f: [f["fake_run"], "--out", f["eval_a"]],
+        "is a folder with other files in it",
+    ),
+    BadInput(
+        "export: --dtype without --merge",
+        "vlm_tune.export",
+        lambda f: [f["fake_run"], "--out", f"{f['missing']}-out", "--dtype", "float16"],
+        "add --merge",
+    ),
+    # python -m vlm_tune.generate
+    BadInput(
+        "generate: no model or checkpoint",
+        "vlm_tune.generate",
+        lambda f: ["--image", f["image"]],
+        "one of the arguments --model --checkpoint is required",
+    ),
+    BadInput(
+        "generate: image missing",
+        "vlm_tune.generate",
+        lambda f: ["--checkpoint", f["fake_run"], "--image", f"{f['missing']}.png"],
+        "image file not found",
+    ),
+    BadInput(
+        "generate: not an image",
+        "vlm_tune.generate",
+        lambda f: ["--checkpoint", f["fake_run"], "--image", f["image"], "--image", f["recipe"]],
+        "unreadable image",
+    ),
+    BadInput(
+        "generate: truncated image",
+        "vlm_tune.generate",
+        lambda f: ["--model", f["empty_dir"], "--image", f["truncated_image"]],
+        "unreadable image",
+    ),
+    BadInput(
+        "generate: model folder missing",
+        "vlm_tune.generate",
+        lambda f: ["--model", f["missing"], "--image", f["image"]],
+        "no such folder",
+    ),
+    BadInput(
+        "generate: model folder is no export",
+        "vlm_tune.generate",
+        lambda f: ["--model", f["empty_dir"], "--image", f["image"]],
+        "no export.json",
+    ),
+    BadInput(
+        "generate: not a checkpoint",
+        "vlm_tune.generate",
+        lambda f: ["--checkpoint", f["empty_dir"], "--image", f["image"]],
+        "is not a complete checkpoint",
+    ),
+    BadInput(
+        "generate: zero beams",
+        "vlm_tune.generate",
+        lambda f: ["--checkpoint", f["fake_run"], "--image", f["image"], "--num-beams", "0"],
+        "--num-beams must be >= 1",
+    ),
     # python -m vlm_tune.recipe_reference
     BadInput("recipe_reference: unknown option", "vlm_tune.recipe_reference", lambda f: ["--bogus"], "unrecognized"),
     BadInput(
@@ -235,8 +316,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "empty").mkdir()
     lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
     save_checkpoint(root / "reused", 9, lora, {"epoch": 0, "batches_done": 9})
-    (root / "bare_run" / "checkpoint-1").mkdir(parents=True)  # a complete checkpoint, no recipe.yaml anywhere
-    (root / "bare_run" / "checkpoint-1" / "COMPLETE").write_text("ok\n")
+    for run in ("bare_run", "fake_run"):  # complete checkpoint markers without weights: fail before any loading
+        (root / run / "checkpoint-1").mkdir(parents=True)
+        (root / run / "checkpoint-1" / "COMPLETE").write_text("ok\n")
+    (root / "fake_run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))  # bare_run has no recipe.yaml anywhere
+    image = ROOT / "data" / "shapes" / "images" / "test_00000.png"
+    (root / "truncated.png").write_bytes(image.read_bytes()[:100])
     (root / "rows.jsonl").write_text(json.dumps({"image": "0.png", "text": "a red square"}) + "\n")
     (root / "annotations.json").write_text(json.dumps({"images": [], "annotations": []}))
     return {
@@ -251,6 +336,10 @@ def files(tmp_path_factory) -> dict[str, str]:
         "garbled": str(root / "garbled"),
         "missing": str(root / "nowhere"),
         "empty_dir": str(root / "empty"),
+        "fake_run": str(root / "fake_run"),
+        "lonely_checkpoint": str(root / "bare_run" / "checkpoint-1"),
+        "image": str(image),
+        "truncated_image": str(root / "truncated.png"),
     }
 
 

@@ -1,6 +1,7 @@
 """Batched caption generation over a dataset, for any model built by vlm_tune (base, PEFT or relevance wrapper).
 
-Used by evaluation (`vlm_tune.evaluate`) and by the caption metrics logged during training.
+Used by evaluation (`vlm_tune.evaluate`), the caption metrics logged during training, `vlm_tune.generate`
+and `vlm_tune.adapters`: one decoding for all of them.
 """
 
 from __future__ import annotations
@@ -59,10 +60,20 @@ def _to_device(value, device, dtype):
     return value.to(device)
 
 
-def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig) -> list[dict]:
+def on_accelerator(model):
+    """The model on the GPU when there is one (16-bit loads stay on the CPU; 4-bit ones are placed at load)."""
+    import torch
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if torch.cuda.is_available() and on_cpu and not getattr(model, "is_loaded_in_4bit", False):
+        return model.to("cuda")
+    return model
+
+
+def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalConfig, extra: dict) -> list[dict]:
     """Generate for one collated batch; one `{"image_id", ("question",) "prediction", "references"}` per sample."""
     output = model.generate(
-        **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False
+        **inputs, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, do_sample=False, **extra
     )
     sequences = getattr(output, "sequences", output)  # [B, prompt + new] or [B, new]
     texts = tokenizer.batch_decode(_new_tokens(sequences, inputs.get("input_ids")), skip_special_tokens=True)
@@ -78,8 +89,27 @@ def _caption_batch(model, tokenizer, inputs: dict, meta: dict, eval_cfg: EvalCon
     ]
 
 
+def _loader(processor, dataset, count: int, data_cfg: DataConfig, batch_size: int):
+    """Batches of the first `count` items, collated for generation, counting what the collator drops."""
+    from torch.utils.data import DataLoader, Subset
+
+    from vlm_tune.data.chat_collate import generate_collator_for
+
+    collate = _CountingCollate(generate_collator_for(dataset, processor, data_cfg))
+    subset = Subset(dataset, range(count))
+    return DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=data_cfg.num_workers, collate_fn=collate
+    )
+
+
 def generate_captions(
-    model, processor, dataset, data_cfg: DataConfig, eval_cfg: EvalConfig, show_progress: bool = True
+    model,
+    processor,
+    dataset,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    show_progress: bool = True,
+    adapter_of: Optional[dict] = None,
 ) -> list[dict]:
     """Caption every image of `dataset` (the first `eval_cfg.limit` when set), in batches; for a conversation
     set, answer the last question of every sample instead.
@@ -92,23 +122,16 @@ def generate_captions(
         data_cfg: the `data` section (prompt, image size) for the generation collator.
         eval_cfg: batch size, number of beams, max new tokens, limit.
         show_progress: draw a tqdm progress bar.
+        adapter_of: image id -> the name of the PEFT adapter that captions it (per-sample adapters in one
+            batch, PEFT's `adapter_names`); None uses the active adapter.
     Returns:
         `[{"image_id", ("question",) "prediction", "references"}]`, without skipped samples (logged).
     """
     import torch
-    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from vlm_tune.data.chat_collate import generate_collator_for
-
     count = len(dataset) if eval_cfg.limit is None else min(eval_cfg.limit, len(dataset))
-    loader = DataLoader(
-        Subset(dataset, range(count)),
-        batch_size=eval_cfg.batch_size,
-        shuffle=False,
-        num_workers=data_cfg.num_workers,
-        collate_fn=_CountingCollate(generate_collator_for(dataset, processor, data_cfg)),
-    )
+    loader = _loader(processor, dataset, count, data_cfg, eval_cfg.batch_size)
     tokenizer = getattr(processor, "tokenizer", processor)
     device, dtype = _device_and_dtype(model)
     was_training = model.training
@@ -130,7 +153,8 @@ def generate_captions(
                 for record in meta.get("skipped", []):
                     logger.warning("not captioned: image %s: %s", record.get("image_id"), record.get("reason"))
                 inputs = {key: _to_device(value, device, dtype) for key, value in inputs.items()}
-                rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg)
+                extra = {"adapter_names": [adapter_of[i] for i in meta["image_ids"]]} if adapter_of else {}
+                rows += _caption_batch(model, tokenizer, inputs, meta, eval_cfg, extra)
     finally:
         model.train(was_training)
     if skipped:

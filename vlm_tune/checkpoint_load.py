@@ -77,8 +77,8 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path, components: Any
     """Load a checkpoint's adapter, fully trained parts and relevance modules into a prepared model.
 
     `model` must already carry the same targeting (and relevance wrapper) as the run that saved it;
-    `checkpoint` is a checkpoint folder or a run folder (its newest complete checkpoint); `components`
-    (the model's ComponentMap) lets errors name the component.
+    `checkpoint` is a checkpoint folder, a run folder (its newest complete checkpoint) or an adapter export;
+    `components` (the model's ComponentMap) lets errors name the component.
 
     Raises:
         CheckpointError: the checkpoint is missing or incomplete, a parameter of it has no place in the model
@@ -87,10 +87,11 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path, components: Any
     """
     from peft import set_peft_model_state_dict
 
+    from vlm_tune.exported import weights_folder  # an adapter export holds the same weight files
     from vlm_tune.model.adapter_files import load_training_form
     from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
 
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = weights_folder(checkpoint)
     peft_model = peft_model_of(model)
     if not load_training_form(peft_model, checkpoint):  # adapter/ is then the form the model trains in
         adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"

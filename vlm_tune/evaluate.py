@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vlm_tune.captioning import generate_captions, score_predictions
+from vlm_tune.captioning import generate_captions, on_accelerator, score_predictions
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.eval_target import (
     EvaluationError,
@@ -51,16 +51,6 @@ def _build_eval_set(source: DataSourceConfig, recipe: Recipe, split: Optional[st
                 "image needs at least one non-empty caption."
             )
         raise EvaluationError(f"evaluation set (data.eval): {error}{hint}") from None
-
-
-def _on_accelerator(model):
-    """The model on the GPU when there is one (16-bit loads stay on the CPU; 4-bit ones are placed at load)."""
-    import torch
-
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if torch.cuda.is_available() and on_cpu and not getattr(model, "is_loaded_in_4bit", False):
-        return model.to("cuda")
-    return model
 
 
 def _unique_ids(rows: list[dict]) -> None:
@@ -165,7 +155,7 @@ def evaluate_run(
     )
     model, processor = load_for_inference(recipe, checkpoint_dir)
     rows = generate_captions(
-        _on_accelerator(model), processor, dataset, recipe.data, recipe.eval, show_progress=show_progress
+        on_accelerator(model), processor, dataset, recipe.data, recipe.eval, show_progress=show_progress
     )
     if not rows:
         raise EvaluationError(f"no image of {source.path} could be captioned (all unreadable); see the warnings above")

@@ -1,12 +1,13 @@
 """The one way to build a model: load -> components -> targeting -> relevance -> parameter groups -> weights.
 
-Training, evaluation (and every other command that needs the trained model) call `build_model`; nothing
-else strings these steps together. Components are found once, at load (on the empty skeleton for 4-bit
-loading), and every later step reads that map.
+Training, evaluation, export and generation call `build_model` (through `load_for_inference`,
+`load_for_export`, `load_exported`); nothing else strings these steps together. Components are found once,
+at load (on the empty skeleton for 4-bit loading), and every later step reads that map.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -45,8 +46,9 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     Args:
         recipe: the run's recipe (model, components, relevance; train.lr / weight_decay / mixed_precision
             for the parameter groups).
-        checkpoint: trained weights to load: a `checkpoint-N` folder, or a run folder (its newest complete
-            checkpoint); None keeps the fresh adapter (training) or the base model (training=False).
+        checkpoint: trained weights to load: a `checkpoint-N` folder, a run folder (its newest complete
+            checkpoint) or an adapter export; None keeps the fresh adapter (training) or the base model
+            (training=False).
         training: build parameter groups, with fp32 master weights of what trains under mixed precision.
     Returns:
         The `BuiltModel` (train / eval mode left as loaded: `load_for_inference` sets eval mode).
@@ -57,14 +59,14 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
         InitError: `init: loftq` finds no 16-bit weight of a layer in the base model's safetensors.
         CheckpointError: the checkpoint is missing, incomplete, or does not fit the recipe's model.
     """
-    from vlm_tune.checkpoint import resolve_checkpoint
     from vlm_tune.checkpoint_load import load_weights
+    from vlm_tune.exported import weights_folder
     from vlm_tune.model.load import load_vlm
     from vlm_tune.model.speed import apply_speed
     from vlm_tune.model.targeting import apply_targeting, param_groups
 
     if checkpoint is not None:
-        checkpoint = resolve_checkpoint(checkpoint)  # fail before loading a large model
+        checkpoint = weights_folder(checkpoint)  # fail before loading a large model
     loaded = load_vlm(recipe.model, recipe.components)
     if not training and checkpoint is None:
         return BuiltModel(loaded.model, loaded.processor, loaded.components, None, [])
@@ -114,3 +116,83 @@ def load_for_inference(recipe: Recipe, checkpoint: Optional[str | Path] = None) 
     """
     built = build_model(recipe, checkpoint=checkpoint, training=False)
     return built.model.eval(), built.processor
+
+
+def load_for_export(recipe: Recipe, checkpoint: str | Path, dtype: Optional[str] = None) -> BuiltModel:
+    """The recipe's model with a checkpoint's trained weights on its 16-bit base, in eval mode, for merging.
+
+    The base is reloaded from its original weights in `dtype`, whatever `model.quantization` says: merged into
+    4-bit weights, a LoRA update mostly rounds away.
+
+    Args:
+        recipe: the run's recipe. checkpoint: a checkpoint, run folder or adapter export.
+        dtype: bfloat16 / float16 / float32 (default: model.dtype).
+    Returns:
+        The `BuiltModel` (a PeftModel, or a RelevanceWrapper around one, on 16-bit weights).
+    """
+    model_cfg = dataclasses.replace(
+        recipe.model, quantization=None, dtype=dtype or recipe.model.dtype, gradient_checkpointing=False
+    )
+    built = build_model(dataclasses.replace(recipe, model=model_cfg), checkpoint=checkpoint, training=False)
+    built.model.eval()
+    return built
+
+
+def load_exported(folder: str | Path, overrides: Optional[list[str]] = None) -> tuple[nn.Module, Any, Recipe]:
+    """An exported folder (`python -m vlm_tune.export`, merged or not) or any model folder, ready to generate.
+
+    An adapter export loads its base (4-bit when `model.quantization` is set) with the adapter on top; a merged
+    export loads as the model itself, with its relevance modules when it has them.
+
+    Args:
+        folder: the exported folder. overrides: `a.b=value` strings on top of its recipe (e.g. model.dtype).
+    Returns:
+        (model in eval mode, processor, the recipe used).
+    Raises:
+        ExportError: the folder is neither an export nor a model folder.
+    """
+    from vlm_tune.exported import ExportError, read_export_info, relevance_folder, run_recipe
+
+    folder = Path(folder)
+    info = read_export_info(folder)
+    if info is not None and not info.merged:
+        recipe = run_recipe(folder, overrides)
+        model, processor = load_for_inference(recipe, folder)
+        return model, processor, recipe
+    if info is None and not (folder / "config.json").is_file():
+        raise ExportError(
+            f"{folder}: not an exported folder ({'no such folder' if not folder.is_dir() else 'no export.json'}); "
+            f"give a folder written by python -m vlm_tune.export, or a run with --checkpoint RUN_DIR"
+        )
+    recipe = _merged_recipe(folder, info.dtype if info else None, overrides)
+    built = build_model(recipe, training=False)
+    model = built.model
+    relevance = relevance_folder(folder)
+    if recipe.relevance.enabled and relevance is not None:
+        from vlm_tune.relevance import attach_relevance
+
+        components = built.components or find_components(model, recipe.components)
+        model = attach_relevance(model, recipe.relevance, components)
+        model.load(relevance)
+    return model.eval(), built.processor, recipe
+
+
+def _merged_recipe(folder: Path, dtype: Optional[str], overrides: Optional[list[str]]) -> Recipe:
+    """The recipe of a merged export: its training recipe (if any) with the folder as the 16-bit model."""
+    import json
+
+    from vlm_tune.exported import RECIPE_FILE, relevance_folder
+    from vlm_tune.recipe import recipe_from_dict
+    from vlm_tune.recipe_files import apply_overrides, read_recipe_file
+    from vlm_tune.relevance import RELEVANCE_CONFIG_FILE
+
+    recipe_file = folder / RECIPE_FILE
+    # a model folder without a recipe: the defaults (components are unused without a checkpoint; one that is not
+    # frozen keeps the recipe valid)
+    raw = read_recipe_file(recipe_file) if recipe_file.is_file() else {"components": {"language": {"mode": "lora"}}}
+    raw["model"] = {**raw.get("model", {}), "name_or_path": str(folder), "quantization": None}
+    if dtype:
+        raw["model"]["dtype"] = dtype
+    relevance = relevance_folder(folder)
+    raw["relevance"] = json.loads((relevance / RELEVANCE_CONFIG_FILE).read_text()) if relevance else {}
+    return recipe_from_dict(apply_overrides(raw, list(overrides or [])), source=str(recipe_file))

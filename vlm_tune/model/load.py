@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentError, ComponentMap, find_components
-from vlm_tune.model.patches import compute_in_fp32
+from vlm_tune.model.patches import compute_in_fp32, no_cpu_4bit_repacking
 from vlm_tune.model.report import param_count
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig, ModelConfig, QuantizationConfig
 
@@ -355,6 +355,7 @@ def load_vlm(
         cmap = _components_or_none(model, components)
     if quant is not None:
         stabilize_norms(model, cmap, [c for c in COMPONENT_NAMES if c not in quant.keep_16bit])
+        no_cpu_4bit_repacking(model)
     if model_cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     if verbose:

@@ -4,6 +4,7 @@ Each patch changes how a module instance runs (never its weights or its class), 
 is undone. Who applies them:
     run_without_grad, require_grad_on_output   targeting.py (frozen parts, trainable parts after them)
     compute_in_fp32                            load.py (norms of 4-bit components)
+    no_cpu_4bit_repacking                      load.py (4-bit layers narrower than a quantization block)
     embeds_at_prefill                          relevance/integrate.py (families whose generate refuses embeds)
     mllama_cross_attention_per_token           relevance/cross_attention.py (mllama with selected tokens)
     virtual_token_embeddings                   model/soft_prompt.py (prompt tuning)
@@ -78,6 +79,32 @@ def compute_in_fp32(norm: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
     """
     norm.float()
     return norm.register_forward_pre_hook(_input_to_fp32), norm.register_forward_hook(_output_to_input_dtype)
+
+
+CPU_PACK_BLOCK_N = 32  # output rows per block of bitsandbytes' CPU packing
+
+
+def no_cpu_4bit_repacking(model: nn.Module) -> int:
+    """Keep 4-bit layers whose shape bitsandbytes' CPU inference packing cannot take on the general path.
+
+    Patches: `support_avx512bf16_for_cpu = False` on each bitsandbytes `Linear4bit` whose input width is not a
+    multiple of its quantization block (or whose output width is not a multiple of 32).
+    Why: in eval mode on an AVX512-BF16 CPU, bitsandbytes (0.50) repacks the 4-bit weight at the first call and
+    fails on such layers (their absmax is reshaped to [N, K // blocksize] = [N, 0]): no tiny test model, and no
+    model with a narrow layer, could generate on the CPU in 4 bit.
+    Undone by: setting the attribute back to `bitsandbytes.functional.has_avx512bf16()`.
+    Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        rows, width = state.shape[0], state.shape[-1]
+        if width % state.blocksize or rows % CPU_PACK_BLOCK_N:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 @contextlib.contextmanager
