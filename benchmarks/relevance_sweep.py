@@ -73,6 +73,17 @@ def run(command: list[str], log_file: Path, dry_run: bool) -> bool:
     return result.returncode == 0
 
 
+def train_and_evaluate(recipe: str, overrides: list[str], run_dir: Path, dry_run: bool) -> bool:
+    """Train RECIPE with `overrides` into `run_dir`, then evaluate its newest checkpoint into RUN/eval; True when
+    both succeeded (their output goes to RUN/sweep.log)."""
+    log_file = run_dir / "sweep.log"
+    fresh = ["train.overwrite=true"]  # the sweep trains this run anew even where an unfinished one left checkpoints
+    trained = run([sys.executable, "-m", "vlm_tune.train", recipe, *overrides, *fresh], log_file, dry_run)
+    evaluate = [sys.executable, "-m", "vlm_tune.evaluate", recipe, *overrides, "--checkpoint", str(run_dir)]
+    evaluate += ["--output-dir", str(run_dir / "eval"), "--overwrite", "--no-progress"]  # the run was trained anew
+    return trained and run(evaluate, log_file, dry_run)
+
+
 def read_last_logged(run_dir: Path, *keys: str) -> float | None:
     """The last value of the first of `keys` in the run's log.jsonl: "train/tokens_per_s" (the running average
     over the run) or "eval/loss" (loss per caption token on data.eval, budget applied); later keys are the names
@@ -95,6 +106,14 @@ def read_metrics(eval_dir: Path) -> dict[str, float]:
     cider = next((value for name, value in metrics.items() if name.startswith("CIDEr")), None)
     found = {"CIDEr-D": cider, "BLEU-4": metrics.get("BLEU-4")}
     return {name: float(value) for name, value in found.items() if value is not None}
+
+
+def write_results(root: Path, name: str, results: list[dict], markdown: str) -> None:
+    """ROOT/NAME.json (the raw numbers) and ROOT/NAME.md (the table), and the table on stdout."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (root / f"{name}.md").write_text(markdown)
+    print(markdown)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -191,29 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only and not finished:
                 continue
             if not (args.reuse or args.report_only) or not finished:
-                trained = run(
-                    [sys.executable, "-m", "vlm_tune.train", args.recipe, *overrides],
-                    run_dir / "sweep.log",
-                    args.dry_run,
-                )
-                evaluated = trained and run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "vlm_tune.evaluate",
-                        args.recipe,
-                        *overrides,
-                        "--checkpoint",
-                        str(run_dir),
-                        "--output-dir",
-                        str(eval_dir),
-                        "--overwrite",  # the run was trained anew
-                        "--no-progress",
-                    ],
-                    run_dir / "sweep.log",
-                    args.dry_run,
-                )
-                failures += not evaluated
+                failures += not train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
             results.append(
                 {
                     "label": label,
@@ -227,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.dry_run:
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "relevance_sweep.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = table(results)
-    (root / "relevance_sweep.md").write_text(markdown)
-    print(markdown)
+    write_results(root, "relevance_sweep", results, table(results))
     return 1 if failures else 0
 
 

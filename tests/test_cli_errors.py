@@ -83,6 +83,24 @@ BAD_INPUTS = [
         lambda f: [f["blip2_recipe"], "relevance.enabled=true", f"train.output_dir={f['root']}/run-blip2"],
         "model type 'blip-2' is not supported",
     ),
+    BadInput(
+        "train: loftq without quantization",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "components.language.init=loftq"],
+        "components.language.init: loftq initialises LoRA from the 4-bit quantisation error",
+    ),
+    BadInput(
+        "train: prompt on the vision encoder",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "components.vision.mode=prompt"],
+        "components.vision.mode: prompt adds virtual tokens to the language decoder",
+    ),
+    BadInput(  # fails after the tiny model loads: 1 step leaves no room to re-allocate ranks
+        "train: adalora schedule",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "components.language.variant=adalora", "train.adalora.final=1"],
+        "train.adalora: warmup (0 steps) and final (1 steps) leave no step",
+    ),
     BadInput(  # fails before the model loads
         "train: no training set",
         "vlm_tune.train",

@@ -100,7 +100,7 @@ def test_every_problem_is_reported_once_with_its_path():
         "model.quantization.keep_16bit: unknown component 'vison', expected one of "
         "['vision', 'projector', 'cross_attention', 'language']",
         "components.vision.rank: must be a positive integer, got -4",
-        "components.projector.mode: expected one of 'frozen', 'lora', 'full', got 'half'",
+        "components.projector.mode: expected one of 'frozen', 'lora', 'full', 'prompt', 'prefix', got 'half'",
         "components.language.extra: unknown key",
         "components.language.rank: must be a positive integer, got 0",
         "components.language.alpha: expected a number, got 'big'",
@@ -120,7 +120,13 @@ def test_every_problem_is_reported_once_with_its_path():
         ("rank", True, "components.vision.rank: expected an integer, got True"),
         ("alpha", 0, "components.vision.alpha: must be positive, got 0.0"),
         ("dropout", 1.0, "components.vision.dropout: must be in [0, 1), got 1.0"),
-        ("variant", "qlora", "components.vision.variant: expected one of 'lora', 'dora', 'rslora', got 'qlora'"),
+        (
+            "variant",
+            "qlora",
+            "components.vision.variant: expected one of 'lora', 'dora', 'rslora', 'adalora', got 'qlora'",
+        ),
+        ("target_rank", 4, "components.vision.target_rank: only used with variant adalora (variant is lora)"),
+        ("num_virtual_tokens", 0, "components.vision.num_virtual_tokens: must be a positive integer, got 0"),
         ("lr", -1e-4, "components.vision.lr: must be positive, got -0.0001"),
         ("targets", [], "components.vision.targets: must name at least one kind or module when mode is lora"),
         ("modules", [], "components.vision.modules: must hold at least one regex, or be omitted"),
@@ -197,6 +203,65 @@ def test_relevance_values_are_checked_together():
         "relevance.start_step: must be >= 0, got -1",
         "relevance.temperature: must be positive, got 0.0",
     ]
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (
+            {"components": {"language": {"mode": "lora", "init": "loftq"}}},
+            "components.language.init: loftq initialises LoRA from the 4-bit quantisation error, but "
+            "model.quantization is not set",
+        ),
+        (
+            {"model": {"quantization": {}}, "components": {"vision": {"mode": "lora", "init": "loftq"}}},
+            "components.vision.init: loftq initialises LoRA from the 4-bit quantisation error, but vision is in "
+            "quantization.keep_16bit",
+        ),
+        (
+            {"model": {"quantization": {}}, "components": {"language": {"mode": "lora", "init": "pissa"}}},
+            "components.language.init: pissa needs the 16-bit weights of language",
+        ),
+        (
+            {"components": {"projector": {"mode": "full", "init": "pissa"}}},
+            "components.projector.init: pissa starts a LoRA adapter, but mode is full; use mode: lora",
+        ),
+        (
+            {"components": {"language": {"mode": "frozen", "init": "olora"}, "vision": {"mode": "lora"}}},
+            "components.language.init: olora starts a LoRA adapter, but mode is frozen",
+        ),
+        (
+            {"components": {"language": {"mode": "lora", "variant": "dora", "init": "pissa"}}},
+            "components.language.init: pissa works with variant lora or rslora, not dora",
+        ),
+        (
+            {"components": {"language": {"mode": "lora", "variant": "adalora", "rank": 8, "target_rank": 8}}},
+            "components.language.target_rank: must be between 1 and rank - 1 (7), got 8",
+        ),
+        (
+            {"components": {"vision": {"mode": "prompt"}}},
+            "components.vision.mode: prompt adds virtual tokens to the language decoder; use it there",
+        ),
+        (
+            {"components": {"language": {"mode": "prefix"}}, "relevance": {"enabled": True}},
+            "components.language.mode: prefix does not combine with relevance.enabled yet",
+        ),
+        (
+            {"components": {"language": {"mode": "lora"}}, "train": {"adalora": {"warmup": 1.5, "interval": 0}}},
+            "train.adalora.warmup: a fraction must be in [0, 1), got 1.5",
+        ),
+    ],
+)
+def test_adapter_variant_combinations_name_the_field(raw, message):
+    errors = _errors(raw)
+    assert any(line.startswith(message) for line in errors), errors
+
+
+def test_adalora_schedule_counts_and_fractions():
+    raw = {"components": {"language": {"mode": "lora", "variant": "adalora"}}, "train": {"adalora": {"warmup": 5}}}
+    recipe = recipe_from_dict({**raw, "train": {"adalora": {"warmup": 5, "final": 0.25}}})
+    assert recipe.train.adalora.steps(100) == (5, 25)
+    assert recipe.component("language").adalora_target_rank == 5  # two thirds of the default rank 8
 
 
 def test_sizes_attention_and_fault_budgets_are_checked_with_their_field():

@@ -2,12 +2,15 @@
 
 Only reads and writes files; `vlm_tune.model.build.build_model` prepares the model they are loaded into.
 Layout of `RUN_DIR/checkpoint-STEP/`:
-    adapter/                     standard PEFT folder (LoRA weights + `modules_to_save` copies)
+    adapter/                     standard PEFT folder for the original base (LoRA weights + `modules_to_save`)
+    adapter_training.safetensors the adapter as it trains, where adapter/ holds a converted form
+                                 (adalora, init pissa / olora / loftq: see vlm_tune/model/adapter_files.py)
     trained.safetensors          other fully trained parameters (full components outside modules_to_save)
     relevance.safetensors        relevance modules (when enabled), written by RelevanceWrapper.save
     relevance.json               the relevance settings they were trained with
+    soft_prompt.safetensors      virtual tokens (components.language.mode prompt / prefix), with soft_prompt.json
     training_state.safetensors   optimizer / scheduler / RNG tensors, and
-    training_state.json          the rest of those states (vlm_tune.training_state: nothing is pickled)
+    training_state.json          the rest of those states, and AdaLoRA's importance scores (nothing is pickled)
     recipe.yaml                  the resolved recipe of the run that wrote it
     state.json                   step, epoch, position in the epoch, write order (`serial`)
     COMPLETE                     written last: a folder without it is never used
@@ -57,11 +60,18 @@ def relevance_wrapper_of(model: torch.nn.Module):
     return model if isinstance(model, RelevanceWrapper) else None
 
 
+def soft_prompt_wrapper_of(model: torch.nn.Module):
+    """The soft-prompt wrapper when `model` is one, else None."""
+    from vlm_tune.model.soft_prompt import optional_wrapper
+
+    return optional_wrapper(model)
+
+
 def peft_model_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The PEFT model itself, or the one inside a relevance wrapper."""
+    """The PEFT model itself, or the one inside a relevance or soft-prompt wrapper."""
     from peft import PeftModel
 
-    wrapper = relevance_wrapper_of(model)
+    wrapper = relevance_wrapper_of(model) or soft_prompt_wrapper_of(model)
     peft_model = wrapper.model if wrapper is not None else model
     if not isinstance(peft_model, PeftModel):
         raise CheckpointError(f"{type(model).__name__} holds no PEFT model: apply targeting before saving")
@@ -78,23 +88,35 @@ def _extra_trained_state(peft_model: torch.nn.Module, full: Optional[dict] = Non
 
 
 def _save_weights(model: torch.nn.Module, folder: Path, full: Optional[dict] = None) -> None:
-    """Write the adapter, the other trained weights and the relevance modules; `full` (keyed as
+    """Write the adapter, the other trained weights, the relevance modules and soft prompts; `full` (keyed as
     `model.state_dict()`) holds their gathered values when the model is sharded."""
+    if full is not None:
+        _save_gathered_weights(model, folder, full)
+        return
+    from vlm_tune.model.adapter_files import save_adapter
+
+    peft_model = peft_model_of(model)
+    save_adapter(peft_model, folder)
+    extra = _extra_trained_state(peft_model)
+    if extra:
+        save_file(extra, folder / "trained.safetensors")
+    for wrapper in (relevance_wrapper_of(model), soft_prompt_wrapper_of(model)):
+        if wrapper is not None:
+            wrapper.save(folder)
+
+
+def _save_gathered_weights(model: torch.nn.Module, folder: Path, full: dict) -> None:
+    """`_save_weights` for a sharded (FSDP) model, from the gathered state (adapter variants: untested here)."""
     peft_model = peft_model_of(model)
     wrapper = relevance_wrapper_of(model)
     prefix = "model." if wrapper is not None else ""  # the PEFT model's keys inside the wrapper
-    peft_full = None if full is None else {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+    peft_full = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
     peft_model.save_pretrained(folder / "adapter", state_dict=peft_full)
     extra = _extra_trained_state(peft_model, peft_full)
     if extra:
         save_file(extra, folder / "trained.safetensors")
     if wrapper is not None:
-        relevance = (
-            None
-            if full is None
-            else {k.removeprefix("relevance."): v for k, v in full.items() if k.startswith("relevance.")}
-        )
-        wrapper.save(folder, relevance)
+        wrapper.save(folder, {k.removeprefix("relevance."): v for k, v in full.items() if k.startswith("relevance.")})
 
 
 def non_finite_parameters(model: torch.nn.Module) -> list[str]:
@@ -147,17 +169,18 @@ def save_checkpoint(
         NonFiniteWeightsError: a trainable parameter holds NaN or inf (nothing is written).
         CheckpointError: the folder cannot be written (the disk is full, no permission...).
     """
-    output_dir = Path(output_dir)
+    from vlm_tune.model.adapter_files import adapter_training_state
+
+    output_dir, final, staging = Path(output_dir), Path(output_dir) / f"checkpoint-{step}", None
     broken = _non_finite_to_save(model, full_state)
     if broken:
         raise NonFiniteWeightsError(f"{len(broken)} trained tensor(s) hold NaN or inf values, e.g. {broken[0]}")
-    final = output_dir / f"checkpoint-{step}"
-    staging = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
         _save_weights(model, staging, full_state.weights if full_state is not None else None)
-        save_training_state(staging, full_state.optimizer if full_state is not None else optimizer, scheduler, rng)
+        optimizer_state = full_state.optimizer if full_state is not None else optimizer  # FSDP: gathered
+        save_training_state(staging, optimizer_state, scheduler, rng, adapter=adapter_training_state(model))
         if recipe is not None:
             from vlm_tune.recipe import dump_recipe
 

@@ -21,6 +21,7 @@ from vlm_tune.checkpoint import (
     peft_model_of,
     relevance_wrapper_of,
     resolve_checkpoint,
+    soft_prompt_wrapper_of,
 )
 from vlm_tune.training_state import PICKLED_FILE, TrainingStateError, read_training_state, restore_rng
 
@@ -87,19 +88,21 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path, components: Any
     from peft import set_peft_model_state_dict
 
     from vlm_tune.exported import weights_folder  # an adapter export holds the same weight files
+    from vlm_tune.model.adapter_files import load_training_form
     from vlm_tune.relevance import RELEVANCE_FILE, RelevanceError
 
     checkpoint = weights_folder(checkpoint)
     peft_model = peft_model_of(model)
-    adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
-    adapter = load_file(adapter_file)
-    mismatch = _rank_mismatch(adapter_file, adapter, peft_model, components)
-    if mismatch:
-        raise CheckpointError(mismatch)
-    result = _load_state(lambda t: set_peft_model_state_dict(peft_model, t), adapter_file, adapter)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
+    if not load_training_form(peft_model, checkpoint):  # adapter/ is then the form the model trains in
+        adapter_file = checkpoint / "adapter" / "adapter_model.safetensors"
+        adapter = load_file(adapter_file)
+        mismatch = _rank_mismatch(adapter_file, adapter, peft_model, components)
+        if mismatch:
+            raise CheckpointError(mismatch)
+        result = _load_state(lambda t: set_peft_model_state_dict(peft_model, t), adapter_file, adapter)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise CheckpointError(f"{adapter_file}: weights with no place in the model: {unexpected[:5]}")
     extra_file = checkpoint / "trained.safetensors"
     if extra_file.is_file():
         extra = load_file(extra_file)
@@ -116,10 +119,28 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path, components: Any
             wrapper.load(checkpoint)
         except RelevanceError as error:  # weights of another relevance method / size
             raise CheckpointError(str(error)) from None
+    _load_soft_prompt(model, checkpoint)
 
 
-def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the saved position (state.json).
+def _load_soft_prompt(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Virtual tokens of the checkpoint into a soft-prompt wrapper (both present, or neither)."""
+    from vlm_tune.model.soft_prompt import SOFT_PROMPT_FILE, SoftPromptError
+
+    wrapper = soft_prompt_wrapper_of(model)
+    if wrapper is None and (checkpoint / SOFT_PROMPT_FILE).is_file():
+        raise CheckpointError(f"{checkpoint} holds a soft prompt: set components.language.mode as in its run")
+    if wrapper is not None:
+        try:
+            wrapper.load(checkpoint)
+        except SoftPromptError as error:
+            raise CheckpointError(str(error)) from None
+
+
+def load_training_state(
+    checkpoint: str | Path, optimizer: Any = None, scheduler: Any = None, model: Optional[torch.nn.Module] = None
+) -> dict:
+    """Restore optimizer, scheduler, RNG states (and `model`'s AdaLoRA scores); return the saved position
+    (state.json).
 
     Nothing is unpickled: the states are read from safetensors + JSON (vlm_tune.training_state).
 
@@ -142,6 +163,10 @@ def load_training_state(checkpoint: str | Path, optimizer: Any = None, scheduler
         optimizer.load_state_dict(training_state["optimizer"])
     if scheduler is not None and training_state["scheduler"] is not None:
         scheduler.load_state_dict(training_state["scheduler"])
+    if model is not None:
+        from vlm_tune.model.adapter_files import restore_adapter_training_state
+
+        restore_adapter_training_state(model, training_state.get("adapter"))
     restore_rng(training_state["rng"])
     state = json.loads((checkpoint / "state.json").read_text())
     state["rng"] = training_state["rng"]

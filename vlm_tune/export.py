@@ -35,7 +35,14 @@ from vlm_tune.recipe import Recipe, dump_recipe
 logger = logging.getLogger("vlm_tune.export")
 
 DTYPES = ("bfloat16", "float16", "float32")
-ADAPTER_FILES = ("trained.safetensors", "relevance.safetensors", "relevance.json")  # besides adapter/
+ADAPTER_FILES = (  # besides adapter/; adapter_training / soft_prompt: issue 18's variants (model/adapter_files.py)
+    "trained.safetensors",
+    "relevance.safetensors",
+    "relevance.json",
+    "adapter_training.safetensors",
+    "soft_prompt.safetensors",
+    "soft_prompt.json",
+)
 # safetensors writes a shard through a memory map, whose pages count in the process's memory until the shard is
 # closed: shards of 1 GB keep a merge's peak near the 16-bit model plus one shard (transformers' default is 50 GB)
 MERGED_SHARD_SIZE = "1GB"

@@ -16,11 +16,15 @@ import yaml
 
 from vlm_tune.constants import ATTENTION_IMPLEMENTATIONS, BEST_METRICS, COMPONENT_NAMES  # noqa: F401 - re-exported
 from vlm_tune.data_config import CONVERSATION_FORMATS, DataConfig, DataSourceConfig  # noqa: F401 - re-exported
+from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig, check_adapters
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.recipe_hints import FOREIGN_KEYS
 from vlm_tune.relevance_config import RelevanceConfig
 from vlm_tune.speed_config import SpeedConfig
 from vlm_tune.typed_config import build_dataclass
+
+__all__ = ["AdaLoraSchedule", "ComponentConfig", "RecipeError"]  # schema parts defined in recipe_adapters.py
+
 
 # ----------------------------------------------------------------------------------------------
 # Schema. One help line per field; `_check` returns messages about combinations of fields.
@@ -80,46 +84,6 @@ class ModelConfig:
 
 
 @dataclass
-class ComponentConfig:
-    mode: Literal["frozen", "lora", "full"] = field(default="frozen", metadata={"help": "how this component trains"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank (mode lora)"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    targets: list[str] = field(
-        default_factory=lambda: ["attention", "mlp"],
-        metadata={"help": "kinds (attention, mlp) or leaf names / regexes"},
-    )
-    variant: Literal["lora", "dora", "rslora"] = field(default="lora", metadata={"help": "LoRA flavour"})
-    lr: Optional[float] = field(
-        default=None, metadata={"help": "learning rate of this component's parameter group (default train.lr)"}
-    )
-    weight_decay: Optional[float] = field(
-        default=None, metadata={"help": "weight decay of this group (default train.weight_decay)"}
-    )
-    modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "regexes over module names that define this component (overrides detection)"}
-    )
-
-    def _check(self) -> list[str]:
-        errors = []
-        if self.rank <= 0:
-            errors.append(f"rank: must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            errors.append(f"alpha: must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.lr is not None and self.lr <= 0:
-            errors.append(f"lr: must be positive, got {self.lr}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            errors.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.mode == "lora" and not self.targets:
-            errors.append("targets: must name at least one kind or module when mode is lora")
-        if self.modules is not None and not self.modules:
-            errors.append("modules: must hold at least one regex, or be omitted")
-        return errors
-
-
-@dataclass
 class TrainConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder: recipe, report, logs, checkpoints"})
     epochs: int = field(default=1, metadata={"help": "passes over data.train (ignored when max_steps is set)"})
@@ -150,6 +114,9 @@ class TrainConfig:
     init_from: Optional[str] = field(
         default=None,
         metadata={"help": "start from a checkpoint's trained weights, fresh optimizer and schedule (same components)"},
+    )
+    adalora: AdaLoraSchedule = field(
+        default_factory=AdaLoraSchedule, metadata={"help": "rank allocation of components with variant adalora"}
     )
     report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = field(
         default=None,
@@ -245,7 +212,7 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        return errors + self._check_best()
+        return errors + self._check_best() + check_adapters(self.components, self.model.quantization, self.relevance)
 
     def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric
         setting = "train.keep_best" if self.train.keep_best else "train.early_stopping_patience"

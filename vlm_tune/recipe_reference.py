@@ -29,6 +29,7 @@ SECTIONS: dict[str, type] = {
     "data": schema.DataConfig,
     "data.SET": schema.DataSourceConfig,  # SET: train, eval
     "train": schema.TrainConfig,
+    "train.adalora": schema.AdaLoraSchedule,
     "eval": schema.EvalConfig,
     "relevance": schema.RelevanceConfig,
     "speed": schema.SpeedConfig,

@@ -7,7 +7,6 @@ unchanged. Flow: recipe -> model (vlm_tune.model.build) -> data -> the loop belo
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import sys
@@ -26,6 +25,7 @@ from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
 from vlm_tune.distributed import fsdp_plugin, is_sharded, peak_gpu_gib, prepare, state_loader
 from vlm_tune.interrupts import agreed_interrupt, catch_interrupts, shielded
+from vlm_tune.model.adalora import schedule_rank_allocation
 from vlm_tune.progress import lr_text, make_progress
 from vlm_tune.recipe import Recipe, load_recipe
 from vlm_tune.run_dir import open_run_folder
@@ -90,8 +90,7 @@ def _setup_model(recipe: Recipe, accelerator, run_dir: Path, resume_from: Option
         logger.info("Started from the weights of %s", init_from)
     if accelerator.is_main_process:
         print(built.report.table())
-        (run_dir / "components.txt").write_text(built.report.table() + "\n")
-        (run_dir / "components.json").write_text(json.dumps(built.report.to_dict(), indent=1))
+        built.report.write(run_dir)
     return built
 
 
@@ -155,13 +154,13 @@ def _setup_optimizer(groups: list[dict], recipe: Recipe, total_steps: int):
     return optimizer, scheduler
 
 
-def _resume(checkpoint: Optional[Path], optimizer, scheduler, best: Optional[BestTracker]) -> TrainingPosition:
+def _resume(checkpoint: Optional[Path], optimizer, scheduler, best: Optional[BestTracker], model) -> TrainingPosition:
     """Where to start: fresh, or the saved position of the checkpoint resumed from (optimizer, scheduler, RNG
     and best-checkpoint states restored; its weights were loaded when the model was built)."""
     if checkpoint is None:
         return TrainingPosition()
     try:
-        state = load_training_state(checkpoint, state_loader(optimizer), scheduler)  # FSDP: cut to the shards
+        state = load_training_state(checkpoint, state_loader(optimizer), scheduler, model)  # FSDP: cut to shards
     except CheckpointError as error:
         raise CheckpointError(f"train.resume: {error}") from None
     if best is not None:
@@ -205,16 +204,17 @@ def _setup_training(recipe: Recipe, accelerator, run_dir: Path, resume_from: Opt
     cfg, main = recipe.train, accelerator.is_main_process
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(data.train_loader) / cfg.grad_accum)
     optimizer, scheduler = _setup_optimizer(built.groups, recipe, total_steps)
+    schedule_rank_allocation(built.model, total_steps, recipe.train.adalora)  # AdaLoRA only
     model, optimizer = prepare(accelerator, built.model, optimizer)  # DDP, or FSDP with the model's layers as units
     best = BestTracker.from_recipe(cfg)
-    position = _resume(resume_from, optimizer, scheduler, best)
+    position = _resume(resume_from, optimizer, scheduler, best, built.model)
     log = RunLog(run_dir, accelerator, enabled=main)
     _announce(recipe, data, built, accelerator, total_steps, log, position.step)
     progress = make_progress(total_steps, position.step, cfg.log_every, enabled=main, bar=show_progress)
     run = TrainingRun(
         recipe, accelerator, run_dir, model, built.processor, data, optimizer, scheduler, total_steps, log, progress
     )
-    run.best = best
+    run.best, run.report = best, built.report
     run.summary.update(run_dir=str(run_dir), total_steps=total_steps, main_process=main)
     return run, position
 

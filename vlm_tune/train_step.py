@@ -20,6 +20,7 @@ from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
 from vlm_tune.distributed import is_sharded
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.interrupts import deferred
+from vlm_tune.model.adalora import write_layer_ranks
 from vlm_tune.recipe import Recipe
 from vlm_tune.run_log import RunLog
 from vlm_tune.training_state import capture_rng, preserved_rng
@@ -107,6 +108,7 @@ class TrainingRun:
     best: Optional[BestTracker] = None  # train.keep_best / early_stopping_patience
     losses: list[float] = field(default_factory=list)  # losses of the steps since the last log line
     stop_reason: Optional[str] = None  # set when early stopping ends the run before the last step
+    report: Any = None  # the targeting report (rewritten at each save while AdaLoRA re-allocates ranks)
 
     @property
     def main(self) -> bool:
@@ -179,6 +181,8 @@ def train_step(run: TrainingRun, group: list[dict], position: TrainingPosition, 
         TrainingStopped: a non-finite loss or gradient norm beyond train.skip_nonfinite_steps (checked on every
             process alike, before the update).
     """
+    from vlm_tune.model.adalora import allocate_ranks, orthogonality_penalty
+
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     cfg = run.recipe.train
     tokens_per_batch = [label_tokens(batch) for batch in group]
@@ -190,8 +194,9 @@ def train_step(run: TrainingRun, group: list[dict], position: TrainingPosition, 
         last = index == len(group) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss = model(**batch).loss  # mean over this micro-batch's label tokens
+            penalty = orthogonality_penalty(model)  # AdaLoRA's regulariser (0.0 for other variants), not logged
             # DDP averages gradients over processes, hence the factor num_processes.
-            accelerator.backward(loss * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
+            accelerator.backward((loss + penalty) * n_tokens * accelerator.num_processes / max(step_label_tokens, 1))
         loss_sum += loss.detach().float() * n_tokens
     step_loss = (accelerator.reduce(loss_sum, "sum") / max(step_label_tokens, 1)).item()
     grad_norm = clip_gradients(optimizer, accelerator, cfg.max_grad_norm)
@@ -205,6 +210,7 @@ def train_step(run: TrainingRun, group: list[dict], position: TrainingPosition, 
     with deferred():  # the update and the position it leads to go together
         if skipped is None:
             optimizer.step()
+            allocate_ranks(model, position.step + 1)  # AdaLoRA: after the optimizer step, before zero_grad (PEFT)
             scheduler.step()
         else:
             position.nonfinite_skipped += 1
@@ -316,6 +322,7 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
                 recipe=run.recipe,
                 full_state=full_state,
             )
+            write_layer_ranks(run.accelerator.unwrap_model(run.model), run.report, run.run_dir)
         run.saved_steps.add(position.step)
         run.accelerator.wait_for_everyone()
 

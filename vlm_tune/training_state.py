@@ -103,7 +103,9 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: _decode(item, tensors) for key, item in value.items()}
 
 
-def save_training_state(folder: Path, optimizer: Any, scheduler: Any, rng: Optional[dict[str, Any]]) -> None:
+def save_training_state(
+    folder: Path, optimizer: Any, scheduler: Any, rng: Optional[dict[str, Any]], adapter: Optional[dict] = None
+) -> None:
     """Write `training_state.safetensors` + `training_state.json` into `folder`.
 
     Args:
@@ -111,11 +113,13 @@ def save_training_state(folder: Path, optimizer: Any, scheduler: Any, rng: Optio
         optimizer, scheduler: their `state_dict()` is saved (None: not saved); `optimizer` may be that state
             dict already (FSDP: the full state gathered from every process's shards).
         rng: random states from `capture_rng` (None: the current ones).
+        adapter: the adapter's own training state (AdaLoRA's importance scores; None: none).
     """
     state = {
         "optimizer": optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng if rng is not None else capture_rng(),
+        "adapter": adapter,
     }
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, tensors)
@@ -124,7 +128,8 @@ def save_training_state(folder: Path, optimizer: Any, scheduler: Any, rng: Optio
 
 
 def read_training_state(folder: Path) -> dict[str, Any]:
-    """The optimizer, scheduler and RNG states of a checkpoint folder (`{"optimizer", "scheduler", "rng"}`).
+    """The training states of a checkpoint folder (`{"optimizer", "scheduler", "rng", "adapter"}`; "adapter" may
+    be absent in older checkpoints).
 
     Raises:
         TrainingStateError: a file is missing or does not decode.

@@ -24,8 +24,8 @@ class BuiltModel:
     """What `build_model` returns.
 
     Attributes:
-        model: the PeftModel, or a RelevanceWrapper around it (relevance.enabled); the bare transformers model
-            when built with training=False and no checkpoint.
+        model: the PeftModel, or a RelevanceWrapper (relevance.enabled) or SoftPromptWrapper (language mode prompt
+            / prefix) around it; the bare transformers model when built with training=False and no checkpoint.
         processor: the model's processor.
         components: the ComponentMap (None only for a bare model whose components cannot be found).
         report: what trains, per component, the relevance row included (None for the bare model).
@@ -55,6 +55,8 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
     Raises:
         LoadError, ComponentError, TargetingError: the model or the component policy cannot be used.
         RelevanceError: relevance.enabled on a family without relevance wiring.
+        SoftPromptError: language mode prompt / prefix on a family where it is not checked.
+        InitError: `init: loftq` finds no 16-bit weight of a layer in the base model's safetensors.
         CheckpointError: the checkpoint is missing, incomplete, or does not fit the recipe's model.
     """
     from vlm_tune.checkpoint_load import load_weights
@@ -79,6 +81,12 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
 
         model = attach_relevance(model, recipe.relevance, components)
         report.add_row(*relevance_row(model, recipe.relevance, recipe.train.lr))
+    language = recipe.component("language")
+    if language.mode in ("prompt", "prefix"):  # virtual tokens for the decoder, their own parameter group
+        from vlm_tune.model.soft_prompt import attach_soft_prompt, report_soft_prompt
+
+        model = attach_soft_prompt(model, language, components, loaded.processor, recipe.train.seed)
+        report_soft_prompt(report, model)
     groups = param_groups(model, report, recipe.train.lr, recipe.train.weight_decay) if training else []
     if training and recipe.train.mixed_precision != "no":
         _fp32_masters(groups)

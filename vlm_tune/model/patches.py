@@ -7,11 +7,14 @@ is undone. Who applies them:
     no_cpu_4bit_repacking                      load.py (4-bit layers narrower than a quantization block)
     embeds_at_prefill                          relevance/integrate.py (families whose generate refuses embeds)
     mllama_cross_attention_per_token           relevance/cross_attention.py (mllama with selected tokens)
+    virtual_token_embeddings                   model/soft_prompt.py (prompt tuning)
+    attend_to_prefix                           model/soft_prompt.py (prefix tuning)
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -165,3 +168,104 @@ def mllama_cross_attention_per_token(base_model: nn.Module, cross_states: torch.
     finally:
         inner.vision_model.num_patches = saved
         handle.remove()
+
+
+@contextlib.contextmanager
+def virtual_token_embeddings(embedding: nn.Module, virtual: torch.Tensor, values: torch.Tensor):
+    """Within the block, the input embedding's output at the virtual-token positions is `values`.
+
+    Patches: a forward hook on the model's input embedding module replaces its output [B, T, D] where
+    `virtual` [B, T] is True by `values` [B, T, D], in the call whose output has that shape (beam search's
+    larger batch gets both repeated); decoding steps (shorter inputs) pass.
+    Why: prompt tuning puts placeholder ids into `input_ids`, so the model itself still finds its image
+    tokens, positions (M-RoPE) and masks from them; only the placeholders' embeddings are trained vectors.
+    Undone by: leaving the block (the hook is removed however it ends).
+    """
+
+    def replace(module, args, output):
+        if output.dim() != 3 or output.shape[1] != virtual.shape[1]:  # a decoding step
+            return output
+        repeat = output.shape[0] // virtual.shape[0]
+        mask = virtual.repeat_interleave(repeat, dim=0)[..., None]  # [B, T, 1]
+        return torch.where(mask, values.repeat_interleave(repeat, dim=0).to(output.dtype), output)
+
+    handle = embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+PREFIX_ATTENTION = {"sdpa": "vlm_tune_prefix_sdpa", "eager": "vlm_tune_prefix_eager"}
+
+
+def _with_prefix_columns(mask, query: torch.Tensor, key_length: int, prefix: int, additive: bool):
+    """The attention mask [B|1, H|1, q, kv] with `prefix` always-visible key columns in front."""
+    if mask is None:
+        q_length = query.shape[2]
+        if q_length == 1:
+            return None  # one query (decoding) sees every key, prefix included
+        offset = key_length - q_length  # queries are the last q positions of the keys (a cache before them)
+        mask = torch.ones(q_length, key_length, dtype=torch.bool, device=query.device).tril(offset)[None, None]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+    visible = True if mask.dtype == torch.bool else 0.0
+    columns = torch.full((*mask.shape[:-1], prefix), visible, dtype=mask.dtype, device=mask.device)
+    return torch.cat([columns, mask], dim=-1)
+
+
+def _prefix_attention(inner: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if inner == "eager":  # each modeling file has its own eager function (transformers' convention)
+            forward = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            forward = ALL_ATTENTION_FUNCTIONS[inner]
+        source = getattr(module, "_vlm_tune_prefix", None)
+        if source is None:  # cross-attention of mllama, or a layer without prefix
+            return forward(module, query, key, value, attention_mask, **kwargs)
+        prefix_keys, prefix_values = source()  # [H_kv, P, hd] each
+        batch = key.shape[0]
+        mask = _with_prefix_columns(attention_mask, query, key.shape[2], prefix_keys.shape[1], inner == "eager")
+        key = torch.cat([prefix_keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)  # [B, H_kv, P+kv, hd]
+        value = torch.cat([prefix_values.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        kwargs.pop("is_causal", None)
+        return forward(module, query, key, value, mask, **kwargs)
+
+    return attention
+
+
+def attend_to_prefix(attention_modules: list[nn.Module], sources: list) -> str:
+    """Let each self-attention module attend to prefix keys and values in front of its own.
+
+    Args:
+        attention_modules: the decoder's self-attention modules (they share one text config).
+        sources: per module, a callable returning its (keys, values) [H_kv, P, head_dim] (trained parameters).
+    Returns:
+        The attention implementation name now set on the modules' config.
+    Patches: the text config's `_attn_implementation` becomes a registered function that puts the module's
+    prefix keys / values before its keys / values and always-visible columns before the mask, then runs the
+    original sdpa or eager attention (modules without a source, e.g. mllama's cross-attention, run it as is);
+    the mask function registered under that name is the original one's. The vision tower's config is untouched.
+    Why: prefix tuning without a pre-filled KV cache, so positions (M-RoPE), gradient checkpointing (which drops
+    caches) and generation's cache work unchanged; the prefix carries no position.
+    Undone by: setting the config's `_attn_implementation` back and deleting `module._vlm_tune_prefix`; nothing in
+    the toolkit undoes it (the wrapped model keeps its prefix).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    config = attention_modules[0].config
+    inner = config._attn_implementation
+    if inner in PREFIX_ATTENTION.values():
+        inner = next(name for name, patched in PREFIX_ATTENTION.items() if patched == inner)
+    name = PREFIX_ATTENTION[inner]
+    AttentionInterface.register(name, _prefix_attention(inner))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    for module, source in zip(attention_modules, sources):
+        object.__setattr__(module, "_vlm_tune_prefix", source)  # a plain attribute, not a submodule
+    config._attn_implementation = name
+    return name

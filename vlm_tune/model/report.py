@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -25,6 +27,7 @@ class ComponentRow:
     lr: Optional[float]
     weight_decay: Optional[float]
     saved_as: str = ""  # adapter | modules_to_save | requires_grad (saved by the checkpoint, not the adapter)
+    target_rank: Optional[int] = None  # adalora: average rank per layer after allocation
 
 
 @dataclass
@@ -35,6 +38,7 @@ class TargetingReport:
     rows: list[ComponentRow] = field(default_factory=list)
     total_params: int = 0
     param_names: dict[str, list[str]] = field(default_factory=dict)
+    layer_ranks: dict[str, dict[str, int]] = field(default_factory=dict)  # adalora: component -> {layer: rank}
 
     def add_row(self, row: ComponentRow, param_names: list[str]) -> None:
         """Append a row (e.g. relevance modules) and the names of its trainable parameters."""
@@ -84,7 +88,24 @@ class TargetingReport:
         fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         rule = "-" * sum(widths) + "-" * 2 * (len(widths) - 1)
         notes = f"{self.model_type}" + (" (* = detected structurally)" if any(r.detected for r in self.rows) else "")
-        return "\n".join([notes, fmt(head), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+        table = [notes, fmt(head), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])]
+        return "\n".join(table + self._rank_lines())
+
+    def _rank_lines(self) -> list[str]:
+        """AdaLoRA: each layer's current rank, per component, with the component's budget."""
+        rows = {r.component: r for r in self.rows}
+        lines = []
+        for component, ranks in self.layer_ranks.items():
+            row = rows[component]
+            budget = (row.target_rank or 0) * len(ranks)
+            lines += [
+                "",
+                f"{component}: adalora ranks per layer (start {row.rank}, target {row.target_rank}; "
+                f"total {sum(ranks.values())}, budget {budget})",
+            ]
+            width = max(len(name) for name in ranks)
+            lines += [f"  {name.ljust(width)}  {rank}" for name, rank in ranks.items()]
+        return lines
 
     def to_dict(self) -> dict:
         """Plain data (for JSON run records)."""
@@ -94,7 +115,14 @@ class TargetingReport:
             "trainable_params": self.trainable_params,
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "param_names": {k: list(v) for k, v in self.param_names.items()},
+            "layer_ranks": {k: dict(v) for k, v in self.layer_ranks.items()},
         }
+
+    def write(self, run_dir) -> None:
+        """Write the report into a run folder as components.txt (the table) and components.json (`to_dict`)."""
+        run_dir = Path(run_dir)
+        (run_dir / "components.txt").write_text(self.table() + "\n")
+        (run_dir / "components.json").write_text(json.dumps(self.to_dict(), indent=1))
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentMap, find_components
 from vlm_tune.model.patches import require_grad_on_output, run_without_grad
 from vlm_tune.model.report import ComponentRow, TargetingReport, param_count
+from vlm_tune.model.variants import adapter_config, prepare_layers
 from vlm_tune.recipe import COMPONENT_NAMES, ComponentConfig
 
 ADAPTER = "default"
@@ -73,7 +74,7 @@ def _check_policy(cmap: ComponentMap, policy: dict[str, ComponentConfig], model:
                     f"this {cmap.model_type} model (its Linear leaves: {leaves or 'none'}). "
                     f"Use mode: full, or name leaves / regexes in targets"
                 )
-        elif any(cmap.component_of(n) == comp for n in quantized):
+        elif cfg.mode == "full" and any(cmap.component_of(n) == comp for n in quantized):
             errors.append(
                 f"components.{comp}: mode full needs 16-bit weights, but {comp} was loaded in 4-bit; "
                 f"add {comp} to model.quantization.keep_16bit, or use mode: lora"
@@ -81,8 +82,8 @@ def _check_policy(cmap: ComponentMap, policy: dict[str, ComponentConfig], model:
     variants = {policy[c].variant for c in wrapped}
     if len(variants) > 1:
         errors.append(
-            f"components.*.variant: LoRA components must share one variant (PEFT sets DoRA / rsLoRA for "
-            f"the whole adapter), got {', '.join(f'{c}={policy[c].variant}' for c in wrapped)}"
+            f"components.*.variant: LoRA components must share one variant (PEFT sets DoRA / rsLoRA / AdaLoRA "
+            f"for the whole adapter), got {', '.join(f'{c}={policy[c].variant}' for c in wrapped)}"
         )
     if errors:
         raise TargetingError(
@@ -127,7 +128,7 @@ def _full_plan(model: nn.Module, cmap: ComponentMap, comp: str) -> Optional[list
     return modules
 
 
-def _component_regex(cmap: ComponentMap, comp: str) -> str:
+def component_regex(cmap: ComponentMap, comp: str) -> str:
     """A PEFT pattern key matching exactly the leaves inside this component's (disjoint) modules."""
     alternatives = "|".join(re.escape(m) for m in cmap.modules[comp])
     return rf"(?:{alternatives})(?:\..+)?"
@@ -214,7 +215,8 @@ def apply_targeting(
         param.requires_grad_(False)
     with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        result = get_peft_model(model, _lora_config(cmap, policy, wrapped, full_plan), adapter_name=ADAPTER)
+        result = get_peft_model(model, adapter_config(cmap, policy, wrapped, full_plan), adapter_name=ADAPTER)
+    prepare_layers(result, cmap, policy, wrapped)
     _check_wrapping(result, cmap, policy, wrapped, full_plan)
     _set_dropout(result, cmap, policy)
     for name, param in result.named_parameters():
@@ -223,27 +225,6 @@ def apply_targeting(
             param.requires_grad_(True)
     _configure_runtime(model, cmap, policy)
     return result, _build_report(result, cmap, policy, wrapped, full_plan)
-
-
-def _lora_config(cmap: ComponentMap, policy: dict, wrapped: dict[str, list[str]], full_plan: dict):
-    """One LoraConfig for every LoRA component (per-component rank / alpha patterns) and the full ones."""
-    from peft import LoraConfig
-    from peft.utils.constants import DUMMY_TARGET_MODULES
-
-    lora = [policy[c] for c in wrapped] or [ComponentConfig()]
-    return LoraConfig(
-        r=lora[0].rank,
-        lora_alpha=lora[0].alpha,
-        lora_dropout=lora[0].dropout,
-        bias="none",
-        # no LoRA component: PEFT's own "no target" marker keeps a standard PeftModel for modules_to_save
-        target_modules=[leaf for c in wrapped for leaf in wrapped[c]] or DUMMY_TARGET_MODULES,
-        rank_pattern={_component_regex(cmap, c): policy[c].rank for c in wrapped},
-        alpha_pattern={_component_regex(cmap, c): policy[c].alpha for c in wrapped},
-        use_dora=lora[0].variant == "dora",
-        use_rslora=lora[0].variant == "rslora",
-        modules_to_save=[m for plan in full_plan.values() if plan for m in plan] or None,
-    )
 
 
 def _check_wrapping(peft_model, cmap, policy, wrapped, full_plan) -> None:
@@ -288,6 +269,7 @@ def _build_report(model, cmap, policy, wrapped, full_plan) -> TargetingReport:
             mode=cfg.mode,
             rank=cfg.rank if is_lora else None,
             alpha=cfg.alpha if is_lora else None,
+            target_rank=cfg.adalora_target_rank if is_lora and cfg.variant == "adalora" else None,
             modules_wrapped=_modules_wrapped(cmap, cfg.mode, comp, wrapped, full_plan),
             trainable_params=trainable_count[comp],
             total_params=total.get(comp, 0),

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlm_tune.constants import RELEVANCE_GROUP
+from vlm_tune.model.wrapping import ModelWrapper, base_model, with_original_prompt
 from vlm_tune.recipe import RelevanceConfig
 from vlm_tune.relevance.attending import Attending, Selection, keep_count, select_pool, select_random
 from vlm_tune.relevance.balancing import Balancing
@@ -32,11 +33,6 @@ from vlm_tune.relevance.sequence import VisualTokens
 
 RELEVANCE_FILE = "relevance.safetensors"
 RELEVANCE_CONFIG_FILE = "relevance.json"
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class RelevanceModules(nn.Module):
@@ -102,7 +98,7 @@ class RelevanceModules(nn.Module):
         return self.attending(relevance, tokens.features, tokens.valid, counts)
 
 
-class RelevanceWrapper(nn.Module):
+class RelevanceWrapper(ModelWrapper):
     """A vision-language model whose language model reads only the selected visual tokens.
 
     Attributes:
@@ -120,20 +116,6 @@ class RelevanceWrapper(nn.Module):
         self.settings = settings
         self.last_selection: Optional[Selection] = None
         self.last_unit_sample: Optional[torch.Tensor] = None
-
-    @property
-    def config(self):
-        """The wrapped transformers model's config."""
-        return _base_model(self.model).config
-
-    @property
-    def generation_config(self):
-        """The wrapped transformers model's generation config."""
-        return _base_model(self.model).generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _prepare(self, batch: dict, generating: bool):
         prepared = self.wiring.prepare(batch, self.relevance, generating)
@@ -170,13 +152,7 @@ class RelevanceWrapper(nn.Module):
         prepared = self._prepare(inputs, generating=True)
         with prepared.context():
             output = self.model.generate(**prepared.model_inputs)
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        seen = prepared.model_inputs["input_ids"].shape[1]  # prompt length the model saw
-        full = torch.cat([inputs["input_ids"].to(sequences.device), sequences[:, seen:]], dim=1)
-        if isinstance(output, torch.Tensor):
-            return full
-        output.sequences = full
-        return output
+        return with_original_prompt(output, inputs["input_ids"], prepared.model_inputs["input_ids"].shape[1])
 
     def save(self, folder: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> Path:
         """Write the relevance modules' weights (`relevance.safetensors`) and settings (`relevance.json`).
@@ -264,7 +240,7 @@ def attach_relevance(model: nn.Module, relevance_cfg: RelevanceConfig, component
     Raises:
         RelevanceError: the model family has no relevance wiring (the message lists the supported ones).
     """
-    base = _base_model(model)
+    base = base_model(model)
     wiring = wiring_for(component_map.model_type, base)
     embedding = base.get_input_embeddings()
     width = embedding.weight.shape[-1]
