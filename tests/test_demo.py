@@ -103,6 +103,7 @@ def test_a_run_that_builds_the_model_trains_like_one_that_finds_it_cached(tmp_pa
     monkeypatch.setenv("VLM_TUNE_SMOLLM2_GGUF", str(fetch_smollm2_gguf()))  # the usual cache: nothing downloads
     monkeypatch.setenv("VLM_TUNE_CACHE", str(tmp_path / "cache"))  # empty: the first run builds the model
     runs = []
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's Accelerator may be fp32
     try:
         for name in ("builds", "cached"):
             overrides = [
