@@ -24,7 +24,11 @@ from safetensors.torch import load_file
 def losses(run_dir: Path) -> list[float]:
     """Training losses of a run, step by step, as logged (full float precision)."""
     lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [record["loss"] for record in map(json.loads, filter(str.strip, lines)) if "loss" in record]
+    records = list(map(json.loads, filter(str.strip, lines)))
+    found = [record["train/loss"] for record in records if "train/loss" in record]
+    if not found:  # a run that logged no loss proves nothing: fail loudly rather than compare empty lists
+        raise SystemExit(f"{run_dir / 'log.jsonl'}: no train/loss records")
+    return found
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -41,6 +45,7 @@ def same(a: Path, b: Path) -> bool:
     first, second = weights(a), weights(b)
     return (
         losses(a) == losses(b)
+        and bool(first)
         and first.keys() == second.keys()
         and all(torch.equal(first[key], second[key]) for key in first)
     )
