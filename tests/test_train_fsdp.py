@@ -236,9 +236,11 @@ def test_fsdp_settings_it_cannot_use_are_named_together(setup, monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     recipe.speed.optimizer = "paged_adamw_8bit"
+    recipe.components["language"].variant = "adalora"
     with pytest.raises(ShardingError) as error:
         fsdp_plugin(recipe)
-    for name in ("speed.optimizer: paged_adamw_8bit", "fsdp_activation_checkpointing", "set fsdp_version: 2"):
+    names = ("speed.optimizer: paged_adamw_8bit", "fsdp_activation_checkpointing", "set fsdp_version: 2")
+    for name in (*names, "components.language: mode lora, variant adalora"):
         assert name in str(error.value)
 
 

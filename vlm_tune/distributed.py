@@ -57,6 +57,12 @@ def _recipe_problems(recipe: Recipe) -> list[str]:
             "speed.optimizer: paged_adamw_8bit cannot step sharded parameters; use adamw or adamw_fused "
             "(FSDP already splits the optimizer state over the GPUs)"
         )
+    for name, component in recipe.components.items():  # their save paths (training form, soft prompts) are unsharded
+        if component.mode in ("prompt", "prefix") or component.variant == "adalora" or component.init != "default":
+            problems.append(
+                f"components.{name}: mode {component.mode}, variant {component.variant}, init {component.init} "
+                "is not supported under FSDP; use plain lora / dora / rslora with init default, or one GPU or DDP"
+            )
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
         problems.append(
             "fsdp_activation_checkpointing (accelerate config): set it to false and use the recipe's "
