@@ -25,7 +25,8 @@ markdown table (mean ± std over seeds, ROOT/adapter_variants.md) and the raw nu
 
 Usage:
     python benchmarks/adapter_variants.py [--recipe recipes/demo.yaml] [--root runs/adapter_variants]
-        [--variants lora dora ...] [--seeds 0 1 2] [--reuse] [--report-only] [--dry-run] [-- key=value ...]
+        [--variants lora dora ...] [--seeds 0 1 2] [--reuse] [--report-only] [--dry-run] [--jobs N]
+        [--deadline S] [-- key=value ...]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from relevance_sweep import _mean_std, read_last_logged, read_metrics, train_and_evaluate, write_results
@@ -82,6 +84,51 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_folder(root: Path, seed: int, variant: str) -> Path:
+    """ROOT/VARIANT-seedS."""
+    return root / f"{variant}-seed{seed}"
+
+
+def finished(root: Path, seed: int, variant: str) -> bool:
+    """Whether the run has its evaluation's metrics.json."""
+    return (run_folder(root, seed, variant) / "eval" / "metrics.json").is_file()
+
+
+def needs_training(root: Path, run: tuple[int, str], args) -> bool:
+    """Train unless --report-only, or --reuse and the run is finished."""
+    return not args.report_only and not (args.reuse and finished(root, *run))
+
+
+def train_one(root: Path, run: tuple[int, str], args, extra: list[str], stop_at: float | None) -> bool | None:
+    """Train and evaluate one (seed, variant); prints its wall time; True when both succeeded, None when the
+    deadline had passed before it started."""
+    seed, variant = run
+    if stop_at is not None and time.monotonic() > stop_at:
+        print(f"  {run_folder(root, seed, variant).name}: not started (deadline)", flush=True)
+        return None
+    run_dir = run_folder(root, seed, variant)
+    overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.output_dir={run_dir}", *extra]
+    started = time.monotonic()
+    ok = train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
+    print(
+        f"  {run_dir.name}: {time.monotonic() - started:.0f} s (train + evaluate){'' if ok else ', failed'}", flush=True
+    )
+    return ok
+
+
+def read_run(root: Path, seed: int, variant: str) -> dict:
+    """One finished run's numbers."""
+    run_dir = run_folder(root, seed, variant)
+    return {
+        "variant": variant,
+        "seed": seed,
+        "language_params": language_params(run_dir),
+        "eval_loss": read_last_logged(run_dir, "eval/loss", "eval_loss"),
+        "train_seconds": read_last_logged(run_dir, "train/seconds"),
+        **read_metrics(run_dir / "eval"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the variants; returns 0 when every run trained and evaluated."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,35 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="skip runs whose eval/metrics.json already exists")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one GPU holds several demo runs)")
+    parser.add_argument("--deadline", type=float, default=0, help="seconds after which no new run starts (0: none)")
     args, extra = parser.parse_known_args(argv)
     extra = [item for item in extra if item != "--"]
     if not Path(args.recipe).is_file():
         print(f"error: {args.recipe}: recipe not found (run from the repository root)", file=sys.stderr)
         return 2
     root = Path(args.root)
-    results, failures = [], 0
-    for seed in args.seeds:  # seed-major: a partial sweep already holds every variant
-        for variant in args.variants:
-            run_dir = root / f"{variant}-seed{seed}"
-            eval_dir = run_dir / "eval"
-            overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.output_dir={run_dir}", *extra]
-            finished = (eval_dir / "metrics.json").is_file()
-            if args.report_only and not finished:
-                continue
-            if not (args.reuse or args.report_only) or not finished:
-                started = time.monotonic()
-                failures += not train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
-                print(f"  {run_dir.name}: {time.monotonic() - started:.0f} s (train + evaluate)", flush=True)
-            results.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "language_params": language_params(run_dir),
-                    "eval_loss": read_last_logged(run_dir, "eval/loss", "eval_loss"),
-                    "train_seconds": read_last_logged(run_dir, "train/seconds"),
-                    **read_metrics(eval_dir),
-                }
-            )
+    # seed-major: a partial sweep already holds every variant
+    runs = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    to_train = [run for run in runs if needs_training(root, run, args)]
+    stop_at = time.monotonic() + args.deadline if args.deadline else None
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job waits on its own train/evaluate processes
+        outcomes = list(pool.map(lambda run: train_one(root, run, args, extra, stop_at), to_train))
+    failures = outcomes.count(False)
+    started = {run for run, outcome in zip(to_train, outcomes) if outcome is not None}
+    results = [read_run(root, *run) for run in runs if finished(root, *run) or run in started]
     if args.dry_run:
         return 0
     write_results(root, "adapter_variants", results, table(results))
