@@ -1,0 +1,123 @@
+"""speed.compile: layers computes what the eager path computes, keeps checkpoint keys, and refuses what it cannot do."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_vlm, tiny_vlm_folder
+from vlm_batches import make_batch, randomize_lora_b
+
+from vlm_tune.checkpoint import save_checkpoint
+from vlm_tune.model.build import build_model
+from vlm_tune.model.components import find_components
+from vlm_tune.model.load import _enable_checkpointing
+from vlm_tune.model.speed import apply_speed
+from vlm_tune.model.targeting import apply_targeting
+from vlm_tune.recipe import ComponentConfig, ModelConfig, RecipeError, SpeedConfig, recipe_from_dict
+
+LORA = ComponentConfig(mode="lora", rank=4, alpha=8.0)
+DORA = ComponentConfig(mode="lora", rank=4, alpha=8.0, variant="dora")
+CKPT = ModelConfig(gradient_checkpointing=True)
+RTOL = 1e-4  # inductor reorders float32 sums; seen: 1e-6 relative at most on these models
+
+
+def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _count_compiled_calls(patches) -> list:
+    """Record every call that goes to a compiled forward (rather than the block's own)."""
+    calls = []
+    for module in patches.handles[-1].modules:
+        real = module.forward.compiled
+        module.forward.compiled = lambda *args, _real=real, **kwargs: calls.append(1) or _real(*args, **kwargs)
+    return calls
+
+
+CASES = {  # arch -> (components, compiled blocks per component)
+    "idefics3": ({"vision": DORA, "language": DORA}, {"vision": 2, "language": 2}),
+    "qwen2_5_vl": ({"language": LORA}, {"language": 2}),  # frozen vision in front: its blocks stay eager
+}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(arch):
+    components, expected = CASES[arch]
+    model, processor = tiny_vlm(arch, 0)
+    _enable_checkpointing(model)
+    model, _ = apply_targeting(model, components)
+    randomize_lora_b(model)
+    model.train()
+    batch = make_batch(arch, processor, batch_size=2)
+    cmap = find_components(model.get_base_model())
+    eager_patches = apply_speed(model, SpeedConfig(), CKPT, cmap)  # chunked loss, checkpointing
+    eager = _loss_and_grads(model, batch)
+    eager_patches.remove()
+    torch._dynamo.reset()
+    patches = apply_speed(model, SpeedConfig(compile="layers"), CKPT, cmap)
+    assert patches.compiled == expected
+    calls = _count_compiled_calls(patches)
+    compiled = _loss_and_grads(model, batch)
+    assert len(calls) >= sum(expected.values())  # every block ran compiled (recomputes come on top)
+    assert compiled[0] == pytest.approx(eager[0], rel=RTOL)
+    assert compiled[1].keys() == eager[1].keys() and eager[1]
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, rtol=RTOL, atol=1e-6, msg=name)
+
+    model.eval()  # evaluation and generate run the blocks' own forward
+    calls.clear()
+    with torch.no_grad():
+        model(**batch)
+    assert calls == []
+    blocks = patches.handles[-1].modules
+    patches.remove()
+    assert blocks and all("forward" not in module.__dict__ for module in blocks)
+
+
+def test_a_checkpoint_saved_with_compile_has_the_keys_of_one_saved_without(tmp_path):
+    folder = tiny_vlm_folder("idefics3", tmp_path / "model")
+    raw = {
+        "model": {"name_or_path": str(folder), "dtype": "float32", "gradient_checkpointing": True},
+        "components": {"language": {"mode": "lora", "rank": 4}},
+        "train": {"mixed_precision": "no"},
+    }
+    plain = build_model(recipe_from_dict(raw))
+    compiled = build_model(recipe_from_dict({**raw, "speed": {"compile": "layers"}}))
+    randomize_lora_b(compiled.model)
+    batch = make_batch("idefics3", compiled.processor)
+    compiled.model.train()
+    compiled.model(**batch).loss.backward()  # the compiled blocks have run
+    files = {}
+    for name, built in (("plain", plain), ("compiled", compiled)):
+        (tmp_path / name).mkdir()
+        checkpoint = save_checkpoint(tmp_path / name, 1, built.model, {"epoch": 0, "batches_done": 0})
+        files[name] = {path.name: load_file(path) for path in checkpoint.rglob("*.safetensors")}
+    assert files["plain"] and {k: sorted(v) for k, v in files["plain"].items()} == {
+        k: sorted(v) for k, v in files["compiled"].items()
+    }
+    assert not any("_orig_mod" in key for tensors in files["compiled"].values() for key in tensors)
+    loaded = build_model(recipe_from_dict(raw), checkpoint=tmp_path / "compiled", training=True)
+    trained = dict(compiled.model.named_parameters())
+    for name, param in loaded.model.named_parameters():
+        if "lora_B" in name:
+            assert torch.equal(param, trained[name]), name
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"relevance": {"enabled": True}}, "relevance.enabled"),
+        ({"components": {"language": {"mode": "prompt"}}}, "components.language mode prompt"),
+        ({"components": {"language": {"mode": "lora", "variant": "adalora", "target_rank": 2}}}, "variant adalora"),
+        ({"speed": {"compile": "layers", "compile_components": ["decoder"]}}, "compile_components: unknown"),
+    ],
+)
+def test_compile_with_what_it_cannot_combine_is_one_recipe_error_naming_the_fields(extra, field):
+    raw = {"components": {"language": {"mode": "lora"}}, "speed": {"compile": "layers"}}
+    with pytest.raises(RecipeError) as raised:
+        recipe_from_dict({**raw, **extra})
+    problems = [line for line in str(raised.value).splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and field in problems[0] and "speed." in problems[0]
+    recipe_from_dict({**raw, **extra, "speed": {"compile": "none"}})  # the fix the message gives
