@@ -23,6 +23,7 @@ from torch import nn
 
 from vlm_tune.constants import COMPONENT_NAMES
 from vlm_tune.model.components import ComponentMap
+from vlm_tune.model.patches import ForwardRestorer
 
 COMPILE_MODES = {"default": None, "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
@@ -42,16 +43,15 @@ class _TrainingForward:
 
 
 class CompiledLayers:
-    """What `compile_layers` installed; `remove()` gives each block its own forward back."""
+    """What `compile_layers` installed; `remove()` gives each block the forward it had before."""
 
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
+    def __init__(self, modules: list[nn.Module], restorers: list[ForwardRestorer]):
+        self.modules, self._restorers = modules, restorers
 
     def remove(self) -> None:
-        for module in self.modules:
-            if isinstance(module.__dict__.get("forward"), _TrainingForward):
-                del module.forward
-        self.modules = []
+        for restorer in self._restorers:
+            restorer.remove()
+        self.modules, self._restorers = [], []
 
 
 def _on_gradient_path(base: nn.Module, cmap: ComponentMap) -> set[str]:
@@ -87,12 +87,14 @@ def compile_layers(
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     wanted = set(components) & _on_gradient_path(base, cmap)
-    compiled, counts = [], {}
+    compiled, restorers, counts = [], [], {}
     for name, module in repeated_blocks(base):
         component = cmap.component_of(name) or "other"
-        if component not in wanted or isinstance(module.__dict__.get("forward"), _TrainingForward):
+        previous = module.__dict__.get("forward")
+        if component not in wanted or isinstance(previous, _TrainingForward):
             continue
         module.forward = _TrainingForward(module, COMPILE_MODES[mode])
         compiled.append(module)
+        restorers.append(ForwardRestorer(module, previous))
         counts[component] = counts.get(component, 0) + 1
-    return CompiledLayers(compiled), counts
+    return CompiledLayers(compiled, restorers), counts
