@@ -169,3 +169,37 @@ def test_compile_with_what_it_cannot_combine_is_one_recipe_error_naming_the_fiel
     problems = [line for line in str(raised.value).splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and field in problems[0] and "speed." in problems[0]
     recipe_from_dict({**raw, **extra, "speed": {"compile": "none"}})  # the fix the message gives
+
+
+@pytest.mark.slow  # three short training runs, with generation and a resume
+def test_training_with_compile_gives_the_eager_losses_evaluates_generates_and_resumes(tmp_path):
+    from test_train import SimulatedCrash, _coco_set, _losses, _recipe
+
+    from vlm_tune.checkpoint import latest_checkpoint
+    from vlm_tune.run_log import read_log
+    from vlm_tune.train import train
+
+    setup = {"model": str(tiny_vlm_folder("idefics3", tmp_path / "model")), "data": str(_coco_set(tmp_path / "data"))}
+
+    def recipe(name: str, compile: str, **overrides):
+        made = _recipe(setup, tmp_path / name, max_steps=4, eval_generate_every=2, **overrides)
+        made.components["language"].dropout = 0.0  # compiled kernels draw other dropout masks
+        made.model.gradient_checkpointing, made.speed.compile = True, compile
+        made.eval.use_java, made.eval.generate_limit, made.eval.max_new_tokens = False, 2, 4
+        return made
+
+    def crash_at_three(step):
+        if step == 3:
+            raise SimulatedCrash
+
+    train(recipe("eager", "none"))
+    with pytest.raises(SimulatedCrash):
+        train(recipe("compiled", "layers"), on_step=crash_at_three)
+    assert latest_checkpoint(tmp_path / "compiled").name == "checkpoint-2"
+    train(recipe("compiled", "layers", resume="auto"))
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=RTOL), step
+    scored = [r["step"] for r in read_log(tmp_path / "compiled" / "log.jsonl") if "eval/CIDEr-D" in r]
+    assert 2 in scored and 4 in scored  # captions generated (eagerly) between compiled steps, and after the resume
