@@ -38,17 +38,23 @@ def _count_compiled_calls(patches) -> list:
     return calls
 
 
-CASES = {  # arch -> (components, compiled blocks per component)
-    "idefics3": ({"vision": DORA, "language": DORA}, {"vision": 2, "language": 2}),
-    "qwen2_5_vl": ({"language": LORA}, {"language": 2}),  # frozen vision in front: its blocks stay eager
+CASES = {  # case -> (arch, components, compiled blocks per component)
+    "idefics3": ("idefics3", {"vision": LORA, "language": LORA}, {"vision": 2, "language": 2}),
+    # PEFT's DoRA caches its weight norm in a dict: Dynamo leaves such layers (mostly) eager, the result holds
+    "idefics3 dora": ("idefics3", {"language": DORA}, {"language": 2}),
+    "qwen2_5_vl": ("qwen2_5_vl", {"language": LORA}, {"language": 2}),  # frozen vision in front: stays eager
     # cross-attention LoRA, the padding-tile drop (one real tile of two in the first sample), a trained projector
-    "mllama": ({"cross_attention": LORA, "language": LORA, "projector": ComponentConfig(mode="full")}, {"language": 2}),
+    "mllama": (
+        "mllama",
+        {"cross_attention": LORA, "language": LORA, "projector": ComponentConfig(mode="full")},
+        {"language": 2},
+    ),
 }
 
 
-@pytest.mark.parametrize("arch", list(CASES))
-def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(arch):
-    components, expected = CASES[arch]
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(case):
+    arch, components, expected = CASES[case]
     model, processor = tiny_vlm(arch, 0)
     _enable_checkpointing(model)
     model, _ = apply_targeting(model, components)
@@ -63,8 +69,13 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(ar
     patches = apply_speed(model, SpeedConfig(compile="layers"), CKPT, cmap)
     assert patches.compiled == expected
     calls = _count_compiled_calls(patches)
+    torch._dynamo.utils.counters.clear()
     compiled = _loss_and_grads(model, batch)
-    assert len(calls) >= sum(expected.values())  # every block ran compiled (recomputes come on top)
+    assert len(calls) >= sum(expected.values())  # every block went to torch.compile (recomputes come on top)
+    if "dora" not in case:  # Dynamo made graphs of them
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(
+            {type(m) for m in patches.handles[-1].modules}
+        )
     assert compiled[0] == pytest.approx(eager[0], rel=RTOL)
     assert compiled[1].keys() == eager[1].keys() and eager[1]
     for name, grad in eager[1].items():

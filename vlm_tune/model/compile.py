@@ -12,10 +12,15 @@ gradients, and the block's own forward otherwise (evaluation, `generate` with it
 they are, so state dicts, checkpoints and exports keep their keys. With transformers' activation checkpointing,
 the recompute runs the compiled forward again (transformers >= 5.23 checkpoints inside `forward`, so the
 checkpoint is traced into the graph; older versions checkpoint around it).
+
+What stays eager: PEFT's DoRA layers cache their weight norm in a dict, which Dynamo cannot trace inside a
+checkpointed region (and breaks its graph outside one), so DoRA gains little (a warning says so); Qwen's vision
+blocks read sequence lengths from a tensor (a graph break). Either way the result is the eager one.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -24,6 +29,8 @@ from torch import nn
 from vlm_tune.constants import COMPONENT_NAMES
 from vlm_tune.model.components import ComponentMap
 from vlm_tune.model.patches import ForwardRestorer
+
+logger = logging.getLogger(__name__)
 
 COMPILE_MODES = {"default": None, "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
@@ -97,4 +104,6 @@ def compile_layers(
         compiled.append(module)
         restorers.append(ForwardRestorer(module, previous))
         counts[component] = counts.get(component, 0) + 1
+    if any(name.endswith("lora_magnitude_vector") for module in compiled for name, _ in module.named_modules()):
+        logger.warning("speed.compile: PEFT's DoRA layers break torch.compile's graphs; expect little speed-up")
     return CompiledLayers(compiled, restorers), counts
