@@ -214,3 +214,15 @@ def test_training_with_compile_gives_the_eager_losses_evaluates_generates_and_re
         assert compiled[step] == pytest.approx(loss, rel=RTOL), step
     scored = [r["step"] for r in read_log(tmp_path / "compiled" / "log.jsonl") if "eval/CIDEr-D" in r]
     assert 2 in scored and 4 in scored  # captions generated (eagerly) between compiled steps, and after the resume
+
+
+def test_fsdp_refuses_compile_naming_the_field(monkeypatch):
+    from vlm_tune.distributed import ShardingError, fsdp_plugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    recipe = recipe_from_dict({"components": {"language": {"mode": "lora"}}, "speed": {"compile": "layers"}})
+    with pytest.raises(
+        ShardingError, match=r"speed.compile: layers is not checked under FSDP; set speed.compile: none"
+    ):
+        fsdp_plugin(recipe)
