@@ -11,6 +11,8 @@ process of their loaded model. Plans:
   real       `python -m vlm_tune.train` on a photo-sized caption set against the model path on the same batches
   proofs     vlm_tune under torch.cuda.set_per_process_memory_fraction (consumer-GPU memory sizes)
   unsloth    Unsloth's FastVisionModel next to vlm_tune (needs the unsloth wheels)
+  compile    speed.compile: layers against none, with and without checkpointing (each variant in its own process,
+             one more warm-up step for the compile; the log gives each process's warm-up seconds)
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -32,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth")
+PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile")
 PLAIN = {"loss": "model", "padding_tiles": "keep", "optimizer": "adamw"}  # the issue's vlm_tune model path
 
 
@@ -144,12 +146,57 @@ def unsloth_specs(models: list[str], batch_size: int) -> list[dict]:
     return specs
 
 
+COMPILE_VARIANTS = [  # name, checkpointing, speed section
+    ("levers, ckpt", True, {}),
+    ("levers, ckpt, compile", True, {"compile": "layers"}),
+    ("levers, no ckpt", False, {}),
+    ("levers, no ckpt, compile", False, {"compile": "layers"}),
+]
+
+
+def compile_specs(models: list[str], batch_size: int) -> list[dict]:
+    """vlm_tune with and without `speed.compile: layers`, one process per variant (SmolVLM: bf16 LoRA only)."""
+    specs = []
+    for setting in ("qlora", "bf16"):
+        for model in [m for m in models if setting == "bf16" or m != "idefics3"]:
+            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
+            for index, (name, checkpointing, speed) in enumerate(COMPILE_VARIANTS):
+                variant = {"name": name, "checkpointing": checkpointing, "speed": speed}
+                specs.append(
+                    {
+                        **common,
+                        "system": "vlm_tune",
+                        "checkpointing": True,
+                        "variants": [variant],
+                        "compile_warmup": 1,  # every variant, so all four take the same steps
+                        "count_flops": index == 0,  # the MFU column of all four (counted uncompiled)
+                    }
+                )
+    return specs
+
+
+def compile_summary(rows: list[dict]) -> list[str]:
+    """Per model and setting: the compiled variant's speed and memory against the same variant uncompiled."""
+    timed = {(r["model"], r["setting"], r["variant"]): r for r in rows if "step_s" in r}
+    lines = []
+    for (model, setting, name), row in timed.items():
+        eager = timed.get((model, setting, name.removesuffix(", compile")))
+        if name.endswith(", compile") and eager:
+            lines.append(
+                f"compile: {model} {setting} {eager['variant']}: {eager['step_s'] / row['step_s']:.2f}x speed, "
+                f"peak {row.get('peak_gib') or 0:.1f} against {eager.get('peak_gib') or 0:.1f} GiB, "
+                f"warm-up {row.get('warmup_s', 0):.0f} against {eager.get('warmup_s', 0):.0f} s"
+            )
+    return lines
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
     "real": real_specs,
     "proofs": proof_specs,
     "unsloth": unsloth_specs,
+    "compile": compile_specs,
 }
 
 
@@ -245,7 +292,8 @@ def run_plan(specs: list[dict], args, folders: dict, log) -> list[dict]:
             folders[spec["model"]] = build_folder(spec["model"], args.root, args.tiny)
             print(f"{spec['model']} folder ready in {time.perf_counter() - begin:.0f} s", flush=True)
         spec = {**spec, "folder": str(folders[spec["model"]]), "tiny": args.tiny, "run_root": str(args.root)}
-        spec["steps"] = TINY_STEPS if args.tiny else FULL_STEPS
+        spec["steps"] = dict(TINY_STEPS if args.tiny else FULL_STEPS)
+        spec["steps"]["warmup"] += spec.get("compile_warmup", 0)
         if spec["workload"] == "captions":
             spec["captions"] = str(caption_set(args.root, 24 if args.tiny else 256))
         timeout = int(min(args.timeout, left - 15))
@@ -265,7 +313,8 @@ def format_row(row: dict) -> str:
     return (
         f"{row['model']:<11} {row['setting']:<5} {row['variant']:<24} {row['step_s']:.3f} s/step"
         f" ({row.get('step_s_min', row['step_s']):.3f}-{row.get('step_s_max', row['step_s']):.3f})"
-        f" peak {row.get('peak_gib') or 0:.1f} GiB ({row['process_s']:.0f} s in its process)"
+        f" peak {row.get('peak_gib') or 0:.1f} GiB (warm-up {row.get('warmup_s', 0):.0f} s,"
+        f" {row['process_s']:.0f} s in its process)"
     )
 
 
@@ -310,7 +359,7 @@ def main(argv=None) -> int:
                 ):
                     spec["profile"] = str(args.out / f"profile-{spec['model']}-{spec['setting']}.txt")
             rows += run_plan(specs, args, folders, log)
-            table = versions() + "\n\n" + markdown_table(rows)
+            table = "\n".join([versions() + "\n", markdown_table(rows), *compile_summary(rows)])
             (args.out / "table.md").write_text(table + "\n")
     print(table)
     print(f"total {time.perf_counter() - args.start:.0f} s")

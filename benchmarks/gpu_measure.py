@@ -15,12 +15,17 @@ def sync():
 
 
 def time_steps(step, batches: list[dict], steps: dict) -> dict:
-    """Warm-up steps, then windows of steps; seconds per step of each window, peak memory over all of them."""
+    """Warm-up steps (timed apart: compilation), then windows of steps; seconds per step of each window, peak memory
+    over all of them."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     losses = [step(batches[i % len(batches)]) for i in range(steps["warmup"])]
+    sync()
+    warmup_s = time.perf_counter() - start  # torch.compile's compilation happens here, outside the windows
+    print(f"warm-up: {steps['warmup']} steps in {warmup_s:.1f} s", flush=True)
     windows, done = [], steps["warmup"]
     for _ in range(steps["windows"]):
         sync()
@@ -38,6 +43,7 @@ def time_steps(step, batches: list[dict], steps: dict) -> dict:
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "last_loss": float(losses[-1]),
+        "warmup_s": warmup_s,
     }
 
 

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
+from gpu import compile_specs, compile_summary  # noqa: E402
 from gpu_measure import count_flops  # noqa: E402
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
@@ -69,6 +70,25 @@ def test_table_ratios_and_mfu_use_the_rows_of_the_same_workload():
     levers = next(line for line in table.splitlines() if "| levers |" in line)
     assert "| 8.00 | 800 | 10.0 | 20% | 4.00x | 0.50x |" in levers  # 80 TFLOP / 0.5 s / 800 TFLOP/s
     assert "error: out of memory" in table
+
+
+def test_compile_plan_runs_each_variant_in_its_own_process_and_compares_it_to_the_same_variant_uncompiled():
+    specs = compile_specs(["mllama", "idefics3"], batch_size=4)
+    assert all(len(spec["variants"]) == 1 and spec["compile_warmup"] == 1 for spec in specs)
+    names = [(spec["model"], spec["setting"], spec["variants"][0]["name"]) for spec in specs]
+    assert len(names) == len(set(names)) == 12  # mllama qlora + bf16, SmolVLM bf16 only; four variants each
+    compiled = [spec["variants"][0] for spec in specs if spec["variants"][0]["name"].endswith("compile")]
+    assert len(compiled) == 6 and all(variant["speed"] == {"compile": "layers"} for variant in compiled)
+    assert [spec["count_flops"] for spec in specs[:4]] == [True, False, False, False]
+    row = {"model": "mllama", "setting": "qlora", "peak_gib": 10.0, "warmup_s": 3.0}
+    rows = [
+        {**row, "variant": "levers, ckpt", "step_s": 1.0},
+        {**row, "variant": "levers, ckpt, compile", "step_s": 0.8, "peak_gib": 9.0, "warmup_s": 60.0},
+        {**row, "variant": "levers, no ckpt, compile", "error": "out of memory"},
+    ]
+    assert compile_summary(rows) == [
+        "compile: mllama qlora levers, ckpt: 1.25x speed, peak 9.0 against 10.0 GiB, warm-up 60 against 3 s"
+    ]
 
 
 def test_multi_gpu_runs_share_one_global_batch():

@@ -57,6 +57,8 @@ def _recipe_problems(recipe: Recipe) -> list[str]:
             "speed.optimizer: paged_adamw_8bit cannot step sharded parameters; use adamw or adamw_fused "
             "(FSDP already splits the optimizer state over the GPUs)"
         )
+    if recipe.speed.compile != "none":
+        problems.append("speed.compile: layers is not checked under FSDP; set speed.compile: none")
     for name, component in recipe.components.items():  # their save paths (training form, soft prompts) are unsharded
         if component.mode in ("prompt", "prefix") or component.variant == "adalora" or component.init != "default":
             problems.append(

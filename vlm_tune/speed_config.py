@@ -40,8 +40,30 @@ class SpeedConfig:
         },
     )
 
+    compile: Literal["none", "layers"] = field(
+        default="none",
+        metadata={
+            "help": "layers: torch.compile each repeated transformer block (decoder layers; vision and "
+            "cross-attention layers when on the gradient path), one graph shared by the layers of a class; "
+            "training only, evaluation and generate run eagerly; none: no compilation"
+        },
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = field(
+        default="default",
+        metadata={"help": "with compile: layers, torch.compile's mode (max-autotune: longer compile, tuned kernels)"},
+    )
+    compile_components: list[str] = field(
+        default_factory=lambda: list(COMPONENT_NAMES),
+        metadata={"help": "with compile: layers, the components whose layers are compiled"},
+    )
+
     def _check(self) -> list[str]:
         errors = [
+            f"compile_components: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
+            for name in self.compile_components
+            if name not in COMPONENT_NAMES
+        ]
+        errors += [
             f"checkpoint_components: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
             for name in self.checkpoint_components
             if name not in COMPONENT_NAMES
@@ -51,3 +73,20 @@ class SpeedConfig:
         if self.loss_chunk_tokens <= 0:
             errors.append(f"loss_chunk_tokens: must be a positive integer, got {self.loss_chunk_tokens}")
         return errors
+
+
+def compile_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool) -> list[str]:
+    """What `speed.compile: layers` cannot be combined with (one message per conflict, naming the fields)."""
+    if speed.compile == "none":
+        return []
+    problems = []
+    if relevance_enabled:
+        problems.append("speed.compile: layers is not checked with relevance.enabled; set speed.compile: none")
+    for name, component in components.items():
+        if component.mode in ("prompt", "prefix") or component.variant == "adalora":
+            what = f"mode {component.mode}" if component.mode in ("prompt", "prefix") else "variant adalora"
+            problems.append(
+                f"speed.compile: layers does not combine with components.{name} {what} (virtual tokens / rank "
+                "masks change the layers' inputs between steps); set speed.compile: none or use lora, dora, rslora"
+            )
+    return problems

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 
 import torch
 from torch import nn
@@ -54,31 +55,44 @@ def require_grad_on_output(module: nn.Module) -> RemovableHandle:
     return module.register_forward_hook(_output_requires_grad)
 
 
-def _input_to_fp32(module: nn.Module, args):
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        module._vlm_tune_input_dtype = args[0].dtype
-        return (args[0].float(), *args[1:])
-    return None
+def _fp32_forward(norm: nn.Module, hidden, *args, **kwargs):
+    """The norm's class forward on an fp32 copy of its input, its output cast back to the input's dtype."""
+    forward = type(norm).forward
+    if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point()):
+        return forward(norm, hidden, *args, **kwargs)
+    output = forward(norm, hidden.float(), *args, **kwargs)
+    if isinstance(output, torch.Tensor) and output.dtype != hidden.dtype:
+        return output.to(hidden.dtype)
+    return output
 
 
-def _output_to_input_dtype(module: nn.Module, args, output):
-    dtype = getattr(module, "_vlm_tune_input_dtype", None)
-    if isinstance(output, torch.Tensor) and dtype is not None and output.dtype != dtype:
-        return output.to(dtype)
-    return None
+class ForwardRestorer:
+    """Undoes an instance `forward` patch: the forward it replaced (the class's, or an earlier patch) shows again."""
+
+    def __init__(self, module: nn.Module, previous):
+        self.module, self.previous = module, previous
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+        if self.previous is not None:
+            self.module.forward = self.previous
 
 
-def compute_in_fp32(norm: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
+def compute_in_fp32(norm: nn.Module) -> ForwardRestorer:
     """Let a norm keep fp32 weights and compute in fp32, returning its input's dtype.
 
-    Patches: the norm's weights become fp32 (`norm.float()`); a forward pre-hook casts its input to fp32 and a
-    forward hook casts the output back to the input's dtype, so the residual stream keeps its 16-bit dtype.
+    Patches: the norm's weights become fp32 (`norm.float()`); the instance's `forward` (one shared function bound
+    to the norm) casts its input to fp32 and its output back to the input's dtype, so the residual stream keeps its
+    16-bit dtype. No state is kept between calls and every norm shares the function: torch.compile then traces a
+    layer once for all layers (hooks passing the dtype through a module attribute break its graph).
     Why: norms of 4-bit components are unstable in 16 bit; upcasting every non-quantized weight (what
     `peft.prepare_model_for_kbit_training` does) would upcast a whole 16-bit vision tower instead.
-    Undone by: `.remove()` on both returned handles (the weights stay fp32).
+    Undone by: `.remove()` on the returned handle (the weights stay fp32).
     """
     norm.float()
-    return norm.register_forward_pre_hook(_input_to_fp32), norm.register_forward_hook(_output_to_input_dtype)
+    previous = norm.__dict__.get("forward")
+    norm.forward = types.MethodType(_fp32_forward, norm)
+    return ForwardRestorer(norm, previous)
 
 
 CPU_PACK_BLOCK_N = 32  # output rows per block of bitsandbytes' CPU packing

@@ -1,4 +1,5 @@
-"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing, optimizer.
+"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing, compilation,
+optimizer.
 
 Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
 gradients); benchmarks/gpu.py measures what each one buys on a GPU.
@@ -29,6 +30,7 @@ class SpeedPatches:
 
     handles: list = field(default_factory=list)
     checkpointed: dict[str, int] = field(default_factory=dict)  # component -> layers that recompute
+    compiled: dict[str, int] = field(default_factory=dict)  # component -> layers compiled (speed.compile)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -84,6 +86,12 @@ def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cm
     if model_cfg.gradient_checkpointing:
         patches.checkpointed = checkpoint_layers(model, cmap, speed.checkpoint_components, speed.checkpoint_every)
         logger.info("Activation checkpointing on %s layers", patches.checkpointed or "no")
+    if speed.compile == "layers":
+        from vlm_tune.model.compile import compile_layers
+
+        handle, patches.compiled = compile_layers(model, cmap, speed.compile_components, speed.compile_mode)
+        patches.handles.append(handle)
+        logger.info("torch.compile (%s) on %s layers", speed.compile_mode, patches.compiled or "no")
     return patches
 
 
