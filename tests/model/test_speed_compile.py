@@ -53,7 +53,7 @@ CASES = {  # case -> (arch, components, compiled blocks per component)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(case):
+def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(case, caplog):
     arch, components, expected = CASES[case]
     model, processor = tiny_vlm(arch, 0)
     _enable_checkpointing(model)
@@ -66,8 +66,11 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(ca
     eager = _loss_and_grads(model, batch)
     eager_patches.remove()
     torch._dynamo.reset()
-    patches = apply_speed(model, SpeedConfig(compile="layers"), CKPT, cmap)
+    with caplog.at_level("WARNING", logger="vlm_tune"):
+        patches = apply_speed(model, SpeedConfig(compile="layers"), CKPT, cmap)
     assert patches.compiled == expected
+    # the DoRA warning names DoRA layers only (every PEFT LoRA layer has an empty magnitude-vector dict)
+    assert ("DoRA layers break" in caplog.text) == ("dora" in case)
     calls = _count_compiled_calls(patches)
     torch._dynamo.utils.counters.clear()
     compiled = _loss_and_grads(model, batch)

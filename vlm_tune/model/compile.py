@@ -104,6 +104,6 @@ def compile_layers(
         compiled.append(module)
         restorers.append(ForwardRestorer(module, previous))
         counts[component] = counts.get(component, 0) + 1
-    if any(name.endswith("lora_magnitude_vector") for module in compiled for name, _ in module.named_modules()):
+    if any(len(getattr(layer, "lora_magnitude_vector", ())) for module in compiled for layer in module.modules()):
         logger.warning("speed.compile: PEFT's DoRA layers break torch.compile's graphs; expect little speed-up")
     return CompiledLayers(compiled, restorers), counts
