@@ -284,7 +284,8 @@ def run_plan(specs: list[dict], args, folders: dict, log) -> list[dict]:
     rows = []
     for spec in specs:
         left = args.deadline - (time.perf_counter() - args.start)
-        if left < 45:
+        compiled = any((v.get("speed") or {}).get("compile") == "layers" for v in spec.get("variants", []))
+        if left < (120 if compiled else 45):  # a compiled process needs its compile time on top
             print(f"skipped (deadline): {spec['system']} {spec['model']} {spec['setting']} {spec['workload']}")
             continue
         if spec["model"] not in folders:
