@@ -47,8 +47,9 @@ def setup(tmp_path_factory):
     return {"model": str(tiny_vlm_folder("idefics3", root / "model")), "data": str(_coco_set(root / "data"))}
 
 
-def _recipe(setup, output_dir, **train_overrides):
-    raw = {
+def _raw_recipe(setup, output_dir, **train_overrides) -> dict:
+    """The tiny idefics3 training recipe as a dict (tests that vary other sections start from it)."""
+    return {
         "model": {"name_or_path": setup["model"], "dtype": "float32", "attn_implementation": "eager"},
         "components": {
             "projector": {"mode": "full", "lr": 1e-3},
@@ -69,7 +70,10 @@ def _recipe(setup, output_dir, **train_overrides):
             **train_overrides,
         },
     }
-    return recipe_from_dict(raw)
+
+
+def _recipe(setup, output_dir, **train_overrides):
+    return recipe_from_dict(_raw_recipe(setup, output_dir, **train_overrides))
 
 
 def _losses(run_dir) -> dict[int, float]:

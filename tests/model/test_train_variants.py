@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from test_train import _coco_set, _losses
+from test_train import _coco_set, _losses, _raw_recipe
 from tiny import tiny_vlm_folder
 from vlm_batches import make_batch
 
@@ -36,30 +36,12 @@ def setup(tmp_path_factory):
 
 
 def _recipe(setup, variant: str, output_dir: Path, **train_overrides):
-    return recipe_from_dict(
-        {
-            "model": {"name_or_path": setup["model"], "dtype": "float32", "attn_implementation": "eager"},
-            "components": VARIANTS[variant],
-            "data": {
-                "train": {"format": "coco", "path": setup["data"]},
-                "eval": {"format": "coco", "path": setup["data"]},
-            },
-            "train": {
-                "output_dir": str(output_dir),
-                "max_steps": 4,
-                "batch_size": 2,
-                "grad_accum": 2,
-                "mixed_precision": "no",
-                "save_every": 2,
-                "keep_checkpoints": 0,
-                "seed": 3,
-                "warmup_steps": 1,
-                "adalora": {"warmup": 1, "final": 1, "interval": 1},
-                **train_overrides,
-            },
-            "eval": {"batch_size": 4, "max_new_tokens": 4, "use_java": False, "limit": 2},
-        }
-    )
+    schedule = {"max_steps": 4, "adalora": {"warmup": 1, "final": 1, "interval": 1}}
+    raw = _raw_recipe(setup, output_dir, **{**schedule, **train_overrides})
+    raw["components"] = VARIANTS[variant]
+    del raw["train"]["schedule"]  # the variants train on the default schedule
+    raw["eval"] = {"batch_size": 4, "max_new_tokens": 4, "use_java": False, "limit": 2}
+    return recipe_from_dict(raw)
 
 
 class SimulatedCrash(Exception):
