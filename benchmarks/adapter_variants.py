@@ -103,10 +103,10 @@ def train_one(root: Path, run: tuple[int, str], args, extra: list[str], stop_at:
     """Train and evaluate one (seed, variant); prints its wall time; True when both succeeded, None when the
     deadline had passed before it started."""
     seed, variant = run
-    if stop_at is not None and time.monotonic() > stop_at:
-        print(f"  {run_folder(root, seed, variant).name}: not started (deadline)", flush=True)
-        return None
     run_dir = run_folder(root, seed, variant)
+    if stop_at is not None and time.monotonic() > stop_at:
+        print(f"  {run_dir.name}: not started (deadline)", flush=True)
+        return None
     overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.output_dir={run_dir}", *extra]
     started = time.monotonic()
     ok = train_and_evaluate(args.recipe, overrides, run_dir, args.dry_run)
