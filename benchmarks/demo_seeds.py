@@ -115,13 +115,13 @@ def _environment(args, root: Path, first: bool) -> dict[str, str]:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.fresh_build and first:
+    if args.fresh_build:  # every seed reads the cache the first one builds
         from vlm_tune.model.builtin import fetch_smollm2_gguf
 
+        if first and (root / "cache" / "models").exists():
+            raise SystemExit(f"error: --fresh-build: {root / 'cache' / 'models'} exists; remove it or pick --root")
         env["VLM_TUNE_SMOLLM2_GGUF"] = str(fetch_smollm2_gguf())
         env["VLM_TUNE_CACHE"] = str(root / "cache")
-        if (root / "cache" / "models").exists():
-            raise SystemExit(f"error: --fresh-build: {root / 'cache' / 'models'} exists; remove it or pick --root")
     return env
 
 

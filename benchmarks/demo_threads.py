@@ -11,6 +11,7 @@ count, then each count against the first count.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 
+@functools.cache  # read once per run: every comparison below reads the same runs again
 def losses(run_dir: Path) -> list[float]:
     """Training losses of a run, step by step, as logged (full float precision)."""
     lines = (run_dir / "log.jsonl").read_text().splitlines()
@@ -31,6 +33,7 @@ def losses(run_dir: Path) -> list[float]:
     return found
 
 
+@functools.cache
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the run's checkpoints, keyed `file:name`."""
     return {
@@ -54,10 +57,15 @@ def same(a: Path, b: Path) -> bool:
 def train(run_dir: Path, threads: int, steps: int) -> Path:
     """Train the demo for `steps` steps with `threads` threads into `run_dir`."""
     overrides = [f"train.output_dir={run_dir}", f"train.max_steps={steps}", "train.log_every=1", "data.eval=null"]
+    overrides.append("train.overwrite=true")  # a second call on the same --root trains anew
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "vlm_tune.train", "recipes/demo.yaml", *overrides]
     print(f"$ OMP_NUM_THREADS={threads} {' '.join(command)}", flush=True)
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = run_dir.with_name(run_dir.name + ".log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f"error: training failed; its output is in {log_file}")
     return run_dir
 
 
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads, repeated in runs.items():
         print(f"  {threads} threads: {' '.join(f'{loss:.9f}' for loss in losses(repeated[0]))}")
         print(
-            f"    repeats bit-identical (losses and weights): {all(same(repeated[0], run) for run in repeated)}; "
+            f"    repeats bit-identical (losses and weights): {all(same(repeated[0], run) for run in repeated[1:])}; "
             f"bit-identical to {first} threads: {same(runs[first][0], repeated[0])}"
         )
     record = {str(threads): [losses(run) for run in repeated] for threads, repeated in runs.items()}

@@ -248,14 +248,8 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
     recipe["train"].update(max_steps=total, output_dir=str(run_dir), keep_checkpoints=1, overwrite=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(recipe))
-    start = time.perf_counter()
     command = [sys.executable, "-m", "vlm_tune.train", str(run_dir.parent / f"{run_dir.name}.yaml")]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        output = done.stdout + done.stderr
-    except subprocess.TimeoutExpired:
-        output = "timed out"
-    log.write(f"\n===== train command {spec['model']} ({time.perf_counter() - start:.0f} s)\n{output[-4000:]}\n")
+    output, _, seconds = run_logged(command, log, timeout, f"train command {spec['model']}", cwd=ROOT)
     records = (
         [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         if (run_dir / "log.jsonl").is_file()
@@ -263,7 +257,7 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
     )
     records = [r for r in records if "train/seconds" in r]
     if len(records) <= steps["warmup"]:
-        return [{"variant": "train command", "error": (output.strip().splitlines() or ["no log"])[-1][:200]}]
+        return [{"variant": "train command", "error": last_line(output)}]
     first, last = records[steps["warmup"] - 1], records[-1]
     step_s = (last["train/seconds"] - first["train/seconds"]) / (last["step"] - first["step"])
     return [
@@ -273,7 +267,7 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
             "peak_gib": last.get("train/gpu_peak_gib"),
             "batch_size": spec["batch_size"],
             "tokens_per_sample": last["train/tokens_per_s"] * last["train/seconds"] / last["step"] / spec["batch_size"],
-            "process_s": time.perf_counter() - start,
+            "process_s": seconds,
         }
     ]
 

@@ -21,7 +21,6 @@ blocks read sequence lengths from a tensor (a graph break). Either way the resul
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -29,16 +28,15 @@ from torch import nn
 from vlm_tune.constants import COMPONENT_NAMES
 from vlm_tune.model.components import ComponentMap
 from vlm_tune.model.patches import ForwardRestorer
+from vlm_tune.model.wrapping import base_model
 
 logger = logging.getLogger(__name__)
-
-COMPILE_MODES = {"default": None, "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
 
 class _TrainingForward:
     """A block's forward: compiled in training with gradients, the block's own forward otherwise."""
 
-    def __init__(self, module: nn.Module, mode: Optional[str]):
+    def __init__(self, module: nn.Module, mode: str):
         self.module = module
         self.eager = module.forward  # the class's forward, bound to this block
         self.compiled = torch.compile(self.eager, mode=mode)
@@ -68,11 +66,10 @@ def _on_gradient_path(base: nn.Module, cmap: ComponentMap) -> set[str]:
     return set(COMPONENT_NAMES[first:])
 
 
-def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(base-model name, module) of each repeated layer, outermost only, in model order."""
+def repeated_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each repeated layer of the transformers model `base`, outermost only, in model order."""
     from vlm_tune.distributed import layer_classes
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     classes = set(layer_classes(base))
     blocks: list[tuple[str, nn.Module]] = []
     for name, module in base.named_modules():
@@ -88,11 +85,11 @@ def compile_layers(
 
     Args:
         model: the targeted (PEFT) model. cmap: its components.
-        components: `speed.compile_components`. mode: a key of COMPILE_MODES.
+        components: `speed.compile_components`. mode: `speed.compile_mode` (torch.compile's mode).
     Returns:
         (the handle, component -> number of compiled blocks).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     wanted = set(components) & _on_gradient_path(base, cmap)
     compiled, restorers, counts = [], [], {}
     for name, module in repeated_blocks(base):
@@ -100,7 +97,7 @@ def compile_layers(
         previous = module.__dict__.get("forward")
         if component not in wanted or isinstance(previous, _TrainingForward):
             continue
-        module.forward = _TrainingForward(module, COMPILE_MODES[mode])
+        module.forward = _TrainingForward(module, mode)
         compiled.append(module)
         restorers.append(ForwardRestorer(module, previous))
         counts[component] = counts.get(component, 0) + 1
