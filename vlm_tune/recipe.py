@@ -23,9 +23,6 @@ from vlm_tune.relevance_config import RelevanceConfig
 from vlm_tune.speed_config import SpeedConfig, compile_problems
 from vlm_tune.typed_config import build_dataclass
 
-__all__ = ["AdaLoraSchedule", "ComponentConfig", "RecipeError"]  # schema parts defined in recipe_adapters.py
-
-
 # ----------------------------------------------------------------------------------------------
 # Schema. One help line per field; `_check` returns messages about combinations of fields.
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from vlm_tune.train_step import (
     TrainingStopped,
     after_step,
     caption_metrics,
+    due,
     every_process_has_data,
     save_run,
     step_record,
@@ -275,8 +276,8 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, result, run.optimizer, tokens_per_s)
             record["train/seconds"] = train_seconds
-            if torch.cuda.is_available():
-                record["train/gpu_peak_gib"] = peak_gpu_gib(accelerator)  # the largest of the processes
+            if torch.cuda.is_available() and due(run.recipe.train.log_every, position.step, run.total_steps):
+                record["train/gpu_peak_gib"] = peak_gpu_gib(accelerator)  # a collective: on logged steps only
             run.losses.append(result.loss)  # logged as their mean every train.log_every steps
             window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
             run.progress.set_postfix(

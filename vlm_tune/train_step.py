@@ -322,7 +322,7 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
                 recipe=run.recipe,
                 full_state=full_state,
             )
-            write_layer_ranks(run.accelerator.unwrap_model(run.model), run.report, run.run_dir)
+            write_layer_ranks(model, run.report, run.run_dir)
         run.saved_steps.add(position.step)
         run.accelerator.wait_for_everyone()
 

@@ -112,9 +112,11 @@ class ComponentRankAllocator:
         return {"scores": scores, "rank_pattern": dict(self.rank_pattern)}
 
     def load_state_dict(self, state: dict) -> None:
-        for component, (allocator, _) in self.allocators.items():
+        """Restore `state_dict()`'s scores (read on the CPU) onto each parameter's device, and the rank pattern."""
+        for component, (allocator, params) in self.allocators.items():
+            devices = {name: param.device for name, param in params.named_parameters()}
             for key, values in state["scores"].get(component, {}).items():
-                setattr(allocator, key, dict(values))
+                setattr(allocator, key, {name: score.to(devices[name]) for name, score in values.items()})
         self.rank_pattern = dict(state["rank_pattern"])
 
 

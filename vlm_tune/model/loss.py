@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_tune.constants import IGNORE_INDEX
+from vlm_tune.model.wrapping import base_model
 
 
 def _chunk_loss_sum(head: nn.Module, softcap: Optional[float], hidden: torch.Tensor, targets: torch.Tensor):
@@ -113,7 +114,7 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> ChunkedL
     Raises:
         ValueError: the model has no output head.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output head; the chunked loss needs one")

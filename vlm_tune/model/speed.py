@@ -15,6 +15,7 @@ from torch import nn
 
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.components import ComponentMap
+from vlm_tune.model.wrapping import base_model
 from vlm_tune.recipe import ModelConfig, SpeedConfig
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ class SpeedPatches:
         self.handles = []
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def checkpoint_layers(model: nn.Module, cmap: ComponentMap, components: list[str], every: int) -> dict[str, int]:
     """Keep activation checkpointing on only for every `every`-th layer of the named components.
 
@@ -54,7 +51,7 @@ def checkpoint_layers(model: nn.Module, cmap: ComponentMap, components: list[str
 
     seen: dict[str, int] = {}
     kept: dict[str, int] = {}
-    for name, module in _base(model).named_modules():
+    for name, module in base_model(model).named_modules():
         if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
             continue
         component = cmap.component_of(name) or "other"
