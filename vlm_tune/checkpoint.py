@@ -62,9 +62,9 @@ def relevance_wrapper_of(model: torch.nn.Module):
 
 def soft_prompt_wrapper_of(model: torch.nn.Module):
     """The soft-prompt wrapper when `model` is one, else None."""
-    from vlm_tune.model.soft_prompt import optional_wrapper
+    from vlm_tune.model.soft_prompt import SoftPromptWrapper
 
-    return optional_wrapper(model)
+    return model if isinstance(model, SoftPromptWrapper) else None
 
 
 def peft_model_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -43,13 +43,18 @@ def _training_form(peft_model: nn.Module) -> Optional[dict]:
     return {"inits": initial["inits"]} if initial else None
 
 
-def _adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's trainable tensors by parameter name (LoRA / AdaLoRA matrices, modules_to_save copies)."""
+def _adapter_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's trainable parameters by name (LoRA / AdaLoRA matrices, modules_to_save copies)."""
     return {
-        name: param.detach().contiguous().cpu()
+        name: param
         for name, param in peft_model.named_parameters()
         if param.requires_grad and ("lora_" in name or ".modules_to_save." in name)
     }
+
+
+def _adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of `_adapter_parameters`."""
+    return {name: param.detach().contiguous().cpu() for name, param in _adapter_parameters(peft_model).items()}
 
 
 def _peft_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,15 +95,16 @@ def _adalora_as_lora(peft_model: nn.Module):
 
     ada_config = peft_model.peft_config[ADAPTER]
     state = {key: value for key, value in _peft_state(peft_model).items() if "lora_" not in key}
-    ranks, alphas = {}, {}
+    names, ranks, alphas = [], {}, {}
     for name, (lora_a, lora_b, scaling) in as_lora_tensors(peft_model).items():
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_a, lora_b
+        names.append(name)
         ranks[re.escape(name)] = lora_a.shape[0]
         alphas[re.escape(name)] = scaling * lora_a.shape[0]  # LoRA scales by alpha / r
     config = LoraConfig(
         r=max(ranks.values(), default=8),
         lora_alpha=ada_config.lora_alpha,
-        target_modules=[re.sub(r"\\(.)", r"\1", key) for key in ranks] or DUMMY_TARGET_MODULES,
+        target_modules=names or DUMMY_TARGET_MODULES,
         rank_pattern=ranks,
         alpha_pattern=alphas,
         modules_to_save=ada_config.modules_to_save,
@@ -165,7 +171,7 @@ def load_training_form(peft_model: nn.Module, checkpoint: Path) -> bool:
     if form is None:
         return False
     state = load_file(str(path))
-    expected = _adapter_tensors(peft_model)
+    expected = _adapter_parameters(peft_model)  # names and shapes only: no copies
     wrong = sorted(set(state) ^ set(expected))
     wrong += [key for key in state if key in expected and state[key].shape != expected[key].shape]
     if wrong:

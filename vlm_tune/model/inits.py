@@ -135,11 +135,14 @@ class SixteenBitWeights:
         shared = {key: _shared_suffix(parts, key.split(".")) for key, (_, size) in self.shapes.items() if size == shape}
         best = [key for key, count in shared.items() if count == max(shared.values())]
         quantized = dequantize_module_weight(base).float().cpu()
-        errors = {key: float((self._read(key).float() - quantized).norm() / quantized.norm()) for key in best}
+        candidates = {key: self._read(key) for key in best}  # read once: scored here, the winner returned
+        errors = {
+            key: float((weight.float() - quantized).norm() / quantized.norm()) for key, weight in candidates.items()
+        }
         key = min(errors, key=errors.get) if errors else None
         if key is None or errors[key] > 0.5:  # 4-bit rounding is ~0.1 of the norm; another weight is ~1.4
             raise InitError(
                 f"components.*.init: loftq found no 16-bit weight for {name} {list(shape)} in "
                 f"{', '.join(str(f) for f in self.files)}; use init: default for this component"
             )
-        return self._read(key)
+        return candidates[key]

@@ -21,7 +21,6 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -264,8 +263,3 @@ def report_soft_prompt(report, wrapper: SoftPromptWrapper) -> None:
     report.param_names["language"] = names
     for other in report.rows:
         other.share = other.trainable_params / max(report.total_params, 1)
-
-
-def optional_wrapper(model: nn.Module) -> Optional[SoftPromptWrapper]:
-    """`model` when it is a SoftPromptWrapper, else None."""
-    return model if isinstance(model, SoftPromptWrapper) else None
