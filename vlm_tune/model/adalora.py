@@ -141,16 +141,8 @@ def attach_rank_allocation(peft_model, layers: dict[str, dict[str, nn.Module]], 
 
 def rank_allocator(model: nn.Module) -> Optional[ComponentRankAllocator]:
     """The per-component allocator of an AdaLoRA model (under DDP, relevance or soft-prompt wrappers), else None."""
-    from peft import PeftModel
-
-    for _ in range(4):  # DDP -> wrapper -> PeftModel
-        if isinstance(model, PeftModel):
-            allocator = getattr(model.base_model, "rankallocator", None)
-            return allocator if isinstance(allocator, ComponentRankAllocator) else None
-        model = getattr(model, "module", None) or getattr(model, "model", None)
-        if model is None:
-            return None
-    return None
+    allocator = getattr(adalora_model(model), "rankallocator", None)
+    return allocator if isinstance(allocator, ComponentRankAllocator) else None
 
 
 def schedule_rank_allocation(model: nn.Module, total_steps: int, schedule) -> None:
@@ -179,10 +171,10 @@ def schedule_rank_allocation(model: nn.Module, total_steps: int, schedule) -> No
 
 
 def adalora_model(model: nn.Module):
-    """The AdaLoraModel (PEFT tuner) inside `model`, or None."""
+    """The PEFT tuner (an AdaLoraModel for AdaLoRA) inside `model`, or None."""
     from peft import PeftModel
 
-    for _ in range(4):
+    for _ in range(4):  # DDP -> wrapper -> PeftModel
         if isinstance(model, PeftModel):
             return model.base_model
         model = getattr(model, "module", None) or getattr(model, "model", None)

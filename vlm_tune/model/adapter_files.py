@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vlm_tune.checkpoint import CheckpointError
-from vlm_tune.model.adalora import as_lora_tensors, rank_allocator
+from vlm_tune.model.adalora import adalora_model, as_lora_tensors, rank_allocator
 from vlm_tune.model.variants import INITIAL_STATE
 
 ADAPTER = "default"
@@ -199,7 +199,5 @@ def restore_adapter_training_state(model: nn.Module, state: Optional[dict]) -> N
 
 def _share_rank_pattern(model: nn.Module) -> None:
     """PEFT masks by the adapter config's rank pattern after the final allocation: give it the allocator's."""
-    from vlm_tune.model.adalora import adalora_model
-
     allocator = rank_allocator(model)
     adalora_model(model).peft_config[ADAPTER].rank_pattern = dict(allocator.rank_pattern) or None
