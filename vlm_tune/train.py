@@ -23,7 +23,7 @@ from vlm_tune.checkpoint_load import last_finite_checkpoint, load_training_state
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
-from vlm_tune.distributed import fsdp_plugin, is_sharded, peak_gpu_gib, prepare, state_loader
+from vlm_tune.distributed import fsdp_plugin, is_sharded, prepare, state_loader
 from vlm_tune.interrupts import agreed_interrupt, catch_interrupts, shielded
 from vlm_tune.model.adalora import schedule_rank_allocation
 from vlm_tune.progress import lr_text, make_progress
@@ -38,7 +38,6 @@ from vlm_tune.train_step import (
     TrainingStopped,
     after_step,
     caption_metrics,
-    due,
     every_process_has_data,
     save_run,
     step_record,
@@ -276,8 +275,6 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, result, run.optimizer, tokens_per_s)
             record["train/seconds"] = train_seconds
-            if torch.cuda.is_available() and due(run.recipe.train.log_every, position.step, run.total_steps):
-                record["train/gpu_peak_gib"] = peak_gpu_gib(accelerator)  # a collective: on logged steps only
             run.losses.append(result.loss)  # logged as their mean every train.log_every steps
             window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
             run.progress.set_postfix(

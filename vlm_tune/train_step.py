@@ -17,7 +17,7 @@ import torch
 
 from vlm_tune.best_tracker import BestTracker
 from vlm_tune.constants import IGNORE_INDEX, RELEVANCE_GROUP
-from vlm_tune.distributed import is_sharded
+from vlm_tune.distributed import is_sharded, peak_gpu_gib
 from vlm_tune.errors import VlmTuneError
 from vlm_tune.interrupts import deferred
 from vlm_tune.model.adalora import write_layer_ranks
@@ -334,6 +334,8 @@ def _log_window(run: TrainingRun, record: dict) -> None:
     finite = [loss for loss in run.losses if math.isfinite(loss)]  # a skipped step's NaN loss stays out
     mean = sum(finite) / len(finite) if finite else None
     record = {**record, "train/loss": mean, "loss_over_steps": [first, step]}
+    if torch.cuda.is_available():  # a collective, so only here: every process logs at the same steps
+        record["train/gpu_peak_gib"] = peak_gpu_gib(run.accelerator)  # the largest of the processes
     run.losses.clear()
     run.log.write(record)
 
