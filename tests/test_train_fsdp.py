@@ -291,22 +291,41 @@ def test_accelerate_configs_are_read_by_accelerate(config):
 def _agree_on_data(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ.update(WORLD_SIZE="2", ACCELERATE_USE_CPU="1")
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
 
+    from vlm_tune.distributed import usable_on_every_process
     from vlm_tune.train_step import every_process_has_data
 
     accelerator = Accelerator(cpu=True)
-    results[rank] = [every_process_has_data(group, accelerator) for group in ([{}], [] if rank else [{}], [])]
+    steps = [every_process_has_data(group, accelerator) for group in ([{}], [] if rank else [{}], [])]
+    # grad_accum 2, process 0's second micro-batch and process 1's first hold no usable sample
+    good, bad = {"input_ids": rank}, {}
+    group = [good, bad] if rank == 0 else [bad, good]
+    sharded = SimpleNamespace(is_fsdp2=True, num_processes=2, device=accelerator.device, reduce=accelerator.reduce)
+    both = [{"input_ids": rank, "position": 0}, {"input_ids": rank, "position": 1}]
+    kept = {
+        "fsdp": usable_on_every_process(group, sharded),
+        "ddp": usable_on_every_process(group, accelerator),
+        "fsdp, both usable": [batch["position"] for batch in usable_on_every_process(both, sharded)],
+    }
+    results[rank] = {"steps": steps, "kept": kept}
     accelerator.wait_for_everyone()
 
 
 def test_a_step_runs_only_when_every_process_has_a_micro_batch():
-    """All processes skip a step alike: under FSDP a process without a batch would leave the others waiting."""
+    """All processes skip a step alike, and under FSDP run as many micro-batches: a process without one would
+    leave the others waiting in the weights' all-gather."""
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
     mp.spawn(_agree_on_data, args=(_free_port(), results), nprocs=2, join=True)
-    assert dict(results) == {0: [True, False, False], 1: [True, False, False]}
+    for rank in (0, 1):
+        assert results[rank]["steps"] == [True, False, False]
+        # FSDP: every process runs as many forwards (none here); DDP keeps each process's own usable batch
+        kept = {"fsdp": [], "ddp": [{"input_ids": rank}], "fsdp, both usable": [0, 1]}
+        assert results[rank]["kept"] == kept
 
 
 def test_text_only_batches_get_the_dummy_image_under_fsdp_even_with_a_frozen_vision_side(setup):

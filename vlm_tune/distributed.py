@@ -160,6 +160,23 @@ def peak_gpu_gib(accelerator) -> Optional[float]:
     return float(accelerator.reduce(peak, "max")) if accelerator.num_processes > 1 else float(peak)
 
 
+def usable_on_every_process(group: list[dict], accelerator) -> list[dict]:
+    """The micro-batches of one step that hold `input_ids`; under FSDP with several processes, only at the
+    positions where every process has one: each forward and backward all-gathers the weights, so every process
+    must run as many (DDP synchronises once per step and needs no such agreement)."""
+    usable = ["input_ids" in batch for batch in group]
+    if is_sharded(accelerator) and accelerator.num_processes > 1 and group:
+        empty = torch.tensor([int(not keep) for keep in usable], device=accelerator.device)
+        agreed = [not flag for flag in accelerator.reduce(empty, "max").bool().tolist()]
+        if sum(agreed) < sum(usable):
+            logger.warning(
+                "%d usable micro-batch(es) left out of this step: another process had none at that position",
+                sum(usable) - sum(agreed),
+            )
+        usable = agreed
+    return [batch for batch, keep in zip(group, usable) if keep]
+
+
 def on_any_process(names: list[str], accelerator) -> list[str]:
     """Under FSDP, the names any process found (each one checks only its own shards), so that every process
     decides alike; otherwise `names` (DDP processes hold the same weights)."""

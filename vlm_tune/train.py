@@ -23,7 +23,7 @@ from vlm_tune.checkpoint_load import last_finite_checkpoint, load_training_state
 from vlm_tune.cli import CommandParser, run_command
 from vlm_tune.constants import RELEVANCE_GROUP
 from vlm_tune.data.bad_samples import DataError
-from vlm_tune.distributed import fsdp_plugin, is_sharded, prepare, state_loader
+from vlm_tune.distributed import fsdp_plugin, is_sharded, prepare, state_loader, usable_on_every_process
 from vlm_tune.interrupts import agreed_interrupt, catch_interrupts, shielded
 from vlm_tune.model.adalora import schedule_rank_allocation
 from vlm_tune.progress import lr_text, make_progress
@@ -239,7 +239,7 @@ def _usable(group: list[dict], run: TrainingRun) -> list[dict]:
     """The micro-batches holding a usable sample; the bad samples of all of them go to `run.skipped`."""
     for batch in group:
         run.skipped += batch.pop("skipped", [])
-    return [batch for batch in group if "input_ids" in batch]  # the others: every sample of them was bad
+    return usable_on_every_process(group, run.accelerator)  # the others: every sample of them was bad
 
 
 def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callable[[int], None]]) -> None:
