@@ -59,6 +59,8 @@ def _recipe_problems(recipe: Recipe) -> list[str]:
         )
     if recipe.speed.compile != "none":
         problems.append("speed.compile: layers is not checked under FSDP; set speed.compile: none")
+    if recipe.speed.offload_activations:
+        problems.append("speed.offload_activations is not checked under FSDP; set speed.offload_activations: false")
     for name, component in recipe.components.items():  # their save paths (training form, soft prompts) are unsharded
         if component.mode in ("prompt", "prefix") or component.variant == "adalora" or component.init != "default":
             problems.append(

@@ -209,7 +209,9 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        errors += compile_problems(self.speed, self.components, self.relevance.enabled)
+        errors += compile_problems(
+            self.speed, self.components, self.relevance.enabled, self.model.gradient_checkpointing
+        )
         return errors + self._check_best() + check_adapters(self.components, self.model.quantization, self.relevance)
 
     def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric

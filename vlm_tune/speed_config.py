@@ -32,6 +32,13 @@ class SpeedConfig:
     checkpoint_every: int = field(
         default=1, metadata={"help": "with model.gradient_checkpointing: recompute every n-th layer of a component"}
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "with model.gradient_checkpointing: hold each checkpointed layer's input in pinned CPU memory "
+            "until its backward (frees layers x batch x tokens x hidden bytes of GPU memory, costs two copies a layer)"
+        },
+    )
     optimizer: Literal["adamw", "adamw_fused", "paged_adamw_8bit"] = field(
         default="adamw_fused",
         metadata={
@@ -75,11 +82,17 @@ class SpeedConfig:
         return errors
 
 
-def compile_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool) -> list[str]:
-    """What `speed.compile: layers` cannot be combined with (one message per conflict, naming the fields)."""
-    if speed.compile == "none":
-        return []
+def compile_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
+    """What `speed.compile: layers` and `speed.offload_activations` cannot be combined with (one message per
+    conflict, naming the fields)."""
     problems = []
+    if speed.offload_activations and not checkpointing:
+        problems.append(
+            "speed.offload_activations: offloads the inputs of checkpointed layers; set "
+            "model.gradient_checkpointing: true, or speed.offload_activations: false"
+        )
+    if speed.compile == "none":
+        return problems
     if relevance_enabled:
         problems.append("speed.compile: layers is not checked with relevance.enabled; set speed.compile: none")
     for name, component in components.items():

@@ -33,16 +33,36 @@ from vlm_tune.model.wrapping import base_model
 logger = logging.getLogger(__name__)
 
 
+def _checkpoints_inside_forward() -> bool:
+    """transformers >= 5.23 checkpoints inside a layer's `forward` (earlier versions around `__call__`)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" not in GradientCheckpointingLayer.__dict__
+
+
+_CHECKPOINTS_INSIDE_FORWARD = _checkpoints_inside_forward()
+
+
 class _TrainingForward:
     """A block's forward: compiled in training with gradients, the block's own forward otherwise."""
 
     def __init__(self, module: nn.Module, mode: str):
+        from vlm_tune.model.offload import _OffloadingCheckpoint
+
         self.module = module
         self.eager = module.forward  # the class's forward, bound to this block
         self.compiled = torch.compile(self.eager, mode=mode)
+        self.offload = module.__dict__.get("_gradient_checkpointing_func")
+        if not (_CHECKPOINTS_INSIDE_FORWARD and isinstance(self.offload, _OffloadingCheckpoint)):
+            self.offload = None
+        else:  # Dynamo cannot trace the offload hooks: they go around the compiled forward
+            self.offload.hooked_outside = True
 
     def __call__(self, *args, **kwargs):
         if self.module.training and torch.is_grad_enabled():
+            if self.offload is not None:
+                with self.offload.hooks():
+                    return self.compiled(*args, **kwargs)
             return self.compiled(*args, **kwargs)
         return self.eager(*args, **kwargs)
 
@@ -54,6 +74,9 @@ class CompiledLayers:
         self.modules, self._restorers = modules, restorers
 
     def remove(self) -> None:
+        for module in self.modules:
+            if module.forward.offload is not None:  # the offload hooks go back inside the checkpoint function
+                module.forward.offload.hooked_outside = False
         for restorer in self._restorers:
             restorer.remove()
         self.modules, self._restorers = [], []

@@ -1,5 +1,5 @@
-"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing, compilation,
-optimizer.
+"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing (and offloading
+its inputs), compilation, optimizer.
 
 Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
 gradients); benchmarks/gpu.py measures what each one buys on a GPU.
@@ -31,6 +31,7 @@ class SpeedPatches:
 
     handles: list = field(default_factory=list)
     checkpointed: dict[str, int] = field(default_factory=dict)  # component -> layers that recompute
+    offloaded: int = 0  # checkpointed layers whose inputs wait in CPU memory (speed.offload_activations)
     compiled: dict[str, int] = field(default_factory=dict)  # component -> layers compiled (speed.compile)
 
     def remove(self) -> None:
@@ -83,6 +84,13 @@ def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cm
     if model_cfg.gradient_checkpointing:
         patches.checkpointed = checkpoint_layers(model, cmap, speed.checkpoint_components, speed.checkpoint_every)
         logger.info("Activation checkpointing on %s layers", patches.checkpointed or "no")
+    if model_cfg.gradient_checkpointing and speed.offload_activations:
+        from vlm_tune.model.offload import offload_checkpoint_inputs
+
+        handle = offload_checkpoint_inputs(model)
+        patches.handles.append(handle)
+        patches.offloaded = len(handle.layers)
+        logger.info("Inputs of %d checkpointed layers held in CPU memory", patches.offloaded)
     if speed.compile == "layers":
         from vlm_tune.model.compile import compile_layers
 
