@@ -13,6 +13,8 @@ process of their loaded model. Plans:
   unsloth    Unsloth's FastVisionModel next to vlm_tune (needs the unsloth wheels)
   compile    speed.compile: layers against none, with and without checkpointing (each variant in its own process,
              one more warm-up step for the compile; the log gives each process's warm-up seconds)
+  final      per model, one call: baseline, Unsloth, vlm_tune eager, and vlm_tune compiled with and without
+             offloaded checkpoint inputs; the summary gives each vlm_tune row against Unsloth
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -32,172 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from gpu_plans import PLANS, SPECS, compile_summary, unsloth_summary  # noqa: E402
+
 FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile")
-PLAIN = {"loss": "model", "padding_tiles": "keep", "optimizer": "adamw"}  # the issue's vlm_tune model path
-
-
-def _variants(checkpointing: bool) -> list[dict]:
-    """vlm_tune's lever variants on one loaded model."""
-    rows = [
-        {"name": "levers, no ckpt", "checkpointing": False},
-        {"name": "plain, no ckpt", "checkpointing": False, "speed": PLAIN},
-    ]
-    if checkpointing:
-        rows = [
-            {"name": "levers, ckpt", "checkpointing": True},
-            {"name": "plain, ckpt", "checkpointing": True, "speed": PLAIN},
-            {"name": "levers, ckpt every 2nd", "checkpointing": True, "speed": {"checkpoint_every": 2}},
-            *rows,
-        ]
-    return rows
-
-
-def synthetic_specs(models: list[str], batch_size: int) -> list[dict]:
-    """Baseline and vlm_tune for every model and setting (SmolVLM: bf16 LoRA only)."""
-    specs = []
-    for setting in ("qlora", "bf16"):
-        for model in [m for m in models if setting == "bf16" or m != "idefics3"]:
-            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
-            specs.append({**common, "system": "baseline", "checkpointing": True})
-            specs.append(
-                {
-                    **common,
-                    "system": "vlm_tune",
-                    "checkpointing": True,
-                    "variants": _variants(True) if setting == "qlora" else [_variants(True)[0], _variants(False)[0]],
-                    "count_flops": True,
-                }
-            )
-    return specs
-
-
-def high_res_specs(models: list[str], batch_size: int) -> list[dict]:
-    if "qwen2_5_vl" not in models:
-        return []
-    variants = [
-        {"name": "all visual tokens", "checkpointing": False},
-        {"name": "relevance keep 0.25", "checkpointing": False, "relevance_keep": 0.25},
-    ]
-    common = {"model": "qwen2_5_vl", "setting": "qlora", "batch_size": batch_size, "workload": "high_res"}
-    return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants, "count_flops": True}]
-
-
-def real_specs(models: list[str], batch_size: int) -> list[dict]:
-    """The train command and the model path on the same caption batches (QLoRA; SmolVLM bf16), checkpointing."""
-    specs = []
-    for model in models:
-        setting = "bf16" if model == "idefics3" else "qlora"
-        common = {
-            "model": model,
-            "setting": setting,
-            "batch_size": batch_size,
-            "workload": "captions",
-            "checkpointing": True,
-        }
-        specs.append({**common, "system": "vlm_tune", "variants": [{"name": "model path", "checkpointing": True}]})
-        specs.append({**common, "system": "train_command"})
-    return specs
-
-
-PROOFS = [  # model, setting, batch, GiB cap, 16-bit components
-    ("mllama", "qlora", 4, 12, ["vision", "projector"]),
-    ("mllama", "qlora", 1, 10, ["vision", "projector"]),
-    ("qwen2_5_vl", "qlora", 1, 8, []),
-    ("idefics3", "bf16", 8, 8, None),
-]
-
-
-def proof_specs(models: list[str], batch_size: int) -> list[dict]:
-    return [
-        {
-            "model": model,
-            "setting": setting,
-            "batch_size": batch,
-            "workload": "synthetic",
-            "system": "vlm_tune",
-            "checkpointing": True,
-            "memory_cap_gib": cap,
-            "keep_16bit": keep,
-            "variants": [
-                {"name": f"under {cap} GiB", "checkpointing": True, "speed": {"optimizer": "paged_adamw_8bit"}}
-            ],
-        }
-        for model, setting, batch, cap, keep in PROOFS
-        if model in models
-    ]
-
-
-def unsloth_specs(models: list[str], batch_size: int) -> list[dict]:
-    specs = []
-    for model in [m for m in models if m != "idefics3"]:
-        for setting in ("qlora", "bf16"):
-            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
-            specs.append({**common, "system": "unsloth", "checkpointing": True})
-            specs.append(
-                {
-                    **common,
-                    "system": "vlm_tune",
-                    "checkpointing": True,
-                    "variants": _variants(True)[:1] + _variants(False)[:1],
-                }
-            )
-    return specs
-
-
-COMPILE_VARIANTS = [  # name, checkpointing, speed section
-    ("levers, ckpt", True, {}),
-    ("levers, ckpt, compile", True, {"compile": "layers"}),
-    ("levers, no ckpt", False, {}),
-    ("levers, no ckpt, compile", False, {"compile": "layers"}),
-]
-
-
-def compile_specs(models: list[str], batch_size: int) -> list[dict]:
-    """vlm_tune with and without `speed.compile: layers`, one process per variant (SmolVLM: bf16 LoRA only)."""
-    specs = []
-    for setting in ("qlora", "bf16"):
-        for model in [m for m in models if setting == "bf16" or m != "idefics3"]:
-            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
-            for index, (name, checkpointing, speed) in enumerate(COMPILE_VARIANTS):
-                variant = {"name": name, "checkpointing": checkpointing, "speed": speed}
-                specs.append(
-                    {
-                        **common,
-                        "system": "vlm_tune",
-                        "checkpointing": True,
-                        "variants": [variant],
-                        "compile_warmup": 1,  # every variant, so all four take the same steps
-                        "count_flops": index == 0,  # the MFU column of all four (counted uncompiled)
-                    }
-                )
-    return specs
-
-
-def compile_summary(rows: list[dict]) -> list[str]:
-    """Per model and setting: the compiled variant's speed and memory against the same variant uncompiled."""
-    timed = {(r["model"], r["setting"], r["variant"]): r for r in rows if "step_s" in r}
-    lines = []
-    for (model, setting, name), row in timed.items():
-        eager = timed.get((model, setting, name.removesuffix(", compile")))
-        if name.endswith(", compile") and eager:
-            lines.append(
-                f"compile: {model} {setting} {eager['variant']}: {eager['step_s'] / row['step_s']:.2f}x speed, "
-                f"peak {row.get('peak_gib') or 0:.1f} against {eager.get('peak_gib') or 0:.1f} GiB, "
-                f"warm-up {row.get('warmup_s', 0):.0f} against {eager.get('warmup_s', 0):.0f} s"
-            )
-    return lines
-
-
-SPECS = {
-    "synthetic": synthetic_specs,
-    "high_res": high_res_specs,
-    "real": real_specs,
-    "proofs": proof_specs,
-    "unsloth": unsloth_specs,
-    "compile": compile_specs,
-}
 
 
 # --- running ----------------------------------------------------------------------------------------------
@@ -313,6 +153,20 @@ def format_row(row: dict) -> str:
     )
 
 
+def _attach_probes(spec: dict, plan: str, args) -> None:
+    """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (synthetic:
+    its lever process; final: its compiled process), written under --out."""
+    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final"):
+        return
+    if plan == "final" and not any(v["speed"].get("compile") for v in spec["variants"]):
+        return
+    name = f"{spec['model']}-{spec['setting']}"
+    if args.profile == f"{spec['model']}:{spec['setting']}":
+        spec["profile"] = str(args.out / f"profile-{name}.txt")
+    if args.memory == f"{spec['model']}:{spec['setting']}":
+        spec["memory"] = str(args.out / f"memory-{name}.txt")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models of the three families (runs on a CPU)")
@@ -326,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default="", help="only these systems, e.g. vlm_tune,baseline (default: all)")
     parser.add_argument("--settings", default="", help="only these settings, e.g. qlora (default: all)")
     parser.add_argument("--profile", default="", help="model:setting whose vlm_tune run is profiled, e.g. mllama:qlora")
+    parser.add_argument(
+        "--memory", default="", help="model:setting whose vlm_tune run records where its peak memory goes"
+    )
     args = parser.parse_args(argv)
     from gpu_table import markdown_table, versions
 
@@ -347,14 +204,9 @@ def main(argv=None) -> int:
                 and (not args.settings or spec["setting"] in args.settings.split(","))
             ]
             for spec in specs:
-                if (
-                    args.profile == f"{spec['model']}:{spec['setting']}"
-                    and spec["system"] == "vlm_tune"
-                    and plan == "synthetic"
-                ):
-                    spec["profile"] = str(args.out / f"profile-{spec['model']}-{spec['setting']}.txt")
+                _attach_probes(spec, plan, args)
             rows += run_plan(specs, args, folders, log)
-            table = "\n".join([versions() + "\n", markdown_table(rows), *compile_summary(rows)])
+            table = "\n".join([versions() + "\n", markdown_table(rows), *compile_summary(rows), *unsloth_summary(rows)])
             (args.out / "table.md").write_text(table + "\n")
     print(table)
     print(f"total {time.perf_counter() - args.start:.0f} s")

@@ -123,6 +123,87 @@ def profile_steps(step, batch: dict, path: str) -> None:
     Path(path).write_text(header + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
 
 
+OUR_CODE = ("vlm_tune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/", "torch/utils/checkpoint")
+BEFORE = "allocated before the step (weights, trainable state, optimizer)"
+
+
+def _label(frames: list[dict]) -> str:
+    """The innermost frame in library code we can name (model, adapter, checkpoint, optimizer code)."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if any(part in name for part in OUR_CODE):
+            short = name.split("site-packages/")[-1].split("/work/main/")[-1]
+            return f"{short}:{frame.get('line')} {frame.get('name')}"
+    return "other (no library frame)"
+
+
+def _older_freed(events: list[dict]) -> int:
+    """Bytes of blocks allocated before the recording that the recorded step frees."""
+    live, older = set(), 0
+    for event in events:
+        if event["action"] == "alloc":
+            live.add(event["addr"])
+        elif event["action"] == "free_requested":
+            if event["addr"] in live:
+                live.discard(event["addr"])
+            else:
+                older += event["size"]
+    return older
+
+
+def peak_blocks(snapshot: dict) -> tuple[int, list[tuple[str, int]]]:
+    """Replay an allocator snapshot (`torch.cuda.memory._snapshot()` with history) to its peak of allocated bytes.
+
+    Blocks live before the recording began count as one group (BEFORE). Returns (peak bytes, [(label, bytes live at
+    the peak)], the largest first).
+    """
+    events = snapshot["device_traces"][0]
+    traced = {e["addr"] for e in events if e["action"] == "alloc"}
+    still_live = sum(
+        block["size"]
+        for segment in snapshot["segments"]
+        for block in segment["blocks"]
+        if block["state"] == "active_allocated" and block["address"] not in traced
+    )
+    older = still_live + _older_freed(events)  # live when the recording began
+    current, live = older, {}
+    peak, at_peak = older, {}
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _label(event.get("frames", [])))
+            current += event["size"]
+        elif event["action"] == "free_requested":
+            current -= event["size"]
+            if live.pop(event["addr"], None) is None:
+                older -= event["size"]
+        if current > peak:
+            peak, at_peak = current, dict(live)
+            at_peak[None] = (older, BEFORE)
+    groups: dict[str, int] = {}
+    for size, label in (at_peak or {None: (older, BEFORE)}).values():
+        groups[label] = groups.get(label, 0) + size
+    return peak, sorted(groups.items(), key=lambda item: -item[1])
+
+
+def memory_at_peak(step, batch: dict, path: str) -> dict:
+    """One step under the allocator's history: what is live at the step's peak, grouped by the innermost library
+    frame that allocated it (top 25), written to `path`."""
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    try:
+        step(batch)
+        sync()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, groups = peak_blocks(snapshot)
+    lines = [f"peak {peak / 2**30:.2f} GiB allocated during one step; live at the peak:"]
+    lines += [f"{size / 2**30:8.3f} GiB  {label}" for label, size in groups[:25]]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return {"snapshot_peak_gib": peak / 2**30}
+
+
 def autocast():
     import torch
 

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from gpu_measure import autocast, count_flops, profile_steps, sync, time_steps  # noqa: E402
+from gpu_measure import autocast, count_flops, memory_at_peak, profile_steps, sync, time_steps  # noqa: E402
 
 LORA = {"mode": "lora", "rank": 16, "alpha": 32.0, "targets": ["attention", "mlp"]}
 QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
@@ -144,6 +144,8 @@ def run_vlm_tune(spec: dict) -> list[dict]:
             result.update(_guarded(count_flops, stepped, batches[0], cmap))
         if spec.get("profile") and not results:
             result.update(_guarded(profile_steps, step, batches[0], spec["profile"]) or {})
+        if spec.get("memory") and variant is spec["variants"][-1]:
+            result.update(_guarded(memory_at_peak, step, batches[0], spec["memory"]))
         results.append({**result, "variant": variant["name"], "weights_gib": weights_gib, **_batch_stats(batches)})
         patches.remove()
         del optimizer, step, stepped

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
-from gpu import compile_specs, compile_summary  # noqa: E402
-from gpu_measure import count_flops  # noqa: E402
+from gpu_measure import BEFORE, count_flops, peak_blocks  # noqa: E402
+from gpu_plans import compile_specs, compile_summary, final_specs, unsloth_summary  # noqa: E402
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
 from multi_gpu import markdown_table as multi_gpu_table  # noqa: E402
@@ -89,6 +89,63 @@ def test_compile_plan_runs_each_variant_in_its_own_process_and_compares_it_to_th
     assert compile_summary(rows) == [
         "compile: mllama qlora levers, ckpt: 1.25x speed, peak 9.0 against 10.0 GiB, warm-up 60 against 3 s"
     ]
+
+
+def test_final_plan_puts_every_system_of_a_model_in_one_call_and_unsloth_bf16_last():
+    specs = final_specs(["mllama", "qwen2_5_vl", "idefics3"], batch_size=4)
+    systems = [(s["model"], s["setting"], s["system"]) for s in specs]
+    assert systems[-2:] == [("mllama", "bf16", "unsloth"), ("qwen2_5_vl", "bf16", "unsloth")]
+    assert ("idefics3", "bf16", "unsloth") not in systems and ("idefics3", "qlora", "baseline") not in systems
+    compiled = [s for s in specs if s["system"] == "vlm_tune" and len(s["variants"]) == 2]
+    assert len(compiled) == 5 and all(s["compile_warmup"] == 1 and not s["count_flops"] for s in compiled)
+    assert [v["speed"] for v in compiled[0]["variants"]] == [
+        {"compile": "layers"},
+        {"compile": "layers", "offload_activations": True},
+    ]
+    four_bit_vision = [s for s in specs if s.get("keep_16bit") == ["projector"]]
+    assert {(s["model"], s["setting"]) for s in four_bit_vision} == {("mllama", "qlora")}
+    assert all(
+        v["name"].startswith("4-bit vision, ") for s in four_bit_vision if "variants" in s for v in s["variants"]
+    )
+
+
+def test_unsloth_summary_compares_rows_of_the_same_model_setting_and_batch():
+    key = {"model": "qwen2_5_vl", "setting": "bf16", "workload": "synthetic", "batch_size": 4}
+    rows = [
+        {**key, "system": "unsloth", "variant": "unsloth", "step_s": 0.8, "peak_gib": 16.0},
+        {**key, "system": "vlm_tune", "variant": "levers, ckpt, compile", "step_s": 0.4, "peak_gib": 15.2},
+        {**key, "system": "vlm_tune", "variant": "cap", "step_s": 0.4, "peak_gib": 5.0, "memory_cap_gib": 8},
+        {**key, "setting": "qlora", "system": "vlm_tune", "variant": "other setting", "step_s": 0.1, "peak_gib": 1},
+    ]
+    assert unsloth_summary(rows) == [
+        "vs Unsloth: qwen2_5_vl bf16 levers, ckpt, compile: 2.00x samples/s at 0.95x peak memory "
+        "(15.2 against 16.0 GiB)"
+    ]
+
+
+def test_peak_memory_replay_finds_what_is_live_at_the_peak():
+    def frames(name):
+        return [
+            {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": f"/x/site-packages/transformers/{name}.py", "line": 7, "name": name},
+        ]
+
+    events = [
+        {"action": "free_requested", "addr": 1, "size": 10},  # a block from before the recording
+        {"action": "alloc", "addr": 2, "size": 100, "frames": frames("attention")},
+        {"action": "alloc", "addr": 3, "size": 50, "frames": frames("mlp")},
+        {"action": "free_requested", "addr": 2, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 120, "frames": frames("mlp")},
+        {"action": "free_requested", "addr": 4, "size": 120},
+    ]
+    old = {"state": "active_allocated", "address": 9, "size": 1000}
+    snapshot = {
+        "device_traces": [events],
+        "segments": [{"blocks": [old, {"state": "inactive", "address": 8, "size": 5}]}],
+    }
+    peak, groups = peak_blocks(snapshot)
+    assert peak == 1000 + 50 + 120  # after addr 1 and 2 were freed, with 3 and 4 live
+    assert groups == [(BEFORE, 1000), ("transformers/mlp.py:7 mlp", 170)]
 
 
 def test_multi_gpu_runs_share_one_global_batch():

@@ -1,0 +1,224 @@
+"""The plans of the GPU benchmark (benchmarks/gpu.py): which processes run, with which variants, and the
+summaries that compare rows of one call (compiled against eager, vlm_tune against Unsloth)."""
+
+from __future__ import annotations
+
+PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final")
+PLAIN = {"loss": "model", "padding_tiles": "keep", "optimizer": "adamw"}  # the issue's vlm_tune model path
+
+
+def _variants(checkpointing: bool) -> list[dict]:
+    """vlm_tune's lever variants on one loaded model."""
+    rows = [
+        {"name": "levers, no ckpt", "checkpointing": False},
+        {"name": "plain, no ckpt", "checkpointing": False, "speed": PLAIN},
+    ]
+    if checkpointing:
+        rows = [
+            {"name": "levers, ckpt", "checkpointing": True},
+            {"name": "plain, ckpt", "checkpointing": True, "speed": PLAIN},
+            {"name": "levers, ckpt every 2nd", "checkpointing": True, "speed": {"checkpoint_every": 2}},
+            *rows,
+        ]
+    return rows
+
+
+def synthetic_specs(models: list[str], batch_size: int) -> list[dict]:
+    """Baseline and vlm_tune for every model and setting (SmolVLM: bf16 LoRA only)."""
+    specs = []
+    for setting in ("qlora", "bf16"):
+        for model in [m for m in models if setting == "bf16" or m != "idefics3"]:
+            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
+            specs.append({**common, "system": "baseline", "checkpointing": True})
+            specs.append(
+                {
+                    **common,
+                    "system": "vlm_tune",
+                    "checkpointing": True,
+                    "variants": _variants(True) if setting == "qlora" else [_variants(True)[0], _variants(False)[0]],
+                    "count_flops": True,
+                }
+            )
+    return specs
+
+
+def high_res_specs(models: list[str], batch_size: int) -> list[dict]:
+    if "qwen2_5_vl" not in models:
+        return []
+    variants = [
+        {"name": "all visual tokens", "checkpointing": False},
+        {"name": "relevance keep 0.25", "checkpointing": False, "relevance_keep": 0.25},
+    ]
+    common = {"model": "qwen2_5_vl", "setting": "qlora", "batch_size": batch_size, "workload": "high_res"}
+    return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants, "count_flops": True}]
+
+
+def real_specs(models: list[str], batch_size: int) -> list[dict]:
+    """The train command and the model path on the same caption batches (QLoRA; SmolVLM bf16), checkpointing."""
+    specs = []
+    for model in models:
+        setting = "bf16" if model == "idefics3" else "qlora"
+        common = {
+            "model": model,
+            "setting": setting,
+            "batch_size": batch_size,
+            "workload": "captions",
+            "checkpointing": True,
+        }
+        specs.append({**common, "system": "vlm_tune", "variants": [{"name": "model path", "checkpointing": True}]})
+        specs.append({**common, "system": "train_command"})
+    return specs
+
+
+PROOFS = [  # model, setting, batch, GiB cap, 16-bit components (vision 4-bit, as Unsloth and the baseline load mllama)
+    ("mllama", "qlora", 4, 12, ["projector"]),
+    ("mllama", "qlora", 1, 10, ["projector"]),
+    ("qwen2_5_vl", "qlora", 1, 8, []),
+    ("idefics3", "bf16", 8, 8, None),
+]
+
+
+PROOF_SPEED = {"optimizer": "paged_adamw_8bit", "offload_activations": True}
+
+
+def proof_specs(models: list[str], batch_size: int) -> list[dict]:
+    return [
+        {
+            "model": model,
+            "setting": setting,
+            "batch_size": batch,
+            "workload": "synthetic",
+            "system": "vlm_tune",
+            "checkpointing": True,
+            "memory_cap_gib": cap,
+            "keep_16bit": keep,
+            "variants": [{"name": f"under {cap} GiB", "checkpointing": True, "speed": PROOF_SPEED}],
+        }
+        for model, setting, batch, cap, keep in PROOFS
+        if model in models
+    ]
+
+
+def unsloth_specs(models: list[str], batch_size: int) -> list[dict]:
+    specs = []
+    for model in [m for m in models if m != "idefics3"]:
+        for setting in ("qlora", "bf16"):
+            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
+            specs.append({**common, "system": "unsloth", "checkpointing": True})
+            specs.append(
+                {
+                    **common,
+                    "system": "vlm_tune",
+                    "checkpointing": True,
+                    "variants": _variants(True)[:1] + _variants(False)[:1],
+                }
+            )
+    return specs
+
+
+COMPILE_VARIANTS = [  # name, checkpointing, speed section
+    ("levers, ckpt", True, {}),
+    ("levers, ckpt, compile", True, {"compile": "layers"}),
+    ("levers, no ckpt", False, {}),
+    ("levers, no ckpt, compile", False, {"compile": "layers"}),
+]
+
+
+def compile_specs(models: list[str], batch_size: int) -> list[dict]:
+    """vlm_tune with and without `speed.compile: layers`, one process per variant (SmolVLM: bf16 LoRA only)."""
+    specs = []
+    for setting in ("qlora", "bf16"):
+        for model in [m for m in models if setting == "bf16" or m != "idefics3"]:
+            common = {"model": model, "setting": setting, "batch_size": batch_size, "workload": "synthetic"}
+            for index, (name, checkpointing, speed) in enumerate(COMPILE_VARIANTS):
+                variant = {"name": name, "checkpointing": checkpointing, "speed": speed}
+                specs.append(
+                    {
+                        **common,
+                        "system": "vlm_tune",
+                        "checkpointing": True,
+                        "variants": [variant],
+                        "compile_warmup": 1,  # every variant, so all four take the same steps
+                        "count_flops": index == 0,  # the MFU column of all four (counted uncompiled)
+                    }
+                )
+    return specs
+
+
+def compile_summary(rows: list[dict]) -> list[str]:
+    """Per model and setting: the compiled variant's speed and memory against the same variant uncompiled."""
+    timed = {(r["model"], r["setting"], r["variant"]): r for r in rows if "step_s" in r}
+    lines = []
+    for (model, setting, name), row in timed.items():
+        eager = timed.get((model, setting, name.removesuffix(", compile")))
+        if name.endswith(", compile") and eager:
+            lines.append(
+                f"compile: {model} {setting} {eager['variant']}: {eager['step_s'] / row['step_s']:.2f}x speed, "
+                f"peak {row.get('peak_gib') or 0:.1f} against {eager.get('peak_gib') or 0:.1f} GiB, "
+                f"warm-up {row.get('warmup_s', 0):.0f} against {eager.get('warmup_s', 0):.0f} s"
+            )
+    return lines
+
+
+FINAL_PROCESSES = [  # vlm_tune's processes in the final plan: the variants that share each one (speed section)
+    [("levers, ckpt", {})],
+    [
+        ("levers, ckpt, compile", {"compile": "layers"}),
+        ("levers, ckpt, compile, offload", {"compile": "layers", "offload_activations": True}),
+    ],
+]
+
+
+def final_specs(models: list[str], batch_size: int) -> list[dict]:
+    """Per model and setting, in one call: the baseline, Unsloth, vlm_tune eager and vlm_tune compiled (that
+    process also offloads the checkpointed inputs), all with checkpointing. mllama's QLoRA rows quantize its
+    vision tower, as Unsloth and the baseline do (keep_16bit: projector). Unsloth's bf16 rows run last: they
+    compile for minutes and may meet the deadline."""
+    specs, last = [], []
+    for model in models:
+        for setting in ("bf16",) if model == "idefics3" else ("qlora", "bf16"):
+            common = {
+                "model": model,
+                "setting": setting,
+                "batch_size": batch_size,
+                "workload": "synthetic",
+                "checkpointing": True,
+            }
+            prefix = ""
+            if model == "mllama" and setting == "qlora":
+                common["keep_16bit"], prefix = ["projector"], "4-bit vision, "
+            specs.append({**common, "system": "baseline"})
+            if model != "idefics3":
+                (last if setting == "bf16" else specs).append({**common, "system": "unsloth"})
+            for index, process in enumerate(FINAL_PROCESSES):
+                variants = [{"name": prefix + name, "checkpointing": True, "speed": speed} for name, speed in process]
+                process = {"system": "vlm_tune", "variants": variants, "compile_warmup": 1, "count_flops": index == 0}
+                specs.append({**common, **process})
+    return specs + last
+
+
+def unsloth_summary(rows: list[dict]) -> list[str]:
+    """Per model and setting: every vlm_tune row's samples/s and peak memory against the Unsloth row of the call."""
+    timed = [r for r in rows if "step_s" in r and r.get("workload") == "synthetic" and not r.get("memory_cap_gib")]
+    lines = []
+    for unsloth in [r for r in timed if r["system"] == "unsloth"]:
+        for row in timed:
+            same = all(row.get(k) == unsloth.get(k) for k in ("model", "setting", "batch_size"))
+            if same and row["system"] == "vlm_tune" and row.get("peak_gib") and unsloth.get("peak_gib"):
+                speed, memory = unsloth["step_s"] / row["step_s"], row["peak_gib"] / unsloth["peak_gib"]
+                lines.append(
+                    f"vs Unsloth: {row['model']} {row['setting']} {row['variant']}: {speed:.2f}x samples/s at "
+                    f"{memory:.2f}x peak memory ({row['peak_gib']:.1f} against {unsloth['peak_gib']:.1f} GiB)"
+                )
+    return lines
+
+
+SPECS = {
+    "synthetic": synthetic_specs,
+    "high_res": high_res_specs,
+    "real": real_specs,
+    "proofs": proof_specs,
+    "unsloth": unsloth_specs,
+    "compile": compile_specs,
+    "final": final_specs,
+}
