@@ -129,6 +129,10 @@ def _write_merged(recipe: Recipe, checkpoint: Path, folder: Path, dtype: Optiona
 
 
 def _components_table(checkpoint: Path, report) -> Optional[str]:
+    """The checkpoint's own table (AdaLoRA: the ranks its weights hold), the built model's, or the run's."""
+    own = checkpoint / "components.txt"
+    if own.is_file():
+        return own.read_text()
     if report is not None:
         return report.table()
     table = checkpoint.parent / "components.txt"

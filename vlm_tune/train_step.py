@@ -310,7 +310,7 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
     with deferred():
         full_state = gather_full_state(run.accelerator, model, run.optimizer)  # None unless FSDP
         if run.main:
-            save_checkpoint(
+            folder = save_checkpoint(
                 run.run_dir,
                 position.step,
                 model,
@@ -322,7 +322,7 @@ def save_run(run: TrainingRun, position: TrainingPosition) -> None:
                 recipe=run.recipe,
                 full_state=full_state,
             )
-            write_layer_ranks(model, run.report, run.run_dir)
+            write_layer_ranks(model, run.report, run.run_dir, folder)
         run.saved_steps.add(position.step)
         run.accelerator.wait_for_everyone()
 

@@ -95,6 +95,24 @@ def test_adalora_report_shows_each_layers_final_rank_within_each_budget(straight
     assert "model.text_model.layers.1.mlp.down_proj" in table
 
 
+def test_each_adalora_checkpoint_keeps_its_own_ranks_and_its_export_shows_them(straight_runs, tmp_path):
+    from vlm_tune.checkpoint import list_checkpoints
+    from vlm_tune.export import export_checkpoint
+
+    run = straight_runs("adalora")
+    checkpoints = list_checkpoints(run)
+    tables = [(checkpoint / "components.txt").read_text() for checkpoint in checkpoints]
+    assert len(tables) == 2 and all("language: adalora ranks per layer" in table for table in tables)
+    assert tables[-1] == (run / "components.txt").read_text()  # the run folder shows the latest save
+    # the run's table after checkpoint-4 is replaced by a stale one: an export of checkpoint-2 reads its own
+    (run / "components.txt").write_text("stale\n")
+    try:
+        card = (export_checkpoint(checkpoints[0], tmp_path / "export") / "README.md").read_text()
+    finally:
+        (run / "components.txt").write_text(tables[-1])
+    assert tables[0].strip() in card and "stale" not in card
+
+
 @pytest.mark.parametrize("variant", ["adalora", "pissa"])
 def test_shipped_adapter_applies_to_the_original_base_with_plain_peft(setup, straight_runs, variant):
     run = straight_runs(variant)

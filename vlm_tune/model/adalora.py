@@ -14,6 +14,7 @@ the optimizer step, before zero_grad), both no-ops for other variants.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -251,9 +252,13 @@ def as_lora_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
     return out
 
 
-def write_layer_ranks(model: nn.Module, report, run_dir) -> None:
-    """AdaLoRA: components.txt / components.json show each layer's rank as of this save (no-op otherwise)."""
+def write_layer_ranks(model: nn.Module, report, run_dir, checkpoint=None) -> None:
+    """AdaLoRA: the run folder's components.txt / components.json show each layer's rank as of this save, and
+    the checkpoint folder gets its own components.txt (the ranks its weights hold: export reads it); no-op for
+    other variants."""
     ranks = layer_ranks(model)
     if ranks and report is not None:
         report.layer_ranks = ranks
         report.write(run_dir)
+        if checkpoint is not None:
+            (Path(checkpoint) / "components.txt").write_text(report.table() + "\n")
