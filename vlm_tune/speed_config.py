@@ -66,13 +66,12 @@ class SpeedConfig:
 
     def _check(self) -> list[str]:
         errors = [
-            f"compile_components: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
-            for name in self.compile_components
-            if name not in COMPONENT_NAMES
-        ]
-        errors += [
-            f"checkpoint_components: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
-            for name in self.checkpoint_components
+            f"{setting}: unknown component '{name}', expected one of {list(COMPONENT_NAMES)}"
+            for setting, names in (
+                ("compile_components", self.compile_components),
+                ("checkpoint_components", self.checkpoint_components),
+            )
+            for name in names
             if name not in COMPONENT_NAMES
         ]
         if self.checkpoint_every <= 0:
