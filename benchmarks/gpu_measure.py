@@ -134,7 +134,7 @@ def _label(frames: list[dict]) -> str:
         if any(part in name for part in OUR_CODE):
             short = name.split("site-packages/")[-1].split("/work/main/")[-1]
             return f"{short}:{frame.get('line')} {frame.get('name')}"
-    return "other (no library frame)"
+    return "no library frame (mostly autograd's backward, which runs in C++)"
 
 
 def _older_freed(events: list[dict]) -> int:

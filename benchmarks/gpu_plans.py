@@ -171,8 +171,8 @@ FINAL_PROCESSES = [  # vlm_tune's processes in the final plan: the variants that
 
 def final_specs(models: list[str], batch_size: int) -> list[dict]:
     """Per model and setting, in one call: the baseline, Unsloth, vlm_tune eager and vlm_tune compiled (that
-    process also offloads the checkpointed inputs), all with checkpointing. mllama's QLoRA rows quantize its
-    vision tower, as Unsloth and the baseline do (keep_16bit: projector). Unsloth's bf16 rows run last: they
+    process also offloads the checkpointed inputs), all with checkpointing. vlm_tune's QLoRA rows quantize the
+    vision tower, as the baseline and Unsloth do (keep_16bit: projector). Unsloth's bf16 rows run last: they
     compile for minutes and may meet the deadline."""
     specs, last = [], []
     for model in models:
@@ -185,7 +185,7 @@ def final_specs(models: list[str], batch_size: int) -> list[dict]:
                 "checkpointing": True,
             }
             prefix = ""
-            if model == "mllama" and setting == "qlora":
+            if setting == "qlora":  # the vision towers in 4 bit, as the baseline (and Unsloth) load them
                 common["keep_16bit"], prefix = ["projector"], "4-bit vision, "
             specs.append({**common, "system": "baseline"})
             if model != "idefics3":
@@ -206,9 +206,11 @@ def unsloth_summary(rows: list[dict]) -> list[str]:
             same = all(row.get(k) == unsloth.get(k) for k in ("model", "setting", "batch_size"))
             if same and row["system"] == "vlm_tune" and row.get("peak_gib") and unsloth.get("peak_gib"):
                 speed, memory = unsloth["step_s"] / row["step_s"], row["peak_gib"] / unsloth["peak_gib"]
+                weights = [r.get("weights_gib") for r in (row, unsloth)]
+                loaded = f"; loaded {weights[0]:.1f} against {weights[1]:.1f}" if all(weights) else ""
                 lines.append(
                     f"vs Unsloth: {row['model']} {row['setting']} {row['variant']}: {speed:.2f}x samples/s at "
-                    f"{memory:.2f}x peak memory ({row['peak_gib']:.1f} against {unsloth['peak_gib']:.1f} GiB)"
+                    f"{memory:.2f}x peak memory ({row['peak_gib']:.1f} against {unsloth['peak_gib']:.1f} GiB{loaded})"
                 )
     return lines
 

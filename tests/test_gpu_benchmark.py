@@ -103,7 +103,7 @@ def test_final_plan_puts_every_system_of_a_model_in_one_call_and_unsloth_bf16_la
         {"compile": "layers", "offload_activations": True},
     ]
     four_bit_vision = [s for s in specs if s.get("keep_16bit") == ["projector"]]
-    assert {(s["model"], s["setting"]) for s in four_bit_vision} == {("mllama", "qlora")}
+    assert {(s["model"], s["setting"]) for s in four_bit_vision} == {("mllama", "qlora"), ("qwen2_5_vl", "qlora")}
     assert all(
         v["name"].startswith("4-bit vision, ") for s in four_bit_vision if "variants" in s for v in s["variants"]
     )
@@ -112,14 +112,21 @@ def test_final_plan_puts_every_system_of_a_model_in_one_call_and_unsloth_bf16_la
 def test_unsloth_summary_compares_rows_of_the_same_model_setting_and_batch():
     key = {"model": "qwen2_5_vl", "setting": "bf16", "workload": "synthetic", "batch_size": 4}
     rows = [
-        {**key, "system": "unsloth", "variant": "unsloth", "step_s": 0.8, "peak_gib": 16.0},
-        {**key, "system": "vlm_tune", "variant": "levers, ckpt, compile", "step_s": 0.4, "peak_gib": 15.2},
+        {**key, "system": "unsloth", "variant": "unsloth", "step_s": 0.8, "peak_gib": 16.0, "weights_gib": 15.5},
+        {
+            **key,
+            "system": "vlm_tune",
+            "variant": "levers, ckpt, compile",
+            "step_s": 0.4,
+            "peak_gib": 15.2,
+            "weights_gib": 15.6,
+        },
         {**key, "system": "vlm_tune", "variant": "cap", "step_s": 0.4, "peak_gib": 5.0, "memory_cap_gib": 8},
         {**key, "setting": "qlora", "system": "vlm_tune", "variant": "other setting", "step_s": 0.1, "peak_gib": 1},
     ]
     assert unsloth_summary(rows) == [
         "vs Unsloth: qwen2_5_vl bf16 levers, ckpt, compile: 2.00x samples/s at 0.95x peak memory "
-        "(15.2 against 16.0 GiB)"
+        "(15.2 against 16.0 GiB; loaded 15.6 against 15.5)"
     ]
 
 
