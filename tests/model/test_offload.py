@@ -110,3 +110,25 @@ def test_fsdp_refuses_offload_naming_the_field(monkeypatch):
     }
     with pytest.raises(ShardingError, match=r"speed.offload_activations is not checked under FSDP"):
         fsdp_plugin(recipe_from_dict(raw))
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_inputs_go_to_pinned_memory_and_the_result_holds(offload_every_input, monkeypatch):
+    model, batch = _checkpointed("qwen2_5_vl")
+    model.cuda()
+    batch = {key: value.cuda() if hasattr(value, "cuda") else value for key, value in batch.items()}
+    on_device = _loss_and_grads(model, batch)
+    cmap = find_components(model.get_base_model())
+    patches = apply_speed(model, SpeedConfig(offload_activations=True), ModelConfig(gradient_checkpointing=True), cmap)
+    pinned = []
+    original = offload._Offloaded.__init__
+
+    def record(self, tensor):
+        original(self, tensor)
+        pinned.append(self.copy.is_pinned() and self.copy.device.type == "cpu")
+
+    monkeypatch.setattr(offload._Offloaded, "__init__", record)
+    offloaded = _loss_and_grads(model, batch)
+    assert pinned and all(pinned)
+    _assert_same(on_device, offloaded)
+    patches.remove()
