@@ -137,18 +137,23 @@ def _label(frames: list[dict]) -> str:
     return "no library frame (mostly autograd's backward, which runs in C++)"
 
 
-def _older_freed(events: list[dict]) -> int:
-    """Bytes of blocks allocated before the recording that the recorded step frees."""
-    live, older = set(), 0
-    for event in events:
+def _find_peak(events: list[dict]) -> tuple[int, int, int]:
+    """(index of the event after which the most is allocated, -1: before any; bytes allocated then above the
+    start; bytes of blocks from before the recording that the step frees)."""
+    live, current, peak, peak_index, older_freed = set(), 0, 0, -1, 0
+    for index, event in enumerate(events):
         if event["action"] == "alloc":
             live.add(event["addr"])
+            current += event["size"]
         elif event["action"] == "free_requested":
+            current -= event["size"]
             if event["addr"] in live:
                 live.discard(event["addr"])
             else:
-                older += event["size"]
-    return older
+                older_freed += event["size"]
+        if current > peak:
+            peak, peak_index = current, index
+    return peak_index, peak, older_freed
 
 
 def peak_blocks(snapshot: dict) -> tuple[int, list[tuple[str, int]]]:
@@ -165,24 +170,19 @@ def peak_blocks(snapshot: dict) -> tuple[int, list[tuple[str, int]]]:
         for block in segment["blocks"]
         if block["state"] == "active_allocated" and block["address"] not in traced
     )
-    older = still_live + _older_freed(events)  # live when the recording began
-    current, live = older, {}
-    peak, at_peak = older, {}
-    for event in events:
+    peak_index, above_start, older_freed = _find_peak(events)
+    older = still_live + older_freed  # live when the recording began
+    live: dict[int, dict] = {}  # addr -> its alloc event, up to the peak
+    for event in events[: peak_index + 1]:
         if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], _label(event.get("frames", [])))
-            current += event["size"]
-        elif event["action"] == "free_requested":
-            current -= event["size"]
-            if live.pop(event["addr"], None) is None:
-                older -= event["size"]
-        if current > peak:
-            peak, at_peak = current, dict(live)
-            at_peak[None] = (older, BEFORE)
-    groups: dict[str, int] = {}
-    for size, label in (at_peak or {None: (older, BEFORE)}).values():
-        groups[label] = groups.get(label, 0) + size
-    return peak, sorted(groups.items(), key=lambda item: -item[1])
+            live[event["addr"]] = event
+        elif event["action"] == "free_requested" and live.pop(event["addr"], None) is None:
+            older -= event["size"]
+    groups: dict[str, int] = {BEFORE: older}
+    for event in live.values():  # labels only for what is live at the peak
+        label = _label(event.get("frames", []))
+        groups[label] = groups.get(label, 0) + event["size"]
+    return still_live + older_freed + above_start, sorted(groups.items(), key=lambda item: -item[1])
 
 
 def memory_at_peak(step, batch: dict, path: str) -> dict:

@@ -20,7 +20,7 @@ from vlm_tune.recipe_adapters import AdaLoraSchedule, ComponentConfig, check_ada
 from vlm_tune.recipe_files import RecipeError, apply_overrides, read_recipe_file
 from vlm_tune.recipe_hints import FOREIGN_KEYS
 from vlm_tune.relevance_config import RelevanceConfig
-from vlm_tune.speed_config import SpeedConfig, compile_problems
+from vlm_tune.speed_config import SpeedConfig, speed_problems
 from vlm_tune.typed_config import build_dataclass
 
 # ----------------------------------------------------------------------------------------------
@@ -209,9 +209,7 @@ class Recipe:
             errors.append(
                 "components: every component is frozen, nothing would train; set components.<name>.mode to lora or full"
             )
-        errors += compile_problems(
-            self.speed, self.components, self.relevance.enabled, self.model.gradient_checkpointing
-        )
+        errors += speed_problems(self.speed, self.components, self.relevance.enabled, self.model.gradient_checkpointing)
         return errors + self._check_best() + check_adapters(self.components, self.model.quantization, self.relevance)
 
     def _check_best(self) -> list[str]:  # keep_best / early stopping need evaluations that compute their metric

@@ -81,7 +81,7 @@ class SpeedConfig:
         return errors
 
 
-def compile_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
+def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
     """What `speed.compile: layers` and `speed.offload_activations` cannot be combined with (one message per
     conflict, naming the fields)."""
     problems = []

@@ -45,7 +45,7 @@ def test_offloaded_inputs_give_the_same_loss_and_gradients(arch, offload_every_i
     _assert_same(on_device, offloaded)
     patches.remove()
     functions = [m.__dict__.get("_gradient_checkpointing_func") for m in model.modules()]
-    assert not any(isinstance(function, offload._OffloadingCheckpoint) for function in functions)
+    assert not any(isinstance(function, offload.OffloadingCheckpoint) for function in functions)
 
 
 def test_layers_that_do_not_checkpoint_keep_their_inputs(offload_every_input):

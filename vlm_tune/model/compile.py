@@ -47,13 +47,13 @@ class _TrainingForward:
     """A block's forward: compiled in training with gradients, the block's own forward otherwise."""
 
     def __init__(self, module: nn.Module, mode: str):
-        from vlm_tune.model.offload import _OffloadingCheckpoint
+        from vlm_tune.model.offload import OffloadingCheckpoint
 
         self.module = module
         self.eager = module.forward  # the class's forward, bound to this block
         self.compiled = torch.compile(self.eager, mode=mode)
         self.offload = module.__dict__.get("_gradient_checkpointing_func")
-        if not (_CHECKPOINTS_INSIDE_FORWARD and isinstance(self.offload, _OffloadingCheckpoint)):
+        if not (_CHECKPOINTS_INSIDE_FORWARD and isinstance(self.offload, OffloadingCheckpoint)):
             self.offload = None
         else:  # Dynamo cannot trace the offload hooks: they go around the compiled forward
             self.offload.hooked_outside = True

@@ -44,7 +44,7 @@ def _unpack(packed):
     return packed
 
 
-class _OffloadingCheckpoint:
+class OffloadingCheckpoint:
     """A layer's checkpoint function whose saved inputs go to CPU memory (the recompute's saves are its own)."""
 
     def __init__(self, checkpoint):
@@ -100,7 +100,7 @@ def offload_checkpoint_inputs(model: nn.Module) -> OffloadedInputs:
     for module in base_model(model).modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             previous = module._gradient_checkpointing_func
-            if not isinstance(previous, _OffloadingCheckpoint):
-                module._gradient_checkpointing_func = _OffloadingCheckpoint(previous)
+            if not isinstance(previous, OffloadingCheckpoint):
+                module._gradient_checkpointing_func = OffloadingCheckpoint(previous)
                 layers.append(module)
     return OffloadedInputs(layers)
