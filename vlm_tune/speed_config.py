@@ -25,6 +25,13 @@ class SpeedConfig:
             "keys (same result: they are masked); keep: the model's own path"
         },
     )
+    vision_attention: Literal["batched", "model"] = field(
+        default="batched",
+        metadata={
+            "help": "Qwen2-VL / Qwen2.5-VL vision towers on sdpa: the images' and windows' attention in one call "
+            "per segment length (same result); model: transformers' one call per image or window"
+        },
+    )
     checkpoint_components: list[str] = field(
         default_factory=lambda: list(COMPONENT_NAMES),
         metadata={"help": "with model.gradient_checkpointing: the components whose layers recompute activations"},

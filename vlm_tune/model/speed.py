@@ -1,5 +1,5 @@
-"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, checkpointing (and offloading
-its inputs), compilation, optimizer.
+"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, vision attention, checkpointing
+(and offloading its inputs), compilation, optimizer.
 
 Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
 gradients); benchmarks/gpu.py measures what each one buys on a GPU.
@@ -81,6 +81,10 @@ def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cm
         patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
     if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
         patches.handles.append(install_padding_tile_drop(model))
+    if speed.vision_attention == "batched":
+        from vlm_tune.model.vision_attention import install_batched_vision_attention
+
+        patches.handles += install_batched_vision_attention(model)
     if model_cfg.gradient_checkpointing:
         patches.checkpointed = checkpoint_layers(model, cmap, speed.checkpoint_components, speed.checkpoint_every)
         logger.info("Activation checkpointing on %s layers", patches.checkpointed or "no")
