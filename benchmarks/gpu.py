@@ -155,15 +155,15 @@ def format_row(row: dict) -> str:
 
 def _attach_probes(spec: dict, plan: str, args) -> None:
     """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (synthetic:
-    its lever process; final: its compiled process), written under --out."""
-    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final"):
+    its lever process; final: the profile of its compiled process, the memory record of its eager one, as
+    torch's allocator history broke the compiled offloading backward), written under --out."""
+    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision"):
         return
-    if plan == "final" and not any(v["speed"].get("compile") for v in spec["variants"]):
-        return
+    compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"
-    if args.profile == f"{spec['model']}:{spec['setting']}":
+    if args.profile == f"{spec['model']}:{spec['setting']}" and (plan != "final" or compiled):
         spec["profile"] = str(args.out / f"profile-{name}.txt")
-    if args.memory == f"{spec['model']}:{spec['setting']}":
+    if args.memory == f"{spec['model']}:{spec['setting']}" and (plan != "final" or not compiled):
         spec["memory"] = str(args.out / f"memory-{name}.txt")
 
 

@@ -190,7 +190,7 @@ def memory_at_peak(step, batch: dict, path: str) -> dict:
     frame that allocated it (top 25), written to `path`."""
     import torch
 
-    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")  # C++ stacks: not labelled
     try:
         step(batch)
         sync()

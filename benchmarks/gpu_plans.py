@@ -3,8 +3,13 @@ summaries that compare rows of one call (compiled against eager, vlm_tune agains
 
 from __future__ import annotations
 
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final")
-PLAIN = {"loss": "model", "padding_tiles": "keep", "optimizer": "adamw"}  # the issue's vlm_tune model path
+PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision")
+PLAIN = {
+    "loss": "model",
+    "padding_tiles": "keep",
+    "vision_attention": "model",
+    "optimizer": "adamw",
+}  # the issue's model path
 
 
 def _variants(checkpointing: bool) -> list[dict]:
@@ -215,6 +220,21 @@ def unsloth_summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def vision_specs(models: list[str], batch_size: int) -> list[dict]:
+    """Qwen2.5-VL QLoRA (4-bit vision, checkpointing): vlm_tune with transformers' vision attention and with
+    `speed.vision_attention: batched` in one process, then Unsloth, in one call."""
+    if "qwen2_5_vl" not in models:
+        return []
+    common = {"model": "qwen2_5_vl", "setting": "qlora", "batch_size": batch_size, "workload": "synthetic"}
+    common.update(checkpointing=True, keep_16bit=["projector"])
+    variants = [  # batched, model, batched again: an order effect inside the process would show
+        {"name": "4-bit vision, levers, ckpt", "speed": {}},
+        {"name": "4-bit vision, levers, ckpt, model's vision attention", "speed": {"vision_attention": "model"}},
+        {"name": "4-bit vision, levers, ckpt (again)", "speed": {}},
+    ]
+    return [{**common, "system": "vlm_tune", "variants": variants}, {**common, "system": "unsloth"}]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -223,4 +243,5 @@ SPECS = {
     "unsloth": unsloth_specs,
     "compile": compile_specs,
     "final": final_specs,
+    "vision": vision_specs,
 }
