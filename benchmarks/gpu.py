@@ -9,12 +9,14 @@ process of their loaded model. Plans:
   synthetic  model path on one synthetic batch (the issue's workload): baseline and vlm_tune, QLoRA and bf16
   high_res   Qwen2.5-VL at 1,024 visual tokens per image, relevance keep 0.25 against all tokens
   real       `python -m vlm_tune.train` on a photo-sized caption set against the model path on the same batches
+             (--profile MODEL:SETTING profiles both: benchmarks/train_profile.py for the train command)
   proofs     vlm_tune under torch.cuda.set_per_process_memory_fraction (consumer-GPU memory sizes)
   unsloth    Unsloth's FastVisionModel next to vlm_tune (needs the unsloth wheels)
   compile    speed.compile: layers against none, with and without checkpointing (each variant in its own process,
              one more warm-up step for the compile; the log gives each process's warm-up seconds)
   final      per model, one call: baseline, Unsloth, vlm_tune eager, and vlm_tune compiled with and without
              offloaded checkpoint inputs; the summary gives each vlm_tune row against Unsloth
+  vision     Qwen2.5-VL QLoRA: speed.vision_attention batched against the model's own, then Unsloth
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -98,6 +100,10 @@ def train_command(spec: dict, log, timeout: int) -> list[dict]:
     records = [r for r in records if "train/seconds" in r]
     if len(records) <= steps["warmup"]:
         return [{"variant": "train command", "error": last_line(output)}]
+    if spec.get("profile"):  # a second run under the profiler, after the timed one
+        profiled = [sys.executable, str(ROOT / "benchmarks" / "train_profile.py"), command[-1], spec["profile"]]
+        profiled += ["--skip", str(steps["warmup"]), "--steps", str(min(3, total - steps["warmup"]))]
+        run_logged(profiled, log, timeout, "train command profiled", cwd=ROOT)
     first, last = records[steps["warmup"] - 1], records[-1]
     step_s = (last["train/seconds"] - first["train/seconds"]) / (last["step"] - first["step"])
     return [
@@ -154,10 +160,12 @@ def format_row(row: dict) -> str:
 
 
 def _attach_probes(spec: dict, plan: str, args) -> None:
-    """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (synthetic:
-    its lever process; final: the profile of its compiled process, the memory record of its eager one, as
-    torch's allocator history broke the compiled offloading backward), written under --out."""
-    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision"):
+    """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (final: the
+    profile of its compiled process, the memory record of its eager one, as torch's allocator history broke the
+    compiled offloading backward; real: the profile of the model path and of the train command), under --out."""
+    if spec["system"] == "train_command" and args.profile == f"{spec['model']}:{spec['setting']}":
+        spec["profile"] = str(args.out / f"profile-train-{spec['model']}-{spec['setting']}.txt")
+    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real"):
         return
     compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"

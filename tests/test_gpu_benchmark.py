@@ -193,3 +193,23 @@ def test_multi_gpu_efficiency_memory_and_loss_difference():
     table = multi_gpu_table(rows)
     assert "| Llama-3.2-11B-Vision | bf16 | 2 | fsdp | 4 x 1 | 8.00 | 1.000 | 1.00 | 20.0 | 0.50 | 0.0200 |" in table
     assert "| 5 | 1.5000 | 1.5100 | 1.4800 |" in loss_table(rows)
+
+
+def test_train_profile_profiles_the_steps_after_the_warm_up(tmp_path):
+    import yaml
+    from gpu_models import caption_set
+    from gpu_runs import recipe_dict
+    from train_profile import main as profile_main
+
+    spec = {"model": "idefics3", "setting": "bf16", "batch_size": 2, "tiny": True}
+    spec.update(folder=str(tiny_vlm_folder("idefics3", tmp_path)), captions=str(caption_set(tmp_path, 8)))
+    recipe = recipe_dict(spec)
+    recipe["data"]["num_workers"] = 0
+    recipe["train"].update(max_steps=3, output_dir=str(tmp_path / "run"), overwrite=True)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "profile.txt"
+    assert profile_main([str(tmp_path / "recipe.yaml"), str(out), "--skip", "1", "--steps", "2"]) == 0
+    text = out.read_text()
+    assert text.startswith("train command: wall ") and "for 2 steps" in text
+    assert "by self CPU time" in text and "aten::mm" in text  # the profiled steps ran the model
+    assert profile_main([str(tmp_path / "recipe.yaml"), str(out), "--skip", "2", "--steps", "2"]) == 1  # too few
