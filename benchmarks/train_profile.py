@@ -50,7 +50,11 @@ def main(argv=None) -> int:
             profiler.stop()
             clock["wall"] = time.perf_counter() - clock["start"]
 
-    train(load_recipe(args.recipe), on_step=on_step, show_progress=False)
+    try:
+        train(load_recipe(args.recipe), on_step=on_step, show_progress=False)
+    finally:
+        if "start" in clock and "wall" not in clock:
+            profiler.stop()  # a profiler left running crashes the interpreter at exit
     if "wall" not in clock:
         print(f"error: the run ended before step {args.skip + args.steps}; raise train.max_steps", file=sys.stderr)
         return 1
