@@ -6,6 +6,7 @@ from test_model_speed import _assert_same, _loss_and_grads, _mllama_tile_batch, 
 from vlm_batches import make_batch
 
 from vlm_tune.model import offload
+from vlm_tune.model.compile import _CHECKPOINTS_INSIDE_FORWARD
 from vlm_tune.model.components import find_components
 from vlm_tune.model.load import _enable_checkpointing
 from vlm_tune.model.speed import apply_speed, checkpoint_layers
@@ -93,7 +94,9 @@ def test_compiled_layers_offload_their_inputs_and_keep_one_graph(offload_every_i
     assert offloaded.packed >= 2  # both decoder layers' hidden states (vision blocks run eagerly, offloaded too)
     _assert_same(eager, compiled, rtol=1e-4)
     wrappers = [layer._gradient_checkpointing_func for layer in offloaded.layers]
-    assert sum(wrapper.hooked_outside for wrapper in wrappers) == 2  # the compiled decoder layers' (vision: eager)
+    # transformers >= 5.23 checkpoints inside the compiled forward: the hooks of both decoder layers go around it
+    # (vision: eager); earlier versions checkpoint around the compiled forward, with the hooks inside as usual
+    assert sum(wrapper.hooked_outside for wrapper in wrappers) == (2 if _CHECKPOINTS_INSIDE_FORWARD else 0)
     patches.remove()
     assert not any(wrapper.hooked_outside for wrapper in wrappers)
 
