@@ -11,6 +11,7 @@ from test_data_collate import END_OF_TURN, _image_token_id
 from tiny import tiny_processor, tiny_vlm
 
 from vlm_tune.data.chat_collate import ChatGenerateCollator, ChatTrainCollator
+from vlm_tune.data.collate import refuses_mixed_batches
 from vlm_tune.data.keepalive import DUMMY_ID
 from vlm_tune.recipe import DataConfig
 
@@ -110,6 +111,27 @@ def test_text_only_samples_mix_with_image_samples_in_one_batch(arch):
     assert only_text.pop("skipped") == [] and "pixel_values" not in only_text
     with torch.no_grad():
         assert torch.isfinite(model(**only_text).loss)
+
+
+def test_an_mllama_processor_that_refuses_mixed_batches_still_gets_them(monkeypatch):
+    _, processor = tiny_vlm("mllama")
+    collator = ChatTrainCollator(processor, DataConfig())
+    accepted = collator([ONE_IMAGE, TEXT_ONLY])
+    checked = type(processor).validate_inputs
+
+    def refusing(self, images=None, text=None, **kwargs):  # transformers 5.17's check
+        if images is not None and any(len(sample) == 0 for sample in images):
+            raise ValueError("there should be either no images or at least one image per sample")
+        return checked(self, images=images, text=text, **kwargs)
+
+    monkeypatch.setattr(type(processor), "validate_inputs", refusing)
+    assert refuses_mixed_batches(processor) and not refuses_mixed_batches(tiny_vlm("qwen2_5_vl")[1])
+    refused = collator([ONE_IMAGE, TEXT_ONLY])
+    assert refused.keys() == accepted.keys()
+    assert all(torch.equal(refused[key], accepted[key]) for key in accepted if key != "skipped")
+    assert "validate_inputs" not in processor.__dict__  # the check is back after the call
+    with pytest.raises(ValueError, match="at least one image"):
+        processor(text=["<|image|>a", "b"], images=[[RED], []])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

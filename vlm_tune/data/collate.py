@@ -124,6 +124,8 @@ class CaptionEncoder:
             kwargs["add_special_tokens"] = self._adds_special_tokens(texts[0])
         if suffixes is not None:
             kwargs["suffix"] = suffixes
+        if any(image_lists) and not all(image_lists) and refuses_mixed_batches(self.processor):
+            return _call_unchecked(self.processor, kwargs)
         return self.processor(**kwargs)
 
     def encode_robust(self, samples: list[dict], build) -> tuple[list[dict], Any, list[dict]]:
@@ -153,6 +155,33 @@ class CaptionEncoder:
             if not skipped:  # it fails only as a batch: not a data problem
                 raise batch_error
             return kept, (build(kept) if kept else None), skipped
+
+
+def refuses_mixed_batches(processor) -> bool:
+    """True for an MllamaProcessor whose input check refuses a batch of text-only and image samples (transformers
+    5.17; later versions accept it). The rest of its call handles such a batch: the output equals 5.24's."""
+    if type(processor).__name__ != "MllamaProcessor":
+        return False
+    from PIL import Image
+
+    try:
+        processor.validate_inputs(images=[[Image.new("RGB", (2, 2))], []], text=[processor.image_token, "text"])
+    except ValueError:
+        return True
+    return False
+
+
+def _no_input_check(*args, **kwargs) -> None:
+    return None
+
+
+def _call_unchecked(processor, kwargs: dict):
+    """The processor call without its input check (see `refuses_mixed_batches`)."""
+    processor.validate_inputs = _no_input_check  # an instance attribute, removed after the call
+    try:
+        return processor(**kwargs)
+    finally:
+        del processor.validate_inputs
 
 
 def _split_none(items: list) -> tuple[list[dict], list[dict]]:
