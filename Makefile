@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Idefics3 and Qwen-VL image processors). On your own GPU machine, install the torch you use instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-run demo-vqa test lint
+.PHONY: install demo demo-run demo-vqa test test-floor lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -41,3 +41,11 @@ lint:
 
 test: install lint
 	$(PYTHON) -m pytest -q --timeout 900
+
+# The suite on the oldest transformers we support (5.17), laid over the installed one; not part of `make test`.
+FLOOR ?= /tmp/vlm_tune-transformers-5.17
+test-floor: install
+	$(PYTHON) -m pip install -q --no-deps --target $(FLOOR) transformers==5.17.0 'huggingface-hub>=1.5,<2'
+	$(PYTHON) -m pip install -q --target $(FLOOR) httpx
+	PYTHONPATH=$(FLOOR) $(PYTHON) -c 'import transformers; assert transformers.__version__ == "5.17.0"'
+	PYTHONPATH=$(FLOOR) $(PYTHON) -m pytest -q --timeout 900 -p no:cacheprovider $(TESTS)
