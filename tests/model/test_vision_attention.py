@@ -89,3 +89,18 @@ def test_vision_attention_model_keeps_the_models_own_path():
     apply_speed(model, SpeedConfig(vision_attention="model"), ModelConfig(), find_components(model.get_base_model()))
     blocks = [m for m in model.modules() if type(m).__name__ == "Qwen2_5_VLVisionAttention"]
     assert blocks and not any("forward" in block.__dict__ for block in blocks)
+
+
+@pytest.mark.parametrize("setting", ["batched", "model"])
+def test_generation_loads_take_the_recipes_vision_attention(setting, tmp_path):
+    from tiny import tiny_vlm_folder
+
+    from vlm_tune.model.build import load_for_inference
+    from vlm_tune.recipe import recipe_from_dict
+
+    folder = tiny_vlm_folder("qwen2_5_vl", tmp_path)
+    raw = {"model": {"name_or_path": str(folder), "dtype": "float32"}, "components": {"language": {"mode": "lora"}}}
+    raw["speed"] = {"vision_attention": setting}
+    model, _ = load_for_inference(recipe_from_dict(raw))
+    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen2_5_VLVisionAttention"]
+    assert blocks and all(("forward" in block.__dict__) == (setting == "batched") for block in blocks)

@@ -115,7 +115,16 @@ def load_for_inference(recipe: Recipe, checkpoint: Optional[str | Path] = None) 
         CheckpointError: the checkpoint is missing or incomplete, or does not fit the recipe's model.
     """
     built = build_model(recipe, checkpoint=checkpoint, training=False)
+    _batched_vision_attention(built.model, recipe)
     return built.model.eval(), built.processor
+
+
+def _batched_vision_attention(model: nn.Module, recipe: Recipe) -> None:
+    """Generation gets `speed.vision_attention` too (the same result; not for export, which only saves)."""
+    if recipe.speed.vision_attention == "batched":
+        from vlm_tune.model.vision_attention import install_batched_vision_attention
+
+        install_batched_vision_attention(model)
 
 
 def load_for_export(recipe: Recipe, checkpoint: str | Path, dtype: Optional[str] = None) -> BuiltModel:
@@ -174,6 +183,7 @@ def load_exported(folder: str | Path, overrides: Optional[list[str]] = None) -> 
         components = built.components or find_components(model, recipe.components)
         model = attach_relevance(model, recipe.relevance, components)
         model.load(relevance)
+    _batched_vision_attention(model, recipe)
     return model.eval(), built.processor, recipe
 
 
