@@ -36,7 +36,6 @@ class _SegmentPlan:
 
     def __init__(self, cu_seqlens: torch.Tensor):
         bounds = cu_seqlens.tolist()  # the one read-back per forward and tensor
-        self.total = bounds[-1] - bounds[0]
         starts_by_length: dict[int, list[int]] = {}
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
