@@ -106,7 +106,6 @@ def count_flops(model, batch: dict, cmap, forward_only: tuple = ("vision", "proj
 
 def profile_steps(step, batch: dict, path: str) -> None:
     """torch.profiler over 3 steps: the top kernels by GPU time and the GPU-busy share, written to `path`."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -117,10 +116,20 @@ def profile_steps(step, batch: dict, path: str) -> None:
         sync()
     wall = time.perf_counter() - start
     events = prof.key_averages()
+    key, header = gpu_busy(events, wall, 3)
+    Path(path).write_text(header + "\n" + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
+
+
+def gpu_busy(events, wall: float, steps: int) -> tuple[str, str]:
+    """(the GPU-time sort key of these profiler events, a line with the wall time, kernel time and busy share)."""
+    import torch
+
     key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     kernels = sum(getattr(e, key) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    header = f"wall {wall:.3f} s for 3 steps; GPU kernel time {kernels:.3f} s ({100 * kernels / wall:.0f}% busy)\n"
-    Path(path).write_text(header + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
+    return (
+        key,
+        f"wall {wall:.3f} s for {steps} steps; GPU kernel time {kernels:.3f} s ({100 * kernels / wall:.0f}% busy)",
+    )
 
 
 OUR_CODE = ("vlm_tune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/", "torch/utils/checkpoint")

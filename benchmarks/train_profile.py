@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from gpu_measure import gpu_busy  # noqa: E402
 
 
 def _table(events, key: str) -> str:
@@ -59,13 +61,8 @@ def main(argv=None) -> int:
         print(f"error: the run ended before step {args.skip + args.steps}; raise train.max_steps", file=sys.stderr)
         return 1
     events = profiler.key_averages()
-    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    kernels = sum(getattr(e, key) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    wall = clock["wall"]
-    header = (
-        f"train command: wall {wall:.3f} s for {args.steps} steps; GPU kernel time {kernels:.3f} s "
-        f"({100 * kernels / wall:.0f}% busy)\n"
-    )
+    key, busy = gpu_busy(events, clock["wall"], args.steps)
+    header = f"train command: {busy}\n"
     body = "by self CPU time\n" + _table(events, "self_cpu_time_total") + "\nby GPU time\n" + _table(events, key)
     Path(args.out).write_text(header + body + "\n")
     print(header, end="")

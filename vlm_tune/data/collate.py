@@ -157,18 +157,24 @@ class CaptionEncoder:
             return kept, (build(kept) if kept else None), skipped
 
 
+_REFUSES_MIXED: dict = {}  # the class's validate_inputs function -> the answer of `refuses_mixed_batches`
+
+
 def refuses_mixed_batches(processor) -> bool:
     """True for an MllamaProcessor whose input check refuses a batch of text-only and image samples (transformers
     5.17; later versions accept it). The rest of its call handles such a batch: the output equals 5.24's."""
     if type(processor).__name__ != "MllamaProcessor":
         return False
-    from PIL import Image
+    check = type(processor).validate_inputs
+    if check not in _REFUSES_MIXED:  # asked once per check function, not per batch
+        from PIL import Image
 
-    try:
-        processor.validate_inputs(images=[[Image.new("RGB", (2, 2))], []], text=[processor.image_token, "text"])
-    except ValueError:
-        return True
-    return False
+        try:
+            processor.validate_inputs(images=[[Image.new("RGB", (2, 2))], []], text=[processor.image_token, "text"])
+            _REFUSES_MIXED[check] = False
+        except ValueError:
+            _REFUSES_MIXED[check] = True
+    return _REFUSES_MIXED[check]
 
 
 def _no_input_check(*args, **kwargs) -> None:
