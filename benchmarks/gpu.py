@@ -14,8 +14,8 @@ process of their loaded model. Plans:
   unsloth    Unsloth's FastVisionModel next to vlm_tune (needs the unsloth wheels)
   compile    speed.compile: layers against none, with and without checkpointing (each variant in its own process,
              one more warm-up step for the compile; the log gives each process's warm-up seconds)
-  final      per model, one call: baseline, Unsloth, vlm_tune eager, and vlm_tune compiled with and without
-             offloaded checkpoint inputs; the summary gives each vlm_tune row against Unsloth
+  final      per model, one call: baseline, Unsloth, vlm_tune eager and vlm_tune compiled (each twice on its
+             loaded model); the summary gives each vlm_tune row against Unsloth
   vision     Qwen2.5-VL QLoRA: speed.vision_attention batched against the model's own, then Unsloth
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
@@ -40,6 +40,7 @@ from gpu_plans import PLANS, SPECS, compile_summary, unsloth_summary  # noqa: E4
 
 FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
+CAPTION_STEPS = {"warmup": 3, "windows": 4, "per_window": 4}  # the train command's batches differ step to step
 
 
 # --- running ----------------------------------------------------------------------------------------------
@@ -79,43 +80,53 @@ def run_process(spec: dict, log, timeout: int) -> list[dict]:
 
 
 def train_command(spec: dict, log, timeout: int) -> list[dict]:
-    """`python -m vlm_tune.train` on the spec's recipe; seconds per step from its log between warm-up and the end."""
+    """`python -m vlm_tune.train` on the spec's recipe (its `speed` section, its `env` variables); seconds per
+    step of each window of the timed steps, from the run's log, as the model path times them."""
+    import os
+
     import yaml
     from gpu_runs import recipe_dict
 
-    steps = spec["steps"]
+    steps, name = spec["steps"], spec.get("name", "train command")
     total = steps["warmup"] + steps["windows"] * steps["per_window"]
     run_dir = Path(spec["run_root"]) / f"train-{spec['model']}-{spec['setting']}"
-    recipe = recipe_dict(spec)
+    recipe = recipe_dict(spec, spec.get("speed"))
     recipe["train"].update(max_steps=total, output_dir=str(run_dir), keep_checkpoints=1, overwrite=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "vlm_tune.train", str(run_dir.parent / f"{run_dir.name}.yaml")]
-    output, _, seconds = run_logged(command, log, timeout, f"train command {spec['model']}", cwd=ROOT)
-    records = (
-        [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        if (run_dir / "log.jsonl").is_file()
-        else []
-    )
+    env = {**os.environ, **spec.get("env", {})}
+    output, _, seconds = run_logged(command, log, timeout, f"{name} {spec['model']}", cwd=ROOT, env=env)
+    log_file = run_dir / "log.jsonl"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
     records = [r for r in records if "train/seconds" in r]
-    if len(records) <= steps["warmup"]:
-        return [{"variant": "train command", "error": last_line(output)}]
+    if len(records) < total:
+        return [{"variant": name, "error": last_line(output)}]
     if spec.get("profile"):  # a second run under the profiler, after the timed one
         profiled = [sys.executable, str(ROOT / "benchmarks" / "train_profile.py"), command[-1], spec["profile"]]
         profiled += ["--skip", str(steps["warmup"]), "--steps", str(min(3, total - steps["warmup"]))]
-        run_logged(profiled, log, timeout, "train command profiled", cwd=ROOT)
-    first, last = records[steps["warmup"] - 1], records[-1]
-    step_s = (last["train/seconds"] - first["train/seconds"]) / (last["step"] - first["step"])
-    return [
-        {
-            "variant": "train command",
-            "step_s": step_s,
-            "peak_gib": last.get("train/gpu_peak_gib"),
-            "batch_size": spec["batch_size"],
-            "tokens_per_sample": last["train/tokens_per_s"] * last["train/seconds"] / last["step"] / spec["batch_size"],
-            "process_s": seconds,
-        }
-    ]
+        run_logged(profiled, log, timeout, "train command profiled", cwd=ROOT, env=env)
+    return [{**window_times(records, steps, spec["batch_size"]), "variant": name, "process_s": seconds}]
+
+
+def window_times(records: list[dict], steps: dict, batch_size: int) -> dict:
+    """The train command's step time per window of `per_window` steps after the warm-up (median, min, max), the
+    share of it spent waiting for the data loader, its peak memory and tokens per sample, from its log records."""
+    import statistics
+
+    marks = records[steps["warmup"] - 1 :: steps["per_window"]]  # the record closing each window's previous step
+    windows = [(b["train/seconds"] - a["train/seconds"]) / steps["per_window"] for a, b in zip(marks, marks[1:])]
+    first, last = marks[0], marks[-1]
+    waited = last.get("train/data_seconds", 0.0) - first.get("train/data_seconds", 0.0)
+    return {
+        "step_s": statistics.median(windows),
+        "step_s_min": min(windows),
+        "step_s_max": max(windows),
+        "data_share": waited / (last["train/seconds"] - first["train/seconds"]),
+        "peak_gib": last.get("train/gpu_peak_gib"),
+        "tokens_per_sample": last["train/tokens_per_s"] * last["train/seconds"] / last["step"] / batch_size,
+        "batch_size": batch_size,
+    }
 
 
 def run_plan(specs: list[dict], args, folders: dict, log) -> list[dict]:
@@ -133,7 +144,8 @@ def run_plan(specs: list[dict], args, folders: dict, log) -> list[dict]:
             folders[spec["model"]] = build_folder(spec["model"], args.root, args.tiny)
             print(f"{spec['model']} folder ready in {time.perf_counter() - begin:.0f} s", flush=True)
         spec = {**spec, "folder": str(folders[spec["model"]]), "tiny": args.tiny, "run_root": str(args.root)}
-        spec["steps"] = dict(TINY_STEPS if args.tiny else FULL_STEPS)
+        steps = CAPTION_STEPS if spec["workload"] == "captions" else FULL_STEPS
+        spec["steps"] = dict(TINY_STEPS if args.tiny else steps)
         spec["steps"]["warmup"] += spec.get("compile_warmup", 0)
         if spec["workload"] == "captions":
             spec["captions"] = str(caption_set(args.root, 24 if args.tiny else 256))
@@ -163,13 +175,14 @@ def _attach_probes(spec: dict, plan: str, args) -> None:
     """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (final: the
     profile of its compiled process, the memory record of its eager one, as torch's allocator history broke the
     compiled offloading backward; real: the profile of the model path and of the train command), under --out."""
-    if spec["system"] == "train_command" and args.profile == f"{spec['model']}:{spec['setting']}":
+    plain = spec["system"] == "train_command" and "name" not in spec  # not its allocator or compile variant
+    if plain and args.profile == f"{spec['model']}:{spec['setting']}":
         spec["profile"] = str(args.out / f"profile-train-{spec['model']}-{spec['setting']}.txt")
     if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real"):
         return
     compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"
-    if args.profile == f"{spec['model']}:{spec['setting']}" and (plan != "final" or compiled):
+    if args.profile == f"{spec['model']}:{spec['setting']}" and compiled == (plan == "final"):
         spec["profile"] = str(args.out / f"profile-{name}.txt")
     if args.memory == f"{spec['model']}:{spec['setting']}" and (plan != "final" or not compiled):
         spec["memory"] = str(args.out / f"memory-{name}.txt")

@@ -30,12 +30,17 @@ def _key(row: dict) -> tuple:
     return row.get("model"), row.get("setting"), row.get("workload"), row.get("batch_size"), row.get("memory_cap_gib")
 
 
+def _path_key(row: dict) -> tuple:
+    """A train command row's reference: the model path row of its workload, compiled when it is compiled."""
+    return (*_key(row), ", compile" in row["variant"])
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One markdown table of every measured row (errors included), ratios against the baseline row of its workload."""
     peak_rate = next((r["tflops"] for r in rows if r.get("variant") == "matmul" and "tflops" in r), None)
     measured = [r for r in rows if r.get("system") and "step_s" in r]
     baselines = {_key(r): r for r in measured if r["system"] == "baseline"}
-    paths = {_key(r): r for r in measured if r["system"] == "vlm_tune" and r["workload"] == "captions"}
+    paths = {_path_key(r): r for r in measured if r["system"] == "vlm_tune" and r["workload"] == "captions"}
     flops = {_key(r): r["useful_flops"] for r in measured if r.get("useful_flops")}
     head = (
         "| model | setting | workload | system | variant | s/step (min-max) | samples/s | tokens/s | peak GiB "
@@ -52,7 +57,7 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(label + f" error: {row.get('error', '?')} |" + " |" * 6)
             continue
         samples = row["batch_size"] / row["step_s"]
-        base = (paths if row["system"] == "train_command" else baselines).get(_key(row))
+        base = paths.get(_path_key(row)) if row["system"] == "train_command" else baselines.get(_key(row))
         useful = flops.get(_key(row))
         low, high = row.get("step_s_min", row["step_s"]), row.get("step_s_max", row["step_s"])
         cells = [
@@ -70,6 +75,9 @@ def markdown_table(rows: list[dict]) -> str:
     notes = ["reference: the baseline of the same model, setting and workload; for the train command, the model path"]
     if peak_rate:
         notes.append(f"bf16 matrix rate measured on this card: {peak_rate:.0f} TFLOP/s (8192^3, median of 10).")
+    for row in [r for r in measured if "data_share" in r]:
+        share = 100 * row["data_share"]
+        notes.append(f"{row['variant']}, {row['model']}: {share:.0f}% of its step time waiting for the data loader")
     for key, value in flops.items():
         name = TITLES.get(key[0], key[0])
         notes.append(f"useful FLOPs per step, {name} {key[1]} {key[2]} batch {key[3]}: {value / 1e12:.1f} TFLOP")

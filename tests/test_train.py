@@ -116,6 +116,25 @@ def test_loss_falls_and_run_folder_is_complete(setup, tmp_path):
     assert sweep.read_last_logged(tmp_path / "run", "train/tokens_per_s", "tokens_per_s") == last_speed
 
 
+def test_data_seconds_counts_the_wait_for_batches(setup, tmp_path, monkeypatch):
+    import time
+
+    from vlm_tune.data import TrainCollator
+
+    collate = TrainCollator.__call__
+
+    def slow_collate(self, items):
+        time.sleep(0.05)
+        return collate(self, items)
+
+    monkeypatch.setattr(TrainCollator, "__call__", slow_collate)
+    train(_recipe(setup, tmp_path / "run", max_steps=3, save_every=0, eval_every=0))
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "train/data_seconds" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:  # two micro-batches a step, each 0.05 s late; the wait is part of the step time
+        assert 0.1 * record["step"] <= record["train/data_seconds"] < record["train/seconds"]
+
+
 def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
     train(_recipe(setup, tmp_path / "straight"))
     straight = _losses(tmp_path / "straight")

@@ -247,7 +247,7 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
     when a step is complete, so a save on Ctrl-C holds the last complete step."""
     cfg, accelerator, data = run.recipe.train, run.accelerator, run.data
     position.rng = position.rng or capture_rng()
-    train_seconds, tokens_seen, empty_batches = 0.0, 0, 0
+    train_seconds, data_seconds, tokens_seen, empty_batches = 0.0, 0.0, 0, 0
     while position.step < run.total_steps and (cfg.max_steps or position.epoch < cfg.epochs):
         if position.batches_done >= len(data.train_loader):  # the checkpoint was taken at the very end of an epoch
             position.next_epoch()
@@ -257,8 +257,9 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
         loader = accelerator.skip_first_batches(data.train_loader, skip) if skip else data.train_loader
         loader.set_epoch(position.epoch)  # sample order; accelerate would otherwise count its own passes
         micro_batches = iter(loader)
-        mark = time.perf_counter()  # tokens/s counts data loading and steps, not evaluation or saving
+        mark = fetch = time.perf_counter()  # tokens/s counts data loading and steps, not evaluation or saving
         while group := list(itertools.islice(micro_batches, cfg.grad_accum)):  # one optimizer step
+            data_seconds += time.perf_counter() - fetch  # waiting for the loader (its workers run ahead)
             usable = _usable(group, run)
             if agreed_interrupt(accelerator):  # several processes: all stop at this boundary
                 raise KeyboardInterrupt
@@ -267,6 +268,7 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
                 empty_batches += len(group)
                 if empty_batches >= EMPTY_BATCH_LIMIT:
                     raise DataError(_nothing_usable_message(empty_batches, run.skipped, run.run_dir))
+                fetch = time.perf_counter()
                 continue
             empty_batches = 0
             result = train_step(run, usable, position, len(group))
@@ -274,7 +276,7 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
             train_seconds += time.perf_counter() - mark
             tokens_per_s = tokens_seen / max(train_seconds, 1e-9)
             record = step_record(position, result, run.optimizer, tokens_per_s)
-            record["train/seconds"] = train_seconds
+            record["train/seconds"], record["train/data_seconds"] = train_seconds, data_seconds
             run.losses.append(result.loss)  # logged as their mean every train.log_every steps
             window_loss = f"{sum(run.losses) / len(run.losses):.4f}"
             run.progress.set_postfix(
@@ -289,7 +291,7 @@ def _loop(run: TrainingRun, position: TrainingPosition, on_step: Optional[Callab
                 on_step(position.step)
             if position.step == run.total_steps or run.stop_reason:
                 return
-            mark = time.perf_counter()
+            mark = fetch = time.perf_counter()
         position.next_epoch()  # the epoch ran out before the last step
     if 0 < position.step < run.total_steps:  # train.epochs ended early (wholly bad batches): the last step's jobs
         run.total_steps = position.step
