@@ -171,6 +171,12 @@ def format_row(row: dict) -> str:
     )
 
 
+def _eager(spec: dict) -> bool:
+    """A vlm_tune process (or train command) that does not compile."""
+    speeds = [v.get("speed") or {} for v in spec.get("variants", [])] + [spec.get("speed") or {}]
+    return spec["system"] in ("vlm_tune", "train_command") and not any(s.get("compile") for s in speeds)
+
+
 def _attach_probes(spec: dict, plan: str, args) -> None:
     """--profile and --memory: the kernel profile and the peak-memory record of one vlm_tune process (final: the
     profile of its compiled process, the memory record of its eager one, as torch's allocator history broke the
@@ -200,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=int, default=10**6, help="start no process after this many seconds")
     parser.add_argument("--systems", default="", help="only these systems, e.g. vlm_tune,baseline (default: all)")
     parser.add_argument("--settings", default="", help="only these settings, e.g. qlora (default: all)")
+    parser.add_argument("--compiled-only", action="store_true", help="skip vlm_tune's processes without compile")
     parser.add_argument("--profile", default="", help="model:setting whose vlm_tune run is profiled, e.g. mllama:qlora")
     parser.add_argument(
         "--memory", default="", help="model:setting whose vlm_tune run records where its peak memory goes"
@@ -223,6 +230,7 @@ def main(argv=None) -> int:
                 for spec in SPECS[plan](models, args.batch_size)
                 if (not args.systems or spec["system"] in args.systems.split(","))
                 and (not args.settings or spec["setting"] in args.settings.split(","))
+                and not (args.compiled_only and _eager(spec))
             ]
             for spec in specs:
                 _attach_probes(spec, plan, args)
