@@ -17,6 +17,7 @@ process of their loaded model. Plans:
   final      per model, one call: baseline, Unsloth, vlm_tune eager and vlm_tune compiled (each twice on its
              loaded model); the summary gives each vlm_tune row against Unsloth
   vision     Qwen2.5-VL QLoRA: speed.vision_attention batched against the model's own, then Unsloth
+  lora_input bf16 LoRA: speed.lora_input autocast against PEFT's cast of each LoRA input to fp32 (A/B/A)
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -184,7 +185,7 @@ def _attach_probes(spec: dict, plan: str, args) -> None:
     plain = spec["system"] == "train_command" and "name" not in spec  # not its allocator or compile variant
     if plain and args.profile == f"{spec['model']}:{spec['setting']}":
         spec["profile"] = str(args.out / f"profile-train-{spec['model']}-{spec['setting']}.txt")
-    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real"):
+    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real", "lora_input"):
         return
     compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"

@@ -3,11 +3,12 @@ summaries that compare rows of one call (compiled against eager, vlm_tune agains
 
 from __future__ import annotations
 
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision")
+PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision", "lora_input")
 PLAIN = {
     "loss": "model",
     "padding_tiles": "keep",
     "vision_attention": "model",
+    "lora_input": "fp32",
     "optimizer": "adamw",
 }  # the issue's model path
 
@@ -243,6 +244,18 @@ def vision_specs(models: list[str], batch_size: int) -> list[dict]:
     return [{**common, "system": "vlm_tune", "variants": variants}, {**common, "system": "unsloth"}]
 
 
+def lora_input_specs(models: list[str], batch_size: int) -> list[dict]:
+    """bf16 LoRA, checkpointing, eager: `speed.lora_input: autocast` against PEFT's fp32 input cast, on one loaded
+    model per family, in the order A/B/A (QLoRA's 4-bit LoRA layers skip that cast under autocast already)."""
+    variants = [
+        {"name": "levers, ckpt", "speed": {}},
+        {"name": "levers, ckpt, LoRA inputs cast to fp32", "speed": {"lora_input": "fp32"}},
+        {"name": "levers, ckpt (again)", "speed": {}},
+    ]
+    common = {"setting": "bf16", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
+    return [{**common, "model": model, "system": "vlm_tune", "variants": variants} for model in models]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -252,4 +265,5 @@ SPECS = {
     "compile": compile_specs,
     "final": final_specs,
     "vision": vision_specs,
+    "lora_input": lora_input_specs,
 }

@@ -112,7 +112,7 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     from vlm_tune.recipe import RelevanceConfig, recipe_from_dict
 
     recipe = recipe_from_dict(
-        recipe_dict(spec, {"loss": "model", "padding_tiles": "keep", "vision_attention": "model"})
+        recipe_dict(spec, {"loss": "model", "padding_tiles": "keep", "vision_attention": "model", "lora_input": "fp32"})
     )  # levers per variant
     device = "cuda" if torch.cuda.is_available() else "cpu"
     built = build_model(recipe, training=True)  # the builder the train command uses
@@ -132,7 +132,7 @@ def run_vlm_tune(spec: dict) -> list[dict]:
             _enable_checkpointing(base)
             if not variant.get("checkpointing", True):
                 checkpoint_layers(model, cmap, [], 1)
-        patches = apply_speed(model, run.speed, run.model, cmap)
+        patches = apply_speed(model, run.speed, run.model, cmap, autocast=True)  # make_step's bf16 autocast
         stepped, extra = model, []
         if variant.get("relevance_keep"):
             from vlm_tune.relevance import attach_relevance

@@ -32,6 +32,13 @@ class SpeedConfig:
             "per segment length (same result); model: transformers' one call per image or window"
         },
     )
+    lora_input: Literal["autocast", "fp32"] = field(
+        default="autocast",
+        metadata={
+            "help": "under mixed precision, LoRA layers hand their 16-bit input to autocast as it is (same "
+            "products); fp32: PEFT's cast of it to the fp32 trained weights first (a copy per layer and its backward)"
+        },
+    )
     checkpoint_components: list[str] = field(
         default_factory=lambda: list(COMPONENT_NAMES),
         metadata={"help": "with model.gradient_checkpointing: the components whose layers recompute activations"},

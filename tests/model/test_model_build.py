@@ -120,6 +120,19 @@ def test_mixed_precision_keeps_fp32_masters_and_loads_checkpoint_weights_unround
     assert all(torch.all(p == 1.0 + 2**-12) for group in again.groups for p in group["params"])
 
 
+def test_lora_inputs_are_left_to_autocast_only_under_mixed_precision(folder):
+    def casting(recipe) -> set:
+        built = build_model(recipe, training=True)
+        return {getattr(m, "cast_input_dtype_enabled", True) for m in built.model.modules() if hasattr(m, "lora_A")}
+
+    recipe = _recipe(folder)
+    assert casting(recipe) == {True}  # train.mixed_precision: no, so the fp32 trained weights need fp32 inputs
+    recipe.train.mixed_precision = "bf16"
+    assert casting(recipe) == {False}
+    recipe.speed.lora_input = "fp32"
+    assert casting(recipe) == {True}
+
+
 def test_a_checkpoint_of_another_lora_rank_names_the_component_and_both_ranks(folder, tmp_path):
     built = build_model(_recipe(folder), training=True)  # language rank 4
     (tmp_path / "run").mkdir()

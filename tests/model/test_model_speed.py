@@ -9,7 +9,7 @@ from vlm_batches import make_batch, randomize_lora_b
 from vlm_tune.model.components import find_components
 from vlm_tune.model.load import _enable_checkpointing
 from vlm_tune.model.loss import install_chunked_loss, label_positions_loss
-from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers
+from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers, keep_lora_inputs_16bit
 from vlm_tune.model.targeting import apply_targeting
 from vlm_tune.model.tiles import install_padding_tile_drop
 from vlm_tune.recipe import ComponentConfig, ModelConfig, RecipeError, SpeedConfig, recipe_from_dict
@@ -188,6 +188,54 @@ def test_apply_speed_installs_what_the_section_asks():
     plain = apply_speed(model, SpeedConfig(loss="model", padding_tiles="keep"), ModelConfig(), cmap)
     assert plain.handles == []
     assert model(**make_batch("mllama", processor)).logits is not None
+
+
+# --- LoRA inputs under autocast ------------------------------------------------------------------------
+
+
+def _mixed_precision_model(arch: str, component: ComponentConfig):
+    """A bf16 model whose trained weights are fp32, as build_model leaves it under train.mixed_precision."""
+    model, processor = _targeted(arch, {"language": component})
+    model.to(torch.bfloat16)
+    for param in model.parameters():
+        param.data = param.data.float() if param.requires_grad else param.data
+    return model, make_batch(arch, processor, batch_size=2, model=model)
+
+
+def _autocast_step(model, batch) -> tuple[tuple[float, dict], int]:
+    """Loss and gradients of one bf16-autocast step, and the dtype casts it ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = _loss_and_grads(model, batch)
+    return result, sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "idefics3"])
+def test_lora_inputs_left_to_autocast_give_the_same_loss_and_gradients_with_fewer_casts(arch):
+    model, batch = _mixed_precision_model(arch, LORA)
+    flags = [module.__dict__.get("cast_input_dtype_enabled", "unset") for module in model.modules()]
+    plain, plain_casts = _autocast_step(model, batch)
+    handle = keep_lora_inputs_16bit(model)
+    assert len(handle.layers) > 0
+    patched, casts = _autocast_step(model, batch)
+    _assert_same(plain, patched, rtol=0)  # autocast cast the fp32 copy back to the same 16-bit values
+    assert plain_casts - casts == 4 * len(handle.layers)  # input cast and recast, and both their backwards
+    handle.remove()
+    assert [module.__dict__.get("cast_input_dtype_enabled", "unset") for module in model.modules()] == flags
+    _assert_same(plain, _autocast_step(model, batch)[0], rtol=0)
+
+
+def test_dora_layers_keep_their_input_cast_and_apply_speed_leaves_inputs_without_autocast():
+    model, _ = _mixed_precision_model("idefics3", ComponentConfig(mode="dora", rank=4, alpha=8.0))
+    assert keep_lora_inputs_16bit(model).layers == []
+    model, _ = _targeted("idefics3", {"language": LORA})
+    cmap = find_components(model.get_base_model())
+    assert apply_speed(model, SpeedConfig(loss="model"), ModelConfig(), cmap).handles == []  # no autocast
+    assert apply_speed(model, SpeedConfig(loss="model", lora_input="fp32"), ModelConfig(), cmap, True).handles == []
+    patches = apply_speed(model, SpeedConfig(loss="model"), ModelConfig(), cmap, autocast=True)
+    assert [type(handle).__name__ for handle in patches.handles] == ["_InputCasts"]
 
 
 # --- optimizers and recipe checks --------------------------------------------------------------------

@@ -75,7 +75,7 @@ def build_model(recipe: Recipe, *, checkpoint: Optional[str | Path] = None, trai
         components = find_components(loaded.model, recipe.components)
     model, report = apply_targeting(loaded.model, recipe.components, component_map=components)
     if training:  # chunked loss, padding tiles, checkpointing per component (each computes the same result)
-        apply_speed(model, recipe.speed, recipe.model, components)
+        apply_speed(model, recipe.speed, recipe.model, components, autocast=recipe.train.mixed_precision != "no")
     if recipe.relevance.enabled:
         from vlm_tune.relevance import attach_relevance, relevance_row
 

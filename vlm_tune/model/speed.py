@@ -63,13 +63,46 @@ def checkpoint_layers(model: nn.Module, cmap: ComponentMap, components: list[str
     return kept
 
 
-def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cmap: ComponentMap) -> SpeedPatches:
+class _InputCasts:
+    """What `keep_lora_inputs_16bit` changed; `remove()` gives each LoRA layer its own setting back."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self.before = [layer.__dict__.get("cast_input_dtype_enabled") for layer in layers]
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+
+    def remove(self) -> None:
+        for layer, before in zip(self.layers, self.before):
+            if before is None:
+                layer.__dict__.pop("cast_input_dtype_enabled", None)
+            else:
+                layer.cast_input_dtype_enabled = before
+        self.layers = []
+
+
+def keep_lora_inputs_16bit(model: nn.Module) -> _InputCasts:
+    """`speed.lora_input: autocast`: PEFT's plain LoRA layers stop casting their input to the fp32 trained weights.
+
+    Under autocast the product casts that input back to 16 bit, so the cast only costs an activation-sized copy
+    per layer (and one in its backward). DoRA and other variants keep the cast: they compute outside autocast's ops.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not getattr(m, "lora_variant", None)]
+    return _InputCasts(layers)
+
+
+def apply_speed(
+    model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cmap: ComponentMap, autocast: bool = False
+) -> SpeedPatches:
     """Install the recipe's speed levers on the model `apply_targeting` returned.
 
     Args:
         model: the targeted (PEFT) model.
         speed: the recipe's `speed` section; model_cfg: its `model` section (gradient_checkpointing).
         cmap: the model's components (from `find_components`).
+        autocast: training runs under mixed precision (train.mixed_precision other than no).
     Returns:
         The installed patches.
     """
@@ -77,6 +110,8 @@ def apply_speed(model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cm
     from vlm_tune.model.tiles import install_padding_tile_drop
 
     patches = SpeedPatches()
+    if autocast and speed.lora_input == "autocast":
+        patches.handles.append(keep_lora_inputs_16bit(model))
     if speed.loss == "chunked":
         patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
     if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
