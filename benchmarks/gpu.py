@@ -18,6 +18,7 @@ process of their loaded model. Plans:
              loaded model); the summary gives each vlm_tune row against Unsloth
   vision     Qwen2.5-VL QLoRA: speed.vision_attention batched against the model's own, then Unsloth
   lora_input bf16 LoRA: speed.lora_input autocast against PEFT's cast of each LoRA input to fp32 (A/B/A)
+  memory     bf16 LoRA compiled: paged 8-bit AdamW and offloaded checkpoint inputs, then Unsloth bf16
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the

@@ -3,7 +3,7 @@ summaries that compare rows of one call (compiled against eager, vlm_tune agains
 
 from __future__ import annotations
 
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision", "lora_input")
+PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision", "lora_input", "memory")
 PLAIN = {
     "loss": "model",
     "padding_tiles": "keep",
@@ -256,6 +256,23 @@ def lora_input_specs(models: list[str], batch_size: int) -> list[dict]:
     return [{**common, "model": model, "system": "vlm_tune", "variants": variants} for model in models]
 
 
+def memory_specs(models: list[str], batch_size: int) -> list[dict]:
+    """bf16 LoRA, compiled, checkpointing: the memory levers (8-bit paged AdamW, offloaded checkpoint inputs) on
+    one loaded model, then Unsloth bf16 with a long timeout, in one call (Qwen2.5-VL's peak was 1.03x Unsloth's)."""
+    paged = {"compile": "layers", "optimizer": "paged_adamw_8bit"}
+    variants = [
+        {"name": "levers, ckpt, compile", "speed": {"compile": "layers"}},
+        {"name": "levers, ckpt, compile, paged 8-bit AdamW", "speed": paged},
+        {"name": "levers, ckpt, compile, paged 8-bit AdamW, offload", "speed": {**paged, "offload_activations": True}},
+    ]
+    common = {"setting": "bf16", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
+    specs = []
+    for model in [m for m in models if m != "idefics3"]:
+        specs.append({**common, "model": model, "system": "vlm_tune", "variants": variants, "compile_warmup": 1})
+        specs.append({**common, "model": model, "system": "unsloth"})
+    return specs
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -266,4 +283,5 @@ SPECS = {
     "final": final_specs,
     "vision": vision_specs,
     "lora_input": lora_input_specs,
+    "memory": memory_specs,
 }

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
 from gpu_measure import BEFORE, count_flops, peak_blocks  # noqa: E402
-from gpu_plans import compile_specs, compile_summary, final_specs, unsloth_summary  # noqa: E402
+from gpu_plans import compile_specs, compile_summary, final_specs, lora_input_specs, memory_specs, unsloth_summary  # noqa: E402
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
 from multi_gpu import markdown_table as multi_gpu_table  # noqa: E402
@@ -241,3 +241,18 @@ def test_train_command_windows_and_its_reference_is_the_model_path_compiled_alik
     assert next(line for line in lines if "| train command |" in line).endswith("| 0.50x | 1.00x |")
     assert next(line for line in lines if "| train command, compile |" in line).endswith("| 0.50x | 1.00x |")
     assert "- train command, idefics3: 20% of its step time waiting for the data loader" in lines
+
+
+def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
+    specs = lora_input_specs(["qwen2_5_vl", "idefics3"], batch_size=4)
+    assert [(s["model"], s["setting"]) for s in specs] == [("qwen2_5_vl", "bf16"), ("idefics3", "bf16")]
+    assert [v["speed"] for v in specs[0]["variants"]] == [{}, {"lora_input": "fp32"}, {}]  # A/B/A
+    specs = memory_specs(["qwen2_5_vl", "idefics3"], batch_size=4)
+    assert [(s["model"], s["system"]) for s in specs] == [("qwen2_5_vl", "vlm_tune"), ("qwen2_5_vl", "unsloth")]
+    speeds = [v["speed"] for v in specs[0]["variants"]]
+    assert all(speed["compile"] == "layers" for speed in speeds) and specs[0]["compile_warmup"] == 1
+    assert [(s.get("optimizer"), s.get("offload_activations")) for s in speeds] == [
+        (None, None),
+        ("paged_adamw_8bit", None),
+        ("paged_adamw_8bit", True),
+    ]
