@@ -60,11 +60,13 @@ def high_res_specs(models: list[str], batch_size: int) -> list[dict]:
 
 
 EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # torch's allocator, for varying shapes
+PADDING_FREE = {"name": "model path, padding-free", "checkpointing": True, "speed": {"padding_free": True}}
 
 
 def real_specs(models: list[str], batch_size: int) -> list[dict]:
     """The train command and the model path on the same caption batches (QLoRA; SmolVLM bf16), checkpointing:
-    eager, the train command again with the allocator's expandable segments, then both compiled."""
+    eager (the model path also padding-free), the train command again with the allocator's expandable segments,
+    then both compiled."""
     specs = []
     for model in models:
         setting = "bf16" if model == "idefics3" else "qlora"
@@ -78,7 +80,7 @@ def real_specs(models: list[str], batch_size: int) -> list[dict]:
         compiled = {"speed": {"compile": "layers"}, "compile_warmup": 1}
         path = {"checkpointing": True, "speed": compiled["speed"]}
         specs += [
-            {**common, "system": "vlm_tune", "variants": [{"name": "model path", "checkpointing": True}]},
+            {**common, "system": "vlm_tune", "variants": [{"name": "model path", "checkpointing": True}, PADDING_FREE]},
             {**common, "system": "train_command"},
             {**common, "system": "train_command", "name": "train command, expandable segments", "env": EXPANDABLE},
             {**common, "system": "vlm_tune", "variants": [{"name": "model path, compile", **path}], **compiled},

@@ -40,7 +40,7 @@ def markdown_table(rows: list[dict]) -> str:
     peak_rate = next((r["tflops"] for r in rows if r.get("variant") == "matmul" and "tflops" in r), None)
     measured = [r for r in rows if r.get("system") and "step_s" in r]
     baselines = {_key(r): r for r in measured if r["system"] == "baseline"}
-    paths = {_path_key(r): r for r in measured if r["system"] == "vlm_tune" and r["workload"] == "captions"}
+    paths = {_path_key(r): r for r in measured if r["variant"] in ("model path", "model path, compile")}
     flops = {_key(r): r["useful_flops"] for r in measured if r.get("useful_flops")}
     head = (
         "| model | setting | workload | system | variant | s/step (min-max) | samples/s | tokens/s | peak GiB "

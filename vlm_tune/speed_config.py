@@ -39,6 +39,13 @@ class SpeedConfig:
             "products); fp32: PEFT's cast of it to the fp32 trained weights first (a copy per layer and its backward)"
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "training batches reach the model as one row of their real tokens, each sample attending to "
+            "itself (same loss); LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM-Instruct), Qwen2-VL / Qwen2.5-VL"
+        },
+    )
     checkpoint_components: list[str] = field(
         default_factory=lambda: list(COMPONENT_NAMES),
         metadata={"help": "with model.gradient_checkpointing: the components whose layers recompute activations"},
@@ -96,14 +103,22 @@ class SpeedConfig:
 
 
 def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
-    """What `speed.compile: layers` and `speed.offload_activations` cannot be combined with (one message per
-    conflict, naming the fields)."""
+    """What `speed.compile: layers`, `speed.offload_activations` and `speed.padding_free` cannot be combined with
+    (one message per conflict, naming the fields)."""
     problems = []
     if speed.offload_activations and not checkpointing:
         problems.append(
             "speed.offload_activations: offloads the inputs of checkpointed layers; set "
             "model.gradient_checkpointing: true, or speed.offload_activations: false"
         )
+    if speed.padding_free and relevance_enabled:
+        problems.append("speed.padding_free: relevance scores each sample's own rows; set speed.padding_free: false")
+    for name, component in components.items():
+        if speed.padding_free and component.mode in ("prompt", "prefix"):
+            problems.append(
+                f"speed.padding_free does not combine with components.{name} mode {component.mode} (virtual tokens "
+                "in front of each sample); set speed.padding_free: false"
+            )
     if speed.compile == "none":
         return problems
     if relevance_enabled:

@@ -112,6 +112,10 @@ def apply_speed(
     patches = SpeedPatches()
     if autocast and speed.lora_input == "autocast":
         patches.handles.append(keep_lora_inputs_16bit(model))
+    if speed.padding_free:
+        from vlm_tune.model.padding_free import install_padding_free
+
+        patches.handles.append(install_padding_free(model))
     if speed.loss == "chunked":
         patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
     if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
