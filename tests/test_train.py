@@ -158,6 +158,19 @@ def test_padding_free_training_gives_the_padded_runs_losses(setup, tmp_path, mon
     assert 1 in rows and len(rows) >= 6  # padded micro-batches went in as one row (2 per step, 3 steps)
 
 
+def test_an_activation_budget_keeps_the_losses_and_dropout_draws_of_full_checkpointing(setup, tmp_path, caplog):
+    losses = {}
+    for budget in (None, 1000.0):  # 1000 GiB: no layer needs to recompute
+        raw = _raw_recipe(setup, tmp_path / str(budget), max_steps=3, save_every=0, eval_every=0)
+        raw["model"]["gradient_checkpointing"] = True
+        raw["speed"] = {"activation_budget_gib": budget}
+        with caplog.at_level("INFO", logger="vlm_tune.model.checkpoint_budget"):
+            train(recipe_from_dict(raw))
+        losses[budget] = list(_losses(tmp_path / str(budget)).values())
+    assert losses[1000.0] == pytest.approx(losses[None], rel=1e-5)  # dropout 0.1: the probe forks the RNG
+    assert "speed.activation_budget_gib 1000.00: checkpointing 0 of" in caplog.text
+
+
 def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
     train(_recipe(setup, tmp_path / "straight"))
     straight = _losses(tmp_path / "straight")

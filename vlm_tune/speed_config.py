@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from vlm_tune.constants import COMPONENT_NAMES
 
@@ -53,6 +53,13 @@ class SpeedConfig:
     checkpoint_every: int = field(
         default=1, metadata={"help": "with model.gradient_checkpointing: recompute every n-th layer of a component"}
     )
+    activation_budget_gib: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "with model.gradient_checkpointing: recompute only as many layers (those saving the most first) "
+            "as keep the first batch's saved activations under this many GiB; null: every chosen layer"
+        },
+    )
     offload_activations: bool = field(
         default=False,
         metadata={
@@ -97,6 +104,8 @@ class SpeedConfig:
         ]
         if self.checkpoint_every <= 0:
             errors.append(f"checkpoint_every: must be a positive integer, got {self.checkpoint_every}")
+        if self.activation_budget_gib is not None and self.activation_budget_gib <= 0:
+            errors.append(f"activation_budget_gib: must be a positive number of GiB, got {self.activation_budget_gib}")
         if self.loss_chunk_tokens <= 0:
             errors.append(f"loss_chunk_tokens: must be a positive integer, got {self.loss_chunk_tokens}")
         return errors
@@ -110,6 +119,16 @@ def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool
         problems.append(
             "speed.offload_activations: offloads the inputs of checkpointed layers; set "
             "model.gradient_checkpointing: true, or speed.offload_activations: false"
+        )
+    if speed.activation_budget_gib is not None and not checkpointing:
+        problems.append(
+            "speed.activation_budget_gib: chooses which checkpointed layers recompute; set "
+            "model.gradient_checkpointing: true, or speed.activation_budget_gib: null"
+        )
+    if speed.activation_budget_gib is not None and speed.compile != "none":
+        problems.append(
+            "speed.activation_budget_gib is not checked with speed.compile: layers (its probe counts saved tensors "
+            "outside compiled graphs); set one of them off"
         )
     if speed.padding_free and relevance_enabled:
         problems.append("speed.padding_free: relevance scores each sample's own rows; set speed.padding_free: false")

@@ -127,6 +127,10 @@ def apply_speed(
     if model_cfg.gradient_checkpointing:
         patches.checkpointed = checkpoint_layers(model, cmap, speed.checkpoint_components, speed.checkpoint_every)
         logger.info("Activation checkpointing on %s layers", patches.checkpointed or "no")
+    if model_cfg.gradient_checkpointing and speed.activation_budget_gib is not None:
+        from vlm_tune.model.checkpoint_budget import install_activation_budget
+
+        patches.handles.append(install_activation_budget(model, speed.activation_budget_gib))
     if model_cfg.gradient_checkpointing and speed.offload_activations:
         from vlm_tune.model.offload import offload_checkpoint_inputs
 
