@@ -19,6 +19,7 @@ process of their loaded model. Plans:
   vision     Qwen2.5-VL QLoRA: speed.vision_attention batched against the model's own, then Unsloth
   lora_input bf16 LoRA: speed.lora_input autocast against PEFT's cast of each LoRA input to fp32 (A/B/A)
   memory     bf16 LoRA compiled: paged 8-bit AdamW and offloaded checkpoint inputs, then Unsloth bf16
+  budget     QLoRA: speed.activation_budget_gib 2 / 4 / 8 GiB between full checkpointing and none
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -186,7 +187,7 @@ def _attach_probes(spec: dict, plan: str, args) -> None:
     plain = spec["system"] == "train_command" and "name" not in spec  # not its allocator or compile variant
     if plain and args.profile == f"{spec['model']}:{spec['setting']}":
         spec["profile"] = str(args.out / f"profile-train-{spec['model']}-{spec['setting']}.txt")
-    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real", "lora_input"):
+    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real", "lora_input", "budget"):
         return
     compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"

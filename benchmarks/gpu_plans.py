@@ -3,7 +3,19 @@ summaries that compare rows of one call (compiled against eager, vlm_tune agains
 
 from __future__ import annotations
 
-PLANS = ("synthetic", "high_res", "real", "proofs", "unsloth", "compile", "final", "vision", "lora_input", "memory")
+PLANS = (
+    "synthetic",
+    "high_res",
+    "real",
+    "proofs",
+    "unsloth",
+    "compile",
+    "final",
+    "vision",
+    "lora_input",
+    "memory",
+    "budget",
+)
 PLAIN = {
     "loss": "model",
     "padding_tiles": "keep",
@@ -275,6 +287,17 @@ def memory_specs(models: list[str], batch_size: int) -> list[dict]:
     return specs
 
 
+def budget_specs(models: list[str], batch_size: int) -> list[dict]:
+    """QLoRA (4-bit vision), eager: full checkpointing, `speed.activation_budget_gib` at 2, 4 and 8 GiB, and no
+    checkpointing, on one loaded model per family: the speed and peak memory between the two ends."""
+    variants = [{"name": "levers, ckpt", "speed": {}}]
+    variants += [{"name": f"levers, ckpt, budget {n} GiB", "speed": {"activation_budget_gib": n}} for n in (2, 4, 8)]
+    variants.append({"name": "levers, no ckpt", "checkpointing": False, "speed": {}})
+    common = {"setting": "qlora", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
+    common["keep_16bit"] = ["projector"]
+    return [{**common, "model": m, "system": "vlm_tune", "variants": variants} for m in models if m != "idefics3"]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -286,4 +309,5 @@ SPECS = {
     "vision": vision_specs,
     "lora_input": lora_input_specs,
     "memory": memory_specs,
+    "budget": budget_specs,
 }

@@ -10,7 +10,15 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
 from gpu_measure import BEFORE, count_flops, peak_blocks  # noqa: E402
-from gpu_plans import compile_specs, compile_summary, final_specs, lora_input_specs, memory_specs, unsloth_summary  # noqa: E402
+from gpu_plans import (  # noqa: E402
+    budget_specs,
+    compile_specs,
+    compile_summary,
+    final_specs,
+    lora_input_specs,
+    memory_specs,
+    unsloth_summary,
+)
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
 from multi_gpu import markdown_table as multi_gpu_table  # noqa: E402
@@ -256,3 +264,9 @@ def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
         ("paged_adamw_8bit", None),
         ("paged_adamw_8bit", True),
     ]
+
+    budget = budget_specs(["mllama", "idefics3"], batch_size=4)
+    assert [(s["model"], s["setting"], s["keep_16bit"]) for s in budget] == [("mllama", "qlora", ["projector"])]
+    names = [v["name"] for v in budget[0]["variants"]]
+    assert names[0] == "levers, ckpt" and names[-1] == "levers, no ckpt" and len(names) == 5
+    assert [v["speed"].get("activation_budget_gib") for v in budget[0]["variants"]] == [None, 2, 4, 8, None]
