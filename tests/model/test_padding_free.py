@@ -68,6 +68,26 @@ def test_one_row_of_real_tokens_gives_the_padded_loss_and_gradients(arch):
     patches.remove()
 
 
+@pytest.mark.parametrize("arch", ["idefics3", "qwen2_5_vl"])
+def test_a_text_only_sample_among_image_samples_keeps_the_loss_and_gradients(arch):
+    model, processor = _targeted(arch)
+    texts = []
+    for caption, image in (("a text-only answer long enough to pad the others", False), ("a square", True)):
+        content = [{"type": "image"}] * image + [{"type": "text", "text": "Describe the image."}]
+        answer = [{"type": "text", "text": caption}]
+        chat = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        texts.append(processor.apply_chat_template(chat, tokenize=False))
+    images = [[], [test_image()]] if arch == "idefics3" else [test_image()]
+    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss, grads = _loss_and_grads(model, batch)
+    apply_speed(model, SpeedConfig(padding_free=True), ModelConfig(), find_components(model.get_base_model()))
+    free_loss, free_grads = _loss_and_grads(model, batch)
+    assert free_loss == pytest.approx(loss, rel=1e-5)
+    for name in grads:
+        torch.testing.assert_close(free_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_batches_without_padding_and_evaluation_go_through_unchanged():
     model, processor = _targeted("idefics3")
     base = model.get_base_model()
