@@ -112,8 +112,8 @@ class SpeedConfig:
 
 
 def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
-    """What `speed.compile: layers`, `speed.offload_activations` and `speed.padding_free` cannot be combined with
-    (one message per conflict, naming the fields)."""
+    """What `speed.compile: layers`, `speed.offload_activations`, `speed.activation_budget_gib` and
+    `speed.padding_free` cannot be combined with (one message per conflict, naming the fields)."""
     problems = []
     if speed.offload_activations and not checkpointing:
         problems.append(
