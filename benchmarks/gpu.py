@@ -20,6 +20,7 @@ process of their loaded model. Plans:
   lora_input bf16 LoRA: speed.lora_input autocast against PEFT's cast of each LoRA input to fp32 (A/B/A)
   memory     bf16 LoRA compiled: paged 8-bit AdamW and offloaded checkpoint inputs, then Unsloth bf16
   budget     QLoRA: speed.activation_budget_gib 2 / 4 / 8 GiB between full checkpointing and none
+  vision_cache Qwen2.5-VL: speed.vision_cache_gib (every step after the first a hit) against the tower's run
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -43,6 +44,7 @@ from gpu_plans import PLANS, SPECS, compile_summary, unsloth_summary  # noqa: E4
 
 FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
+PROBED = ("synthetic", "final", "vision", "real", "lora_input", "budget", "vision_cache")  # --profile, --memory
 CAPTION_STEPS = {"warmup": 3, "windows": 4, "per_window": 4}  # the train command's batches differ step to step
 
 
@@ -187,7 +189,7 @@ def _attach_probes(spec: dict, plan: str, args) -> None:
     plain = spec["system"] == "train_command" and "name" not in spec  # not its allocator or compile variant
     if plain and args.profile == f"{spec['model']}:{spec['setting']}":
         spec["profile"] = str(args.out / f"profile-train-{spec['model']}-{spec['setting']}.txt")
-    if spec["system"] != "vlm_tune" or plan not in ("synthetic", "final", "vision", "real", "lora_input", "budget"):
+    if spec["system"] != "vlm_tune" or plan not in PROBED:
         return
     compiled = any(v.get("speed", {}).get("compile") for v in spec["variants"])
     name = f"{spec['model']}-{spec['setting']}"

@@ -15,6 +15,7 @@ PLANS = (
     "lora_input",
     "memory",
     "budget",
+    "vision_cache",
 )
 PLAIN = {
     "loss": "model",
@@ -298,6 +299,24 @@ def budget_specs(models: list[str], batch_size: int) -> list[dict]:
     return [{**common, "model": m, "system": "vlm_tune", "variants": variants} for m in models if m != "idefics3"]
 
 
+def vision_cache_specs(models: list[str], batch_size: int) -> list[dict]:
+    """Qwen2.5-VL QLoRA and bf16, checkpointing, eager: `speed.vision_cache_gib` against the tower's own run on one
+    loaded model, order A/B/A. The synthetic batch repeats, so every cached step is a hit (an epoch after the first)."""
+    if "qwen2_5_vl" not in models:
+        return []
+    variants = [
+        {"name": "levers, ckpt", "speed": {}},
+        {"name": "levers, ckpt, vision cache", "speed": {"vision_cache_gib": 4.0}},
+        {"name": "levers, ckpt (again)", "speed": {}},
+    ]
+    common = {"model": "qwen2_5_vl", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
+    qlora = {**common, "setting": "qlora", "keep_16bit": ["projector"]}
+    return [
+        {**qlora, "system": "vlm_tune", "variants": variants},
+        {**common, "setting": "bf16", "system": "vlm_tune", "variants": variants},
+    ]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -310,4 +329,5 @@ SPECS = {
     "lora_input": lora_input_specs,
     "memory": memory_specs,
     "budget": budget_specs,
+    "vision_cache": vision_cache_specs,
 }

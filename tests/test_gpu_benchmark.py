@@ -18,6 +18,7 @@ from gpu_plans import (  # noqa: E402
     lora_input_specs,
     memory_specs,
     unsloth_summary,
+    vision_cache_specs,
 )
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
@@ -270,3 +271,7 @@ def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
     names = [v["name"] for v in budget[0]["variants"]]
     assert names[0] == "levers, ckpt" and names[-1] == "levers, no ckpt" and len(names) == 5
     assert [v["speed"].get("activation_budget_gib") for v in budget[0]["variants"]] == [None, 2, 4, 8, None]
+    cached = vision_cache_specs(["qwen2_5_vl", "mllama"], batch_size=4)
+    assert [(s["model"], s["setting"]) for s in cached] == [("qwen2_5_vl", "qlora"), ("qwen2_5_vl", "bf16")]
+    assert [v["speed"] for v in cached[0]["variants"]] == [{}, {"vision_cache_gib": 4.0}, {}]  # A/B/A
+    assert vision_cache_specs(["mllama"], batch_size=4) == []

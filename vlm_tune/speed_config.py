@@ -60,6 +60,13 @@ class SpeedConfig:
             "as keep the first batch's saved activations under this many GiB; null: every chosen layer"
         },
     )
+    vision_cache_gib: float = field(
+        default=0.0,
+        metadata={
+            "help": "Qwen2-VL / Qwen2.5-VL with vision and projector frozen: keep up to this many GiB of CPU memory "
+            "of each image's vision features (and pixels, to check a match) for its next epochs; 0: off"
+        },
+    )
     offload_activations: bool = field(
         default=False,
         metadata={
@@ -106,14 +113,17 @@ class SpeedConfig:
             errors.append(f"checkpoint_every: must be a positive integer, got {self.checkpoint_every}")
         if self.activation_budget_gib is not None and self.activation_budget_gib <= 0:
             errors.append(f"activation_budget_gib: must be a positive number of GiB, got {self.activation_budget_gib}")
+        if self.vision_cache_gib < 0:
+            errors.append(f"vision_cache_gib: must be 0 (off) or a positive number of GiB, got {self.vision_cache_gib}")
         if self.loss_chunk_tokens <= 0:
             errors.append(f"loss_chunk_tokens: must be a positive integer, got {self.loss_chunk_tokens}")
         return errors
 
 
 def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
-    """What `speed.compile: layers`, `speed.offload_activations`, `speed.activation_budget_gib` and
-    `speed.padding_free` cannot be combined with (one message per conflict, naming the fields)."""
+    """What `speed.compile: layers`, `speed.offload_activations`, `speed.activation_budget_gib`,
+    `speed.vision_cache_gib` and `speed.padding_free` cannot be combined with (one message per conflict, naming the
+    fields)."""
     problems = []
     if speed.offload_activations and not checkpointing:
         problems.append(
@@ -130,6 +140,12 @@ def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool
             "speed.activation_budget_gib is not checked with speed.compile: layers (its probe counts saved tensors "
             "outside compiled graphs); set one of them off"
         )
+    for name in ("vision", "projector"):
+        if speed.vision_cache_gib > 0 and name in components and components[name].mode != "frozen":
+            problems.append(
+                f"speed.vision_cache_gib keeps frozen vision features; components.{name} is "
+                f"{components[name].mode} (set it to frozen, or speed.vision_cache_gib: 0)"
+            )
     if speed.padding_free and relevance_enabled:
         problems.append("speed.padding_free: relevance scores each sample's own rows; set speed.padding_free: false")
     for name, component in components.items():

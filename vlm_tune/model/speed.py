@@ -116,6 +116,10 @@ def apply_speed(
         from vlm_tune.model.padding_free import install_padding_free
 
         patches.handles.append(install_padding_free(model))
+    if speed.vision_cache_gib > 0:
+        from vlm_tune.model.vision_cache import install_vision_cache
+
+        patches.handles.append(install_vision_cache(model, speed.vision_cache_gib))
     if speed.loss == "chunked":
         patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
     if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
