@@ -171,6 +171,25 @@ def test_an_activation_budget_keeps_the_losses_and_dropout_draws_of_full_checkpo
     assert "speed.activation_budget_gib 1000.00: checkpointing 0 of" in caplog.text
 
 
+def test_the_vision_cache_reuses_features_in_later_epochs_with_the_same_losses(setup, tmp_path, monkeypatch):
+    from vlm_tune.model.vision_cache import VisionCache
+
+    hits = []
+    call = VisionCache.__call__
+    monkeypatch.setattr(VisionCache, "__call__", lambda self, *a, **k: (call(self, *a, **k), hits.append(self.hits))[0])
+    qwen = str(tiny_vlm_folder("qwen2_5_vl", tmp_path / "qwen"))
+    losses = {}
+    for limit in (0.0, 1.0):
+        raw = _raw_recipe(setup, tmp_path / str(limit), max_steps=6, save_every=0, eval_every=0)  # 3 epochs of 8
+        raw["model"]["name_or_path"] = qwen
+        raw["components"] = {"language": raw["components"]["language"]}  # vision and projector frozen
+        raw["speed"] = {"vision_cache_gib": limit}
+        train(recipe_from_dict(raw))
+        losses[limit] = list(_losses(tmp_path / str(limit)).values())
+    assert losses[1.0] == pytest.approx(losses[0.0], rel=1e-5) and len(losses[1.0]) == 6
+    assert hits[-1] >= 8  # epochs 2 and 3 (4 micro-batches each): every micro-batch found its images
+
+
 def test_resume_after_crash_gives_the_same_losses(setup, tmp_path):
     train(_recipe(setup, tmp_path / "straight"))
     straight = _losses(tmp_path / "straight")
