@@ -137,6 +137,18 @@ BAD_INPUTS = [
         "speed.optimizer: paged_adamw_8bit cannot step sharded parameters",
         env=(("ACCELERATE_USE_FSDP", "true"), ("FSDP_VERSION", "2")),
     ),
+    BadInput(
+        "train: vision cache on a family it is not checked on",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "speed.vision_cache_gib=1", f"train.output_dir={f['root']}/run-vision-cache"],
+        "speed.vision_cache_gib is not checked on idefics3 models (valid: qwen2_vl, qwen2_5_vl)",
+    ),
+    BadInput(
+        "train: activation budget without checkpointing",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "speed.activation_budget_gib=2"],
+        "speed.activation_budget_gib: chooses which checkpointed layers recompute",
+    ),
     # python -m vlm_tune.evaluate
     BadInput("evaluate: nothing to do", "vlm_tune.evaluate", lambda f: [], "give a recipe"),
     BadInput(

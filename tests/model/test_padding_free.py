@@ -6,8 +6,8 @@ from tiny import tiny_vlm
 from vlm_batches import randomize_lora_b, test_image
 
 from vlm_tune.model.components import find_components
-from vlm_tune.model.padding_free import FLATTENERS, PaddingFreeError, flatten_batch
-from vlm_tune.model.speed import apply_speed
+from vlm_tune.model.padding_free import FLATTENERS, flatten_batch
+from vlm_tune.model.speed import SpeedError, apply_speed
 from vlm_tune.model.targeting import apply_targeting
 from vlm_tune.recipe import ComponentConfig, ModelConfig, RecipeError, SpeedConfig, recipe_from_dict
 
@@ -102,7 +102,7 @@ def test_batches_without_padding_and_evaluation_go_through_unchanged():
 
 def test_other_families_and_combinations_are_refused_naming_the_fix():
     model, _ = _targeted("mllama")
-    with pytest.raises(PaddingFreeError, match=r"not checked on mllama models \(valid: llava, llava_next"):
+    with pytest.raises(SpeedError, match=r"not checked on mllama models \(valid: llava, llava_next"):
         apply_speed(model, SpeedConfig(padding_free=True), ModelConfig(), find_components(model.get_base_model()))
     with pytest.raises(RecipeError) as error:
         recipe_from_dict(

@@ -6,8 +6,9 @@ import torch
 from tiny import tiny_vlm
 from vlm_batches import make_batch, randomize_lora_b
 
+from vlm_tune.model.speed import SpeedError
 from vlm_tune.model.targeting import apply_targeting
-from vlm_tune.model.vision_cache import VisionCacheError, install_vision_cache
+from vlm_tune.model.vision_cache import install_vision_cache
 from vlm_tune.recipe import ComponentConfig, RecipeError, recipe_from_dict
 
 LORA = ComponentConfig(mode="lora", rank=4, alpha=8.0)
@@ -76,10 +77,10 @@ def test_a_full_cache_stores_nothing_more_and_the_tower_runs():
 
 def test_other_families_trained_towers_and_recipes_are_refused_naming_the_fix():
     model, _ = _targeted("llava")
-    with pytest.raises(VisionCacheError, match=r"not checked on llava models \(valid: qwen2_vl, qwen2_5_vl\)"):
+    with pytest.raises(SpeedError, match=r"not checked on llava models \(valid: qwen2_vl, qwen2_5_vl\)"):
         install_vision_cache(model, 1.0)
     model, _ = _targeted("qwen2_5_vl", {"language": LORA, "vision": LORA})
-    with pytest.raises(VisionCacheError, match="needs the vision tower and its merger frozen"):
+    with pytest.raises(SpeedError, match="needs the vision tower and its merger frozen"):
         install_vision_cache(model, 1.0)
     with pytest.raises(RecipeError) as error:
         recipe_from_dict({"components": {"vision": {"mode": "lora"}}, "speed": {"vision_cache_gib": 2}})

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from vlm_tune.constants import IGNORE_INDEX
-from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.wrapping import base_model
 
 logger = logging.getLogger(__name__)
@@ -65,10 +64,6 @@ FLATTENERS: dict[str, Callable[[nn.Module, dict, torch.Tensor, torch.Tensor], di
 }
 
 
-class PaddingFreeError(VlmTuneError, ValueError):
-    """speed.padding_free on a family it is not checked on."""
-
-
 def flatten_batch(base: nn.Module, kwargs: dict) -> dict:
     """The model inputs of a padded batch as one row of its real tokens (unchanged when nothing is padding).
 
@@ -96,29 +91,18 @@ def flatten_batch(base: nn.Module, kwargs: dict) -> dict:
     return out
 
 
-class PaddingFreeHandle:
-    """What `install_padding_free` installed; `remove()` takes the hook off."""
-
-    def __init__(self, hook):
-        self._hook = hook
-
-    def remove(self) -> None:
-        self._hook.remove()
-
-
-def install_padding_free(model: nn.Module) -> PaddingFreeHandle:
+def install_padding_free(model: nn.Module):
     """Flatten every training forward's padded batch into one row (a pre-hook ahead of the other speed hooks).
 
+    Returns:
+        The hook's handle (`remove()` takes it off).
     Raises:
-        PaddingFreeError: a family outside FLATTENERS (the message lists them).
+        SpeedError: a family outside FLATTENERS (the message lists them).
     """
+    from vlm_tune.model.speed import refuse_other_families
+
     base = base_model(model)
-    family = base.config.model_type
-    if family not in FLATTENERS:
-        raise PaddingFreeError(
-            f"speed.padding_free is not checked on {family} models (valid: {', '.join(FLATTENERS)}); "
-            "set speed.padding_free: false"
-        )
+    refuse_other_families(base.config.model_type, FLATTENERS, "speed.padding_free", "false")
     attention = getattr(base.config.get_text_config(), "_attn_implementation", None)
     if attention in ("sdpa", "eager"):
         logger.warning(
@@ -130,4 +114,4 @@ def install_padding_free(model: nn.Module) -> PaddingFreeHandle:
     def before(module, args, kwargs):
         return (args, flatten_batch(module, kwargs)) if module.training else None
 
-    return PaddingFreeHandle(base.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+    return base.register_forward_pre_hook(before, with_kwargs=True, prepend=True)

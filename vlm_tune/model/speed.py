@@ -25,6 +25,14 @@ class SpeedError(VlmTuneError, ValueError):
     """A speed setting that cannot be used here (the message names the field and the fix)."""
 
 
+def refuse_other_families(model_type: str, families, setting: str, off: str) -> None:
+    """Raise SpeedError when `setting` is not checked on `model_type` (the message lists `families`)."""
+    if model_type not in families:
+        raise SpeedError(
+            f"{setting} is not checked on {model_type} models (valid: {', '.join(families)}); set {setting}: {off}"
+        )
+
+
 @dataclass
 class SpeedPatches:
     """What `apply_speed` installed; `remove()` returns the model to its own paths."""

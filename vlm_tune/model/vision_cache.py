@@ -18,16 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlm_tune.errors import VlmTuneError
 from vlm_tune.model.patches import ForwardRestorer
 from vlm_tune.model.wrapping import base_model
 
 logger = logging.getLogger(__name__)
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-class VisionCacheError(VlmTuneError, ValueError):
-    """speed.vision_cache_gib on a family it is not checked on."""
 
 
 @dataclass
@@ -55,7 +50,7 @@ class VisionCache:
 
     def _cached(self, keys: list[tuple], slices: list[torch.Tensor]):
         entries = [self.entries.get(key) for key in keys]
-        if any(entry is None for entry in entries) or self.output_type is None:
+        if any(entry is None for entry in entries):  # (entries exist only after a miss set output_type)
             return None
         for entry, pixels in zip(entries, slices):
             if not torch.equal(entry.pixels.to(pixels.device, non_blocking=True), pixels):
@@ -96,18 +91,15 @@ def install_vision_cache(model: nn.Module, limit_gib: float) -> VisionCacheHandl
     """Keep up to `limit_gib` GiB of the frozen Qwen vision tower's per-image features (and pixels) in CPU memory.
 
     Raises:
-        VisionCacheError: another family, or a vision tower or merger with a trainable parameter.
+        SpeedError: another family, or a vision tower or merger with a trainable parameter.
     """
+    from vlm_tune.model.speed import SpeedError, refuse_other_families
+
     base = base_model(model)
-    family = base.config.model_type
-    if family not in FAMILIES:
-        raise VisionCacheError(
-            f"speed.vision_cache_gib is not checked on {family} models (valid: {', '.join(FAMILIES)}); "
-            "set speed.vision_cache_gib: 0"
-        )
+    refuse_other_families(base.config.model_type, FAMILIES, "speed.vision_cache_gib", "0")
     visual = base.model.visual
     if any(param.requires_grad for param in visual.parameters()):
-        raise VisionCacheError(
+        raise SpeedError(
             "speed.vision_cache_gib needs the vision tower and its merger frozen (components.vision and "
             "components.projector mode: frozen); set speed.vision_cache_gib: 0"
         )
