@@ -46,6 +46,14 @@ class SpeedConfig:
             "itself (same loss); LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM-Instruct), Qwen2-VL / Qwen2.5-VL"
         },
     )
+    liger_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "CUDA: the language decoder's RMSNorms, gated MLPs (SwiGLU / GeGLU) and RoPE run liger-kernel's "
+            "Triton kernels (pip install liger-kernel); LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, Qwen2-VL / "
+            "Qwen2.5-VL, mllama, PaliGemma, Gemma 3"
+        },
+    )
     checkpoint_components: list[str] = field(
         default_factory=lambda: list(COMPONENT_NAMES),
         metadata={"help": "with model.gradient_checkpointing: the components whose layers recompute activations"},
@@ -122,8 +130,8 @@ class SpeedConfig:
 
 def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool, checkpointing: bool) -> list[str]:
     """What `speed.compile: layers`, `speed.offload_activations`, `speed.activation_budget_gib`,
-    `speed.vision_cache_gib` and `speed.padding_free` cannot be combined with (one message per conflict, naming the
-    fields)."""
+    `speed.vision_cache_gib`, `speed.padding_free` and `speed.liger_kernel` cannot be combined with (one message per
+    conflict, naming the fields)."""
     problems = []
     if speed.offload_activations and not checkpointing:
         problems.append(
@@ -156,6 +164,11 @@ def speed_problems(speed: SpeedConfig, components: dict, relevance_enabled: bool
             )
     if speed.compile == "none":
         return problems
+    if speed.liger_kernel:
+        problems.append(
+            "speed.liger_kernel does not combine with speed.compile: layers (torch.compile fuses the same norms and "
+            "MLP products); set speed.liger_kernel: false or speed.compile: none"
+        )
     if relevance_enabled:
         problems.append("speed.compile: layers is not checked with relevance.enabled; set speed.compile: none")
     for name, component in components.items():

@@ -1,5 +1,5 @@
-"""The recipe's `speed` section applied to a targeted model: loss, padding tiles, vision attention, checkpointing
-(and offloading its inputs), compilation, optimizer.
+"""The recipe's `speed` section applied to a targeted model: liger-kernel, loss, padding tiles, vision attention,
+checkpointing (and offloading its inputs), compilation, optimizer.
 
 Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
 gradients); benchmarks/gpu.py measures what each one buys on a GPU.
@@ -118,6 +118,10 @@ def apply_speed(
     from vlm_tune.model.tiles import install_padding_tile_drop
 
     patches = SpeedPatches()
+    if speed.liger_kernel:  # first: its refusals leave nothing installed
+        from vlm_tune.model.liger import install_liger_kernels
+
+        patches.handles.append(install_liger_kernels(model, cmap))
     if autocast and speed.lora_input == "autocast":
         patches.handles.append(keep_lora_inputs_16bit(model))
     if speed.padding_free:
