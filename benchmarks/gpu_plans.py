@@ -16,6 +16,7 @@ PLANS = (
     "memory",
     "budget",
     "vision_cache",
+    "liger",
 )
 PLAIN = {
     "loss": "model",
@@ -317,6 +318,26 @@ def vision_cache_specs(models: list[str], batch_size: int) -> list[dict]:
     ]
 
 
+def liger_specs(models: list[str], batch_size: int) -> list[dict]:
+    """bf16 LoRA and QLoRA (4-bit vision; SmolVLM: bf16 only), checkpointing, eager: `speed.liger_kernel` (liger's
+    RMSNorm, gated-MLP and RoPE kernels in the language decoder) against transformers' ops, on one loaded model per
+    family and setting, in the order A/B/A."""
+    variants = [
+        {"name": "levers, ckpt", "speed": {}},
+        {"name": "levers, ckpt, liger", "speed": {"liger_kernel": True}},
+        {"name": "levers, ckpt (again)", "speed": {}},
+    ]
+    common = {"batch_size": batch_size, "workload": "synthetic", "checkpointing": True, "system": "vlm_tune"}
+    specs = []
+    for model in models:
+        specs.append({**common, "model": model, "setting": "bf16", "variants": variants})
+        if model != "idefics3":
+            specs.append(
+                {**common, "model": model, "setting": "qlora", "keep_16bit": ["projector"], "variants": variants}
+            )
+    return specs
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -330,4 +351,5 @@ SPECS = {
     "memory": memory_specs,
     "budget": budget_specs,
     "vision_cache": vision_cache_specs,
+    "liger": liger_specs,
 }

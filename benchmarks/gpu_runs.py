@@ -106,6 +106,7 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     """vlm_tune's model path, one result per variant (variants share the loaded model)."""
     import torch
 
+    from vlm_tune.errors import VlmTuneError
     from vlm_tune.model.build import build_model
     from vlm_tune.model.load import _enable_checkpointing
     from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers
@@ -127,12 +128,16 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     batches = [_to_device(b, device, vision_dtype) for b in batches]
     results = []
     for variant in spec["variants"]:
-        run = recipe_from_dict(recipe_dict(spec, variant.get("speed", {})))
         if recipe.model.gradient_checkpointing:
             _enable_checkpointing(base)
             if not variant.get("checkpointing", True):
                 checkpoint_layers(model, cmap, [], 1)
-        patches = apply_speed(model, run.speed, run.model, cmap, autocast=True)  # make_step's bf16 autocast
+        try:  # a refused lever (speed.liger_kernel on a CPU, say) is its variant's error row; the others still run
+            run = recipe_from_dict(recipe_dict(spec, variant.get("speed", {})))
+            patches = apply_speed(model, run.speed, run.model, cmap, autocast=True)  # make_step's bf16 autocast
+        except VlmTuneError as error:
+            results.append({"variant": variant["name"], "error": f"{type(error).__name__}: {str(error)[:200]}"})
+            continue
         stepped, extra = model, []
         if variant.get("relevance_keep"):
             from vlm_tune.relevance import attach_relevance

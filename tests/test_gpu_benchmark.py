@@ -15,6 +15,7 @@ from gpu_plans import (  # noqa: E402
     compile_specs,
     compile_summary,
     final_specs,
+    liger_specs,
     lora_input_specs,
     memory_specs,
     unsloth_summary,
@@ -275,3 +276,14 @@ def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
     assert [(s["model"], s["setting"]) for s in cached] == [("qwen2_5_vl", "qlora"), ("qwen2_5_vl", "bf16")]
     assert [v["speed"] for v in cached[0]["variants"]] == [{}, {"vision_cache_gib": 4.0}, {}]  # A/B/A
     assert vision_cache_specs(["mllama"], batch_size=4) == []
+
+
+def test_liger_plan_runs_bf16_and_qlora_on_one_loaded_model_in_the_order_a_b_a():
+    specs = liger_specs(["qwen2_5_vl", "idefics3"], batch_size=4)
+    assert [(s["model"], s["setting"], s.get("keep_16bit")) for s in specs] == [
+        ("qwen2_5_vl", "bf16", None),
+        ("qwen2_5_vl", "qlora", ["projector"]),
+        ("idefics3", "bf16", None),
+    ]
+    assert all(s["checkpointing"] and s["system"] == "vlm_tune" for s in specs)
+    assert [v["speed"] for v in specs[0]["variants"]] == [{}, {"liger_kernel": True}, {}]
