@@ -46,10 +46,6 @@ class NeededVisionStates:
     def __init__(self, restorers: list[tuple[nn.Module, ForwardRestorer]]):
         self.restorers = restorers
 
-    @property
-    def encoders(self) -> list[nn.Module]:
-        return [encoder for encoder, _ in self.restorers]
-
     def remove(self) -> None:
         for encoder, restorer in self.restorers:
             restorer.remove()
@@ -69,7 +65,7 @@ def keep_needed_vision_states(model: nn.Module) -> NeededVisionStates:
 
     The local encoder (`transformer`) keeps the layers of `intermediate_layers_indices`, the global encoder none.
     Returns:
-        The handle (`remove()` undoes the patch; `encoders` lists the patched encoders).
+        The handle (`remove()` undoes the patch).
     Raises:
         ValueError: the model has no mllama vision model.
     """
