@@ -21,6 +21,7 @@ PLANS = (
 PLAIN = {
     "loss": "model",
     "padding_tiles": "keep",
+    "vision_states": "model",
     "vision_attention": "model",
     "lora_input": "fp32",
     "optimizer": "adamw",

@@ -112,9 +112,8 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers
     from vlm_tune.recipe import RelevanceConfig, recipe_from_dict
 
-    recipe = recipe_from_dict(
-        recipe_dict(spec, {"loss": "model", "padding_tiles": "keep", "vision_attention": "model", "lora_input": "fp32"})
-    )  # levers per variant
+    off = {"loss": "model", "padding_tiles": "keep", "vision_states": "model", "vision_attention": "model"}
+    recipe = recipe_from_dict(recipe_dict(spec, {**off, "lora_input": "fp32"}))  # levers per variant
     device = "cuda" if torch.cuda.is_available() else "cpu"
     built = build_model(recipe, training=True)  # the builder the train command uses
     model, processor, cmap, groups = built.model, built.processor, built.components, built.groups

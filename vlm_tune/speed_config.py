@@ -25,6 +25,14 @@ class SpeedConfig:
             "keys (same result: they are masked); keep: the model's own path"
         },
     )
+    vision_states: Literal["needed", "model"] = field(
+        default="needed",
+        metadata={
+            "help": "mllama: the vision encoders keep only the layer outputs the model reads (5 of 40, and "
+            "their last); a frozen tower keeps all to its end otherwise (2.6 GiB for 11B bf16 at batch 4; same "
+            "result); model: transformers' encoders"
+        },
+    )
     vision_attention: Literal["batched", "model"] = field(
         default="batched",
         metadata={

@@ -1,5 +1,5 @@
-"""The recipe's `speed` section applied to a targeted model: liger-kernel, loss, padding tiles, vision attention,
-checkpointing (and offloading its inputs), compilation, optimizer.
+"""The recipe's `speed` section applied to a targeted model: liger-kernel, loss, padding tiles, vision states,
+vision attention, checkpointing (and offloading its inputs), compilation, optimizer.
 
 Each lever computes what the plain path computes (tests/model/test_model_speed.py compares losses and
 gradients); benchmarks/gpu.py measures what each one buys on a GPU.
@@ -101,6 +101,19 @@ def keep_lora_inputs_16bit(model: nn.Module) -> _InputCasts:
     return _InputCasts(layers)
 
 
+def _mllama_levers(model: nn.Module, speed: SpeedConfig) -> list:
+    """mllama's own levers: padding tiles skip the projector, the vision encoders keep only what is read."""
+    from vlm_tune.model.tiles import install_padding_tile_drop
+    from vlm_tune.model.vision_states import keep_needed_vision_states
+
+    handles = []
+    if speed.padding_tiles == "drop":
+        handles.append(install_padding_tile_drop(model))
+    if speed.vision_states == "needed":
+        handles.append(keep_needed_vision_states(model))
+    return handles
+
+
 def apply_speed(
     model: nn.Module, speed: SpeedConfig, model_cfg: ModelConfig, cmap: ComponentMap, autocast: bool = False
 ) -> SpeedPatches:
@@ -115,7 +128,6 @@ def apply_speed(
         The installed patches.
     """
     from vlm_tune.model.loss import install_chunked_loss
-    from vlm_tune.model.tiles import install_padding_tile_drop
 
     patches = SpeedPatches()
     if speed.liger_kernel:  # first: its refusals leave nothing installed
@@ -134,8 +146,8 @@ def apply_speed(
         patches.handles.append(install_vision_cache(model, speed.vision_cache_gib))
     if speed.loss == "chunked":
         patches.handles.append(install_chunked_loss(model, speed.loss_chunk_tokens))
-    if speed.padding_tiles == "drop" and cmap.model_type == "mllama":
-        patches.handles.append(install_padding_tile_drop(model))
+    if cmap.model_type == "mllama":
+        patches.handles += _mllama_levers(model, speed)
     if speed.vision_attention == "batched":
         from vlm_tune.model.vision_attention import install_batched_vision_attention
 
