@@ -22,6 +22,7 @@ process of their loaded model. Plans:
   budget     QLoRA: speed.activation_budget_gib 2 / 4 / 8 GiB between full checkpointing and none
   vision_cache Qwen2.5-VL: speed.vision_cache_gib (every step after the first a hit) against the tower's run
   liger      bf16 LoRA and QLoRA: speed.liger_kernel (liger-kernel's decoder norms, MLPs, RoPE) against none (A/B/A)
+  vision_states mllama bf16: speed.vision_states needed against every vision layer's output kept (A/B/A)
 MFU = useful FLOPs / step time / the card's bf16 matrix rate (measured here, 8192^3). Useful FLOPs: the forward
 of one batch on vlm_tune's path (logits at label positions only), counted by gpu_runs.count_flops (Linear layers,
 4-bit ones too, as 2 x rows x in x out; other ops by torch's FLOP formulas), the frozen vision side once, the
@@ -46,7 +47,7 @@ from gpu_plans import PLANS, SPECS, compile_summary, unsloth_summary  # noqa: E4
 FULL_STEPS = {"warmup": 2, "windows": 3, "per_window": 2}
 TINY_STEPS = {"warmup": 1, "windows": 2, "per_window": 1}
 # the plans whose vlm_tune processes take --profile and --memory
-PROBED = ("synthetic", "final", "vision", "real", "lora_input", "budget", "vision_cache", "liger")
+PROBED = ("synthetic", "final", "vision", "real", "lora_input", "budget", "vision_cache", "liger", "vision_states")
 CAPTION_STEPS = {"warmup": 3, "windows": 4, "per_window": 4}  # the train command's batches differ step to step
 
 

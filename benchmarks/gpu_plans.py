@@ -17,6 +17,7 @@ PLANS = (
     "budget",
     "vision_cache",
     "liger",
+    "vision_states",
 )
 PLAIN = {
     "loss": "model",
@@ -339,6 +340,20 @@ def liger_specs(models: list[str], batch_size: int) -> list[dict]:
     return specs
 
 
+def vision_states_specs(models: list[str], batch_size: int) -> list[dict]:
+    """mllama bf16 LoRA, checkpointing, eager: `speed.vision_states: needed` against the encoders keeping every
+    layer's output, on one loaded model, order A/B/A (the peak of the step is in the frozen tower's forward)."""
+    if "mllama" not in models:
+        return []
+    variants = [
+        {"name": "levers, ckpt", "speed": {}},
+        {"name": "levers, ckpt, every vision layer's output kept", "speed": {"vision_states": "model"}},
+        {"name": "levers, ckpt (again)", "speed": {}},
+    ]
+    common = {"model": "mllama", "setting": "bf16", "batch_size": batch_size, "workload": "synthetic"}
+    return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants}]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -353,4 +368,5 @@ SPECS = {
     "budget": budget_specs,
     "vision_cache": vision_cache_specs,
     "liger": liger_specs,
+    "vision_states": vision_states_specs,
 }

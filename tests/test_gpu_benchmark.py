@@ -20,6 +20,7 @@ from gpu_plans import (  # noqa: E402
     memory_specs,
     unsloth_summary,
     vision_cache_specs,
+    vision_states_specs,
 )
 from gpu_table import markdown_table  # noqa: E402
 from multi_gpu import compare, loss_table, measure, run_specs  # noqa: E402
@@ -251,6 +252,13 @@ def test_train_command_windows_and_its_reference_is_the_model_path_compiled_alik
     assert next(line for line in lines if "| train command |" in line).endswith("| 0.50x | 1.00x |")
     assert next(line for line in lines if "| train command, compile |" in line).endswith("| 0.50x | 1.00x |")
     assert "- train command, idefics3: 20% of its step time waiting for the data loader" in lines
+
+
+def test_vision_states_plan_compares_the_encoders_outputs_on_mllama_only():
+    assert vision_states_specs(["qwen2_5_vl", "idefics3"], batch_size=4) == []
+    (spec,) = vision_states_specs(["mllama", "qwen2_5_vl"], batch_size=4)
+    assert (spec["model"], spec["setting"], spec["checkpointing"]) == ("mllama", "bf16", True)
+    assert [v["speed"] for v in spec["variants"]] == [{}, {"vision_states": "model"}, {}]  # A/B/A
 
 
 def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
