@@ -4,7 +4,7 @@ budget, measured by a probe of the first batch; the loss and gradients stay thos
 import pytest
 import torch
 from tiny import tiny_vlm
-from vlm_batches import make_batch, randomize_lora_b
+from vlm_batches import loss_and_grads, make_batch, randomize_lora_b
 
 from vlm_tune.model.checkpoint_budget import (
     GIB,
@@ -48,13 +48,6 @@ def _saved_bytes(model, batch) -> int:
     return total
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_the_largest_savings_are_checkpointed_first_until_the_budget_holds():
     saved = SavedBytes(layers=[10, 30, 20], inputs=[2, 2, 2], other=5)  # 65 bytes with no layer checkpointed
     assert choose_checkpointed(saved, 100) == ([False, False, False], 65)
@@ -77,13 +70,13 @@ def test_the_probe_counts_what_a_forward_without_checkpointing_keeps():
 
 def test_a_budget_between_none_and_all_checkpoints_some_layers_and_keeps_loss_and_gradients():
     model, batch = _checkpointed_model()
-    everywhere = _loss_and_grads(model, batch)
+    everywhere = loss_and_grads(model, batch)
     layers = candidate_layers(model)
     saved = measure_saved_bytes(model.get_base_model(), layers, (), batch)
     full, none = saved.other + sum(saved.inputs), saved.other + sum(saved.layers)
     budget = (full + none) / 2
     handle = install_activation_budget(model, budget / GIB)
-    loss, grads = _loss_and_grads(model, batch)  # the first forward probes, then trains
+    loss, grads = loss_and_grads(model, batch)  # the first forward probes, then trains
     assert 0 < handle.checkpointed < len(layers)
     assert handle.saved_gib * GIB <= budget
     assert _saved_bytes(model, batch) <= budget * 1.05  # what autograd really keeps with that choice
@@ -91,7 +84,7 @@ def test_a_budget_between_none_and_all_checkpoints_some_layers_and_keeps_loss_an
     for name in grads:
         torch.testing.assert_close(grads[name], everywhere[1][name], rtol=1e-5, atol=1e-7, msg=name)
     flags = [layer.gradient_checkpointing for layer in layers]
-    _loss_and_grads(model, batch)  # later steps keep the choice
+    loss_and_grads(model, batch)  # later steps keep the choice
     assert [layer.gradient_checkpointing for layer in layers] == flags
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import tiny_vlm, tiny_vlm_folder
-from vlm_batches import make_batch, randomize_lora_b
+from vlm_batches import loss_and_grads, make_batch, randomize_lora_b
 
 from vlm_tune.model import liger
 from vlm_tune.model.build import build_model
@@ -135,21 +135,14 @@ def _batch_size(arch: str) -> int:
     return 1 if arch in ("gemma3", "mllama") else 2  # their processors take a list of images per sample
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("case", ["qwen2_5_vl", "gemma3", "mllama", "paligemma", "paligemma+gemma2", "llava+qwen2"])
 def test_the_patched_model_gives_the_same_loss_and_lora_gradients_and_remove_restores_it(case, kernels, monkeypatch):
     model, processor, cmap = _targeted(case)
     arch = case.partition("+")[0]
     batch = make_batch(arch, processor, batch_size=_batch_size(arch))
-    plain = _loss_and_grads(model, batch)
+    plain = loss_and_grads(model, batch)
     handle = _install(monkeypatch, install_liger_kernels, model, cmap)
-    patched = _loss_and_grads(model, batch)
+    patched = loss_and_grads(model, batch)
     assert kernels["rms_norm"] == handle.counts["rms_norm"] and kernels["rope"] == handle.counts["rope"]
     assert kernels["swiglu" if "gemma" not in arch else "geglu"] == handle.counts["mlp"]
     mlp_lora = [name for name in plain[1] if "mlp" in name and "lora_" in name]
@@ -160,7 +153,7 @@ def test_the_patched_model_gives_the_same_loss_and_lora_gradients_and_remove_res
         torch.testing.assert_close(patched[1][name], grad, rtol=1e-6, atol=1e-8, msg=name)
     handle.remove()
     calls = sum(kernels.values())
-    assert _loss_and_grads(model, batch)[0] == plain[0] and sum(kernels.values()) == calls
+    assert loss_and_grads(model, batch)[0] == plain[0] and sum(kernels.values()) == calls
 
 
 def test_no_class_or_modeling_function_of_transformers_changes(kernels, monkeypatch):
@@ -169,7 +162,7 @@ def test_no_class_or_modeling_function_of_transformers_changes(kernels, monkeypa
     rope, mlp_forward = modeling.apply_rotary_pos_emb, modeling.Qwen2MLP.forward
     model, processor, cmap = _targeted("qwen2_5_vl")
     _install(monkeypatch, install_liger_kernels, model, cmap)
-    _loss_and_grads(model, make_batch("qwen2_5_vl", processor))
+    loss_and_grads(model, make_batch("qwen2_5_vl", processor))
     assert kernels["rope"] and modeling.apply_rotary_pos_emb is rope and modeling.Qwen2MLP.forward is mlp_forward
     later, processor = tiny_vlm("qwen2_5_vl")  # a model built in the same process afterwards
     calls = sum(kernels.values())

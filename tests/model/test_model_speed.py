@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 from tiny import tiny_vlm
-from vlm_batches import make_batch, randomize_lora_b
+from vlm_batches import loss_and_grads, make_batch, randomize_lora_b
 
 from vlm_tune.model.components import find_components
 from vlm_tune.model.load import _enable_checkpointing
@@ -23,14 +23,6 @@ def _targeted(arch: str, components: dict, seed: int = 0):
     randomize_lora_b(model)
     model.train()
     return model, processor
-
-
-def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    return loss.item(), grads
 
 
 def _assert_same(plain, patched, rtol=1e-5):
@@ -58,15 +50,15 @@ def test_chunked_loss_gives_the_models_loss_and_gradients(arch):
     model, processor = _targeted(arch, {"language": LORA})
     batch = _mllama_tile_batch(processor) if arch == "mllama" else make_batch(arch, processor, batch_size=2)
     batch = _caption_only_labels(batch)
-    plain = _loss_and_grads(model, batch)
+    plain = loss_and_grads(model, batch)
     handle = install_chunked_loss(model, chunk_tokens=3)  # several chunks per batch
     output = model(**batch)
     assert output.logits is None
-    patched = _loss_and_grads(model, batch)
+    patched = loss_and_grads(model, batch)
     _assert_same(plain, patched)
     handle.remove()
     assert model(**batch).logits.shape[-1] == model.get_base_model().get_output_embeddings().out_features
-    _assert_same(plain, _loss_and_grads(model, batch))
+    _assert_same(plain, loss_and_grads(model, batch))
 
 
 def test_chunked_loss_never_builds_full_vocabulary_logits():
@@ -133,9 +125,9 @@ def test_dropping_padding_tiles_keeps_the_loss_and_gradients(widths):
         lambda module, args, kwargs: keys.append(kwargs["cross_attention_states"].numel() // len(widths) // 32),
         with_kwargs=True,
     )
-    plain = _loss_and_grads(model, batch)
+    plain = loss_and_grads(model, batch)
     handle = install_padding_tile_drop(model)
-    patched = _loss_and_grads(model, batch)
+    patched = loss_and_grads(model, batch)
     per_tile = model.get_base_model().model.vision_model.num_patches
     assert keys == [2 * per_tile, max(widths) // 32 * per_tile]  # the most real tiles of one sample
     assert any("multi_modal_projector" in name for name in patched[1])
@@ -162,7 +154,7 @@ def test_checkpoint_every_second_layer_of_one_component_keeps_the_gradients():
     randomize_lora_b(model)
     model.train()
     batch = make_batch("qwen2_5_vl", processor, batch_size=2)
-    everywhere = _loss_and_grads(model, batch)
+    everywhere = loss_and_grads(model, batch)
     cmap = find_components(model.get_base_model())
     kept = checkpoint_layers(model, cmap, ["language"], every=2)
     assert kept == {"language": 1, "vision": 0}  # 2 decoder layers -> the first; vision layers off
@@ -176,7 +168,7 @@ def test_checkpoint_every_second_layer_of_one_component_keeps_the_gradients():
         "model.language_model.layers.0": True,
         "model.language_model.layers.1": False,
     }
-    _assert_same(everywhere, _loss_and_grads(model, batch))
+    _assert_same(everywhere, loss_and_grads(model, batch))
 
 
 def test_apply_speed_installs_what_the_section_asks():
@@ -210,7 +202,7 @@ def _autocast_step(model, batch) -> tuple[tuple[float, dict], int]:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            result = _loss_and_grads(model, batch)
+            result = loss_and_grads(model, batch)
     return result, sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tiny import tiny_vlm
-from vlm_batches import randomize_lora_b, test_image
+from vlm_batches import loss_and_grads, randomize_lora_b, test_image
 
 from vlm_tune.model.components import find_components
 from vlm_tune.model.padding_free import FLATTENERS, flatten_batch
@@ -42,24 +42,17 @@ def _padded_batch(processor, size: int = 3) -> dict:
     return {**batch, "labels": labels}
 
 
-def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("arch", sorted(FLATTENERS))
 def test_one_row_of_real_tokens_gives_the_padded_loss_and_gradients(arch):
     model, processor = _targeted(arch)
     batch = _padded_batch(processor)
     assert not batch["attention_mask"].all()  # the batch has padding to drop
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     base = model.get_base_model()
     rows = []
     base.get_input_embeddings().register_forward_hook(lambda module, args, out: rows.append(tuple(args[0].shape)))
     patches = apply_speed(model, SpeedConfig(padding_free=True), ModelConfig(), find_components(base))  # + chunked loss
-    free_loss, free_grads = _loss_and_grads(model, batch)
+    free_loss, free_grads = loss_and_grads(model, batch)
     assert rows == [(1, int(batch["attention_mask"].sum()))]  # one row, no padding token
     assert free_loss == pytest.approx(loss, rel=1e-5)
     assert free_grads.keys() == grads.keys()
@@ -80,9 +73,9 @@ def test_a_text_only_sample_among_image_samples_keeps_the_loss_and_gradients(arc
     images = [[], [test_image()]] if arch == "idefics3" else [test_image()]
     batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     apply_speed(model, SpeedConfig(padding_free=True), ModelConfig(), find_components(model.get_base_model()))
-    free_loss, free_grads = _loss_and_grads(model, batch)
+    free_loss, free_grads = loss_and_grads(model, batch)
     assert free_loss == pytest.approx(loss, rel=1e-5)
     for name in grads:
         torch.testing.assert_close(free_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

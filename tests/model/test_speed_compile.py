@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from test_model_speed import _mllama_tile_batch
 from tiny import tiny_vlm, tiny_vlm_folder
-from vlm_batches import make_batch, randomize_lora_b
+from vlm_batches import loss_and_grads, make_batch, randomize_lora_b
 
 from vlm_tune.checkpoint import save_checkpoint
 from vlm_tune.model.build import build_model
@@ -20,13 +20,6 @@ LORA = ComponentConfig(mode="lora", rank=4, alpha=8.0)
 DORA = ComponentConfig(mode="lora", rank=4, alpha=8.0, variant="dora")
 CKPT = ModelConfig(gradient_checkpointing=True)
 RTOL = 1e-4  # inductor reorders float32 sums; seen: 1e-6 relative at most on these models
-
-
-def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _count_compiled_calls(patches) -> list:
@@ -63,7 +56,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(ca
     batch = _mllama_tile_batch(processor) if arch == "mllama" else make_batch(arch, processor, batch_size=2)
     cmap = find_components(model.get_base_model())
     eager_patches = apply_speed(model, SpeedConfig(), CKPT, cmap)  # chunked loss, checkpointing
-    eager = _loss_and_grads(model, batch)
+    eager = loss_and_grads(model, batch)
     eager_patches.remove()
     torch._dynamo.reset()
     with caplog.at_level("WARNING", logger="vlm_tune"):
@@ -73,7 +66,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing(ca
     assert ("DoRA layers break" in caplog.text) == ("dora" in case)
     calls = _count_compiled_calls(patches)
     torch._dynamo.utils.counters.clear()
-    compiled = _loss_and_grads(model, batch)
+    compiled = loss_and_grads(model, batch)
     assert len(calls) >= sum(expected.values())  # every block went to torch.compile (recomputes come on top)
     if "dora" not in case:  # Dynamo made graphs of them
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(

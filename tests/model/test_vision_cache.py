@@ -4,7 +4,7 @@
 import pytest
 import torch
 from tiny import tiny_vlm
-from vlm_batches import make_batch, randomize_lora_b
+from vlm_batches import loss_and_grads, make_batch, randomize_lora_b
 
 from vlm_tune.model.speed import SpeedError
 from vlm_tune.model.targeting import apply_targeting
@@ -22,13 +22,6 @@ def _targeted(arch: str, components: dict = None):
     return model, processor
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _tower_runs(model) -> list:
     runs = []
     model.get_base_model().model.visual.blocks[0].register_forward_hook(lambda *_: runs.append(1))
@@ -39,18 +32,18 @@ def _tower_runs(model) -> list:
 def test_the_second_pass_over_the_same_images_skips_the_tower_with_the_same_loss_and_gradients(arch):
     model, processor = _targeted(arch)
     batch = make_batch(arch, processor, batch_size=2)
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     runs = _tower_runs(model)
     handle = install_vision_cache(model, limit_gib=1.0)
     for _ in range(2):  # the first call stores both images, the second finds them
-        cached_loss, cached_grads = _loss_and_grads(model, batch)
+        cached_loss, cached_grads = loss_and_grads(model, batch)
         assert cached_loss == loss
         for name in grads:
             torch.testing.assert_close(cached_grads[name], grads[name], rtol=0, atol=0, msg=name)
     assert (handle.cache.misses, handle.cache.hits, len(runs)) == (1, 1, 1)
     assert len(handle.cache.entries) == 2 and handle.cache.stored_bytes > 0
     handle.remove()
-    _loss_and_grads(model, batch)
+    loss_and_grads(model, batch)
     assert len(runs) == 2  # the tower's own forward is back
 
 
@@ -58,11 +51,11 @@ def test_other_pixels_run_the_tower_even_when_the_fingerprints_clash():
     model, processor = _targeted("qwen2_5_vl")
     batch = make_batch("qwen2_5_vl", processor, batch_size=2)
     handle = install_vision_cache(model, limit_gib=1.0)
-    _loss_and_grads(model, batch)
+    loss_and_grads(model, batch)
     other = {**batch, "pixel_values": batch["pixel_values"].flip(0)}  # same grids and sums, other pixel rows
     keys = handle.cache._keys
     handle.cache._keys = lambda pixels, grid: (keys(batch["pixel_values"], grid)[0], keys(pixels, grid)[1])
-    _loss_and_grads(model, other)
+    loss_and_grads(model, other)
     assert (handle.cache.misses, handle.cache.hits) == (2, 0)  # the exact comparison refused the stored features
 
 
@@ -71,7 +64,7 @@ def test_a_full_cache_stores_nothing_more_and_the_tower_runs():
     batch = make_batch("qwen2_5_vl", processor, batch_size=2)
     handle = install_vision_cache(model, limit_gib=1e-9)
     for _ in range(2):
-        _loss_and_grads(model, batch)
+        loss_and_grads(model, batch)
     assert (handle.cache.misses, handle.cache.hits, handle.cache.entries) == (2, 0, {})
 
 

@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 from tiny import tiny_vlm
-from vlm_batches import PROMPT, make_batch, randomize_lora_b, test_image
+from vlm_batches import PROMPT, loss_and_grads, make_batch, randomize_lora_b, test_image
 
 from vlm_tune.model.components import find_components
 from vlm_tune.model.load import _enable_checkpointing
@@ -41,14 +41,6 @@ def _two_sample_batch(processor) -> dict:
     return batch
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    return loss.detach(), grads
-
-
 def _alive_local_outputs(model, batch) -> list[int]:
     """Which local-encoder layer outputs are still alive when the global encoder starts (a forward)."""
     vision = model.get_base_model().model.vision_model
@@ -77,10 +69,10 @@ def test_needed_vision_states_keep_the_loss_and_gradients(speed):
     cmap = find_components(model.get_base_model())
     speed = SpeedConfig(**speed, vision_states="model")
     other = apply_speed(model, speed, ModelConfig(gradient_checkpointing=True), cmap)
-    plain = _loss_and_grads(model, batch)
+    plain = loss_and_grads(model, batch)
     handle = keep_needed_vision_states(model)
-    patched = _loss_and_grads(model, batch)
-    assert torch.equal(plain[0], patched[0])
+    patched = loss_and_grads(model, batch)
+    assert plain[0] == patched[0]
     assert plain[1].keys() == patched[1].keys() and any("cross_attn" in name for name in plain[1])
     for name, grad in plain[1].items():
         assert torch.equal(patched[1][name], grad), name
