@@ -262,14 +262,20 @@ def vision_specs(models: list[str], batch_size: int) -> list[dict]:
     return [{**common, "system": "vlm_tune", "variants": variants}, {**common, "system": "unsloth"}]
 
 
+def _a_b_a(lever: str, speed: dict) -> list[dict]:
+    """The default levers, then `speed` on top of them (named after `lever`), then the defaults again, on one loaded
+    model: an order effect inside the process shows as a difference between the two default runs."""
+    return [
+        {"name": "levers, ckpt", "speed": {}},
+        {"name": f"levers, ckpt, {lever}", "speed": speed},
+        {"name": "levers, ckpt (again)", "speed": {}},
+    ]
+
+
 def lora_input_specs(models: list[str], batch_size: int) -> list[dict]:
     """bf16 LoRA, checkpointing, eager: `speed.lora_input: autocast` against PEFT's fp32 input cast, on one loaded
     model per family, in the order A/B/A (QLoRA's 4-bit LoRA layers skip that cast under autocast already)."""
-    variants = [
-        {"name": "levers, ckpt", "speed": {}},
-        {"name": "levers, ckpt, LoRA inputs cast to fp32", "speed": {"lora_input": "fp32"}},
-        {"name": "levers, ckpt (again)", "speed": {}},
-    ]
+    variants = _a_b_a("LoRA inputs cast to fp32", {"lora_input": "fp32"})
     common = {"setting": "bf16", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
     return [{**common, "model": model, "system": "vlm_tune", "variants": variants} for model in models]
 
@@ -307,11 +313,7 @@ def vision_cache_specs(models: list[str], batch_size: int) -> list[dict]:
     loaded model, order A/B/A. The synthetic batch repeats, so every cached step is a hit (an epoch after the first)."""
     if "qwen2_5_vl" not in models:
         return []
-    variants = [
-        {"name": "levers, ckpt", "speed": {}},
-        {"name": "levers, ckpt, vision cache", "speed": {"vision_cache_gib": 4.0}},
-        {"name": "levers, ckpt (again)", "speed": {}},
-    ]
+    variants = _a_b_a("vision cache", {"vision_cache_gib": 4.0})
     common = {"model": "qwen2_5_vl", "batch_size": batch_size, "workload": "synthetic", "checkpointing": True}
     qlora = {**common, "setting": "qlora", "keep_16bit": ["projector"]}
     return [
@@ -324,11 +326,7 @@ def liger_specs(models: list[str], batch_size: int) -> list[dict]:
     """bf16 LoRA and QLoRA (4-bit vision; SmolVLM: bf16 only), checkpointing, eager: `speed.liger_kernel` (liger's
     RMSNorm, gated-MLP and RoPE kernels in the language decoder) against transformers' ops, on one loaded model per
     family and setting, in the order A/B/A."""
-    variants = [
-        {"name": "levers, ckpt", "speed": {}},
-        {"name": "levers, ckpt, liger", "speed": {"liger_kernel": True}},
-        {"name": "levers, ckpt (again)", "speed": {}},
-    ]
+    variants = _a_b_a("liger", {"liger_kernel": True})
     common = {"batch_size": batch_size, "workload": "synthetic", "checkpointing": True, "system": "vlm_tune"}
     specs = []
     for model in models:
@@ -345,11 +343,7 @@ def vision_states_specs(models: list[str], batch_size: int) -> list[dict]:
     layer's output, on one loaded model, order A/B/A (the peak of the step is in the frozen tower's forward)."""
     if "mllama" not in models:
         return []
-    variants = [
-        {"name": "levers, ckpt", "speed": {}},
-        {"name": "levers, ckpt, every vision layer's output kept", "speed": {"vision_states": "model"}},
-        {"name": "levers, ckpt (again)", "speed": {}},
-    ]
+    variants = _a_b_a("every vision layer's output kept", {"vision_states": "model"})
     common = {"model": "mllama", "setting": "bf16", "batch_size": batch_size, "workload": "synthetic"}
     return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants}]
 
