@@ -143,6 +143,12 @@ BAD_INPUTS = [
         lambda f: [f["recipe"], "speed.vision_cache_gib=1", f"train.output_dir={f['root']}/run-vision-cache"],
         "speed.vision_cache_gib is not checked on idefics3 models (valid: qwen2_vl, qwen2_5_vl)",
     ),
+    BadInput(  # fails after the tiny model loads
+        "train: liger-kernel on a CPU",
+        "vlm_tune.train",
+        lambda f: [f["recipe"], "speed.liger_kernel=true", f"train.output_dir={f['root']}/run-liger"],
+        "speed.liger_kernel runs Triton kernels on a CUDA GPU; set speed.liger_kernel: false on CPU",
+    ),
     BadInput(
         "train: activation budget without checkpointing",
         "vlm_tune.train",
