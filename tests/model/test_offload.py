@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from test_model_speed import _assert_same, _loss_and_grads, _mllama_tile_batch, _targeted
-from vlm_batches import make_batch
+from test_model_speed import _assert_same, _mllama_tile_batch, _targeted
+from vlm_batches import loss_and_grads, make_batch
 
 from vlm_tune.model import offload
 from vlm_tune.model.compile import _CHECKPOINTS_INSIDE_FORWARD
@@ -35,12 +35,12 @@ def _checkpointed(arch: str):
 @pytest.mark.parametrize("arch", list(CASES))
 def test_offloaded_inputs_give_the_same_loss_and_gradients(arch, offload_every_input):
     model, batch = _checkpointed(arch)
-    on_device = _loss_and_grads(model, batch)
+    on_device = loss_and_grads(model, batch)
     cmap = find_components(model.get_base_model())
     patches = apply_speed(model, SpeedConfig(offload_activations=True), ModelConfig(gradient_checkpointing=True), cmap)
     handle = patches.handles[-1]
     assert patches.offloaded == sum(patches.checkpointed.values()) > 0
-    offloaded = _loss_and_grads(model, batch)
+    offloaded = loss_and_grads(model, batch)
     training = sum(patches.checkpointed.get(name, 0) for name in CASES[arch])  # frozen towers run without grad
     assert handle.packed >= training > 0  # each training layer's hidden states went out and came back
     _assert_same(on_device, offloaded)
@@ -55,7 +55,7 @@ def test_layers_that_do_not_checkpoint_keep_their_inputs(offload_every_input):
     checkpoint_layers(model, cmap, ["language"], every=2)  # one decoder layer of two, no vision block
     handle = offload.offload_checkpoint_inputs(model)
     assert len(handle.layers) == 1 and handle.layers[0] is model.get_base_model().model.language_model.layers[0]
-    _loss_and_grads(model, batch)
+    loss_and_grads(model, batch)
     assert handle.packed == 1  # that layer's hidden states, nothing else
 
 
@@ -82,14 +82,14 @@ def test_compiled_layers_offload_their_inputs_and_keep_one_graph(offload_every_i
     cmap = find_components(model.get_base_model())
     checkpointing = ModelConfig(gradient_checkpointing=True)
     eager_patches = apply_speed(model, SpeedConfig(), checkpointing, cmap)
-    eager = _loss_and_grads(model, batch)
+    eager = loss_and_grads(model, batch)
     eager_patches.remove()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     speed = SpeedConfig(offload_activations=True, compile="layers", compile_components=["language"])
     patches = apply_speed(model, speed, checkpointing, cmap)
     offloaded = next(h for h in patches.handles if isinstance(h, offload.OffloadedInputs))
-    compiled = _loss_and_grads(model, batch)
+    compiled = loss_and_grads(model, batch)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the offload hooks break no graph
     assert offloaded.packed >= 2  # both decoder layers' hidden states (vision blocks run eagerly, offloaded too)
     _assert_same(eager, compiled, rtol=1e-4)
@@ -120,7 +120,7 @@ def test_on_cuda_the_inputs_go_to_pinned_memory_and_the_result_holds(offload_eve
     model, batch = _checkpointed("qwen2_5_vl")
     model.cuda()
     batch = {key: value.cuda() if hasattr(value, "cuda") else value for key, value in batch.items()}
-    on_device = _loss_and_grads(model, batch)
+    on_device = loss_and_grads(model, batch)
     cmap = find_components(model.get_base_model())
     patches = apply_speed(model, SpeedConfig(offload_activations=True), ModelConfig(gradient_checkpointing=True), cmap)
     pinned = []
@@ -132,7 +132,7 @@ def test_on_cuda_the_inputs_go_to_pinned_memory_and_the_result_holds(offload_eve
             pinned.append(self.copy.is_pinned() and self.copy.device.type == "cpu")
 
     monkeypatch.setattr(offload._Offloaded, "__init__", record)
-    offloaded = _loss_and_grads(model, batch)
+    offloaded = loss_and_grads(model, batch)
     assert pinned and all(pinned)
     _assert_same(on_device, offloaded)
     patches.remove()

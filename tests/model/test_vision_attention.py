@@ -3,8 +3,8 @@
 import pytest
 import torch
 from PIL import Image
-from test_model_speed import _assert_same, _loss_and_grads, _targeted
-from vlm_batches import make_batch
+from test_model_speed import _assert_same, _targeted
+from vlm_batches import loss_and_grads, make_batch
 
 from vlm_tune.model import vision_attention
 from vlm_tune.model.components import find_components
@@ -60,10 +60,10 @@ def test_batched_vision_attention_gives_the_same_loss_and_gradients(arch, images
     monkeypatch.setattr(
         torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
     )
-    plain = _loss_and_grads(model, batch)
+    plain = loss_and_grads(model, batch)
     plain_calls, calls[:] = len(calls), []
     patches = apply_speed(model, SpeedConfig(), ModelConfig(), find_components(model.get_base_model()))
-    batched = _loss_and_grads(model, batch)
+    batched = loss_and_grads(model, batch)
     if arch == "qwen2_vl" and images == "mixed sizes":  # two images of two lengths: one call each either way
         assert len(calls) == plain_calls
     else:
