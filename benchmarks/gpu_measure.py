@@ -105,7 +105,8 @@ def count_flops(model, batch: dict, cmap, forward_only: tuple = ("vision", "proj
 
 
 def profile_steps(step, batch: dict, path: str) -> None:
-    """torch.profiler over 3 steps: the top kernels by GPU time and the GPU-busy share, written to `path`."""
+    """torch.profiler over 3 steps, written to `path`: the GPU-busy share, GPU time by kind of kernel, and the top
+    operations by GPU time and by self CPU time (where the host spends a step that the GPU waits for)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -117,7 +118,15 @@ def profile_steps(step, batch: dict, path: str) -> None:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     key, header = gpu_busy(events, wall, 3)
-    Path(path).write_text(header + "\n" + events.table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
+    tables = [
+        header,
+        kernel_summary(prof.events(), wall, 3),
+        "by GPU time",
+        events.table(sort_by=key, row_limit=25, max_name_column_width=70),
+        "by self CPU time",
+        events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70),
+    ]
+    Path(path).write_text("\n".join(tables) + "\n")
 
 
 def gpu_busy(events, wall: float, steps: int) -> tuple[str, str]:
@@ -130,6 +139,46 @@ def gpu_busy(events, wall: float, steps: int) -> tuple[str, str]:
         key,
         f"wall {wall:.3f} s for {steps} steps; GPU kernel time {kernels:.3f} s ({100 * kernels / wall:.0f}% busy)",
     )
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name, lower case), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")),
+    ("4-bit dequantisation", ("dequant", "kquantize", "bnb")),
+    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "cublas", "matmul", "gemv")),
+    ("compiled fused ops (triton)", ("triton",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, from its name (KERNEL_KINDS; 'other' when none matches)."""
+    lower = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(part in lower for part in parts)), "other")
+
+
+def kernel_summary(events, wall: float, steps: int) -> str:
+    """Lines on the profiled kernels: launches per step, the time the GPU ran any kernel (overlaps merged) against
+    the wall time, and kernel time by kind."""
+    import torch
+
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, reach = 0.0, float("-inf")
+    for begin, end in spans:  # the union of the kernels' intervals, in microseconds
+        busy += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kernel_kind(event.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (event.time_range.end - event.time_range.start)
+    total = sum(by_kind.values()) or 1.0
+    lines = [
+        f"{len(kernels) / steps:.0f} kernels per step; the GPU ran a kernel {busy / 1e6:.3f} s of the {wall:.3f} s "
+        f"({100 * busy / 1e6 / wall:.0f}%, overlaps counted once)",
+        "GPU time by kind of kernel: "
+        + ", ".join(f"{kind} {100 * t / total:.0f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])),
+    ]
+    return "\n".join(lines)
 
 
 OUR_CODE = ("vlm_tune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/", "torch/utils/checkpoint")

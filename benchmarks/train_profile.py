@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from gpu_measure import gpu_busy  # noqa: E402
+from gpu_measure import gpu_busy, kernel_summary  # noqa: E402
 
 
 def _table(events, key: str) -> str:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         return 1
     events = profiler.key_averages()
     key, busy = gpu_busy(events, clock["wall"], args.steps)
-    header = f"train command: {busy}\n"
+    header = f"train command: {busy}\n{kernel_summary(profiler.events(), clock['wall'], args.steps)}\n"
     body = "by self CPU time\n" + _table(events, "self_cpu_time_total") + "\nby GPU time\n" + _table(events, key)
     Path(args.out).write_text(header + body + "\n")
     print(header, end="")

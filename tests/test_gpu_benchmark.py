@@ -223,6 +223,31 @@ def test_train_profile_profiles_the_steps_after_the_warm_up(tmp_path):
     assert profile_main([str(tmp_path / "recipe.yaml"), str(out), "--skip", "2", "--steps", "2"]) == 1  # too few
 
 
+def test_kernel_summary_merges_overlapping_kernels_and_sorts_kernel_time_by_kind():
+    from types import SimpleNamespace
+
+    import torch
+    from gpu_measure import kernel_kind, kernel_summary
+
+    def event(name, start, end, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matrix products"
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert kernel_kind("void kDequantizeBlockwise<__nv_bfloat16, 512>") == "4-bit dequantisation"
+    assert kernel_kind("triton_poi_fused_add_mul_0") == "compiled fused ops (triton)"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel") == "other"
+    events = [  # microseconds; the attention kernel overlaps the first product by 100 us on another stream
+        event("ampere_bf16_gemm", 0, 300_000),
+        event("flash_fwd_kernel", 200_000, 300_000),
+        event("aten::mm", 0, 900_000, device=torch.autograd.DeviceType.CPU),  # a host op: not a kernel
+        event("triton_poi_fused_0", 500_000, 600_000),
+    ]
+    lines = kernel_summary(events, wall=1.0, steps=3).splitlines()
+    assert lines[0] == "1 kernels per step; the GPU ran a kernel 0.400 s of the 1.000 s (40%, overlaps counted once)"
+    assert lines[1] == "GPU time by kind of kernel: matrix products 60%, attention 20%, compiled fused ops (triton) 20%"
+
+
 def test_train_command_windows_and_its_reference_is_the_model_path_compiled_alike():
     from gpu import window_times
 
