@@ -18,11 +18,13 @@ PLANS = (
     "vision_cache",
     "liger",
     "vision_states",
+    "padding_read",
 )
 PLAIN = {
     "loss": "model",
     "padding_tiles": "keep",
     "vision_states": "model",
+    "padding_read": "model",
     "vision_attention": "model",
     "lora_input": "fp32",
     "optimizer": "adamw",
@@ -348,6 +350,16 @@ def vision_states_specs(models: list[str], batch_size: int) -> list[dict]:
     return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants}]
 
 
+def padding_read_specs(models: list[str], batch_size: int) -> list[dict]:
+    """mllama bf16 LoRA, checkpointing, eager: `speed.padding_read: early` against transformers reading the padding
+    mask after the vision tower's launch, on one loaded model, order A/B/A (benchmarks/host_syncs.py)."""
+    if "mllama" not in models:
+        return []
+    variants = _a_b_a("padding mask read after the vision tower", {"padding_read": "model"})
+    common = {"model": "mllama", "setting": "bf16", "batch_size": batch_size, "workload": "synthetic"}
+    return [{**common, "system": "vlm_tune", "checkpointing": True, "variants": variants}]
+
+
 SPECS = {
     "synthetic": synthetic_specs,
     "high_res": high_res_specs,
@@ -363,4 +375,5 @@ SPECS = {
     "vision_cache": vision_cache_specs,
     "liger": liger_specs,
     "vision_states": vision_states_specs,
+    "padding_read": padding_read_specs,
 }

@@ -113,6 +113,7 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     from vlm_tune.recipe import RelevanceConfig, recipe_from_dict
 
     off = {"loss": "model", "padding_tiles": "keep", "vision_states": "model", "vision_attention": "model"}
+    off["padding_read"] = "model"
     recipe = recipe_from_dict(recipe_dict(spec, {**off, "lora_input": "fp32"}))  # levers per variant
     device = "cuda" if torch.cuda.is_available() else "cpu"
     built = build_model(recipe, training=True)  # the builder the train command uses

@@ -248,6 +248,19 @@ def test_kernel_summary_merges_overlapping_kernels_and_sorts_kernel_time_by_kind
     assert lines[1] == "GPU time by kind of kernel: matrix products 60%, attention 20%, compiled fused ops (triton) 20%"
 
 
+def test_host_syncs_finds_every_mllama_host_read_before_the_vision_tower(tmp_path):
+    from host_syncs import record_syncs, tiny_step
+
+    rows = record_syncs(*tiny_step("mllama", "bf16", tmp_path))
+    assert rows and {row["phase"] for row in rows} == {"before the vision tower"}, rows
+    callers = " ".join(row["caller"] for row in rows)
+    assert "loss.py" in callers and "tiles.py" in callers and "decoder_mask.py" in callers
+    late = record_syncs(*tiny_step("mllama", "bf16", tmp_path, {"padding_read": "model", "loss": "model"}))
+    after = [row["caller"] for row in late if row["phase"] == "after the vision tower"]
+    assert after and all("masking_utils" in caller for caller in after), late  # transformers' own read
+    assert not any(row["phase"] == "optimizer step" for row in late)  # fused AdamW reads nothing
+
+
 def test_train_command_windows_and_its_reference_is_the_model_path_compiled_alike():
     from gpu import window_times
 

@@ -33,6 +33,14 @@ class SpeedConfig:
             "result); model: transformers' encoders"
         },
     )
+    padding_read: Literal["early", "model"] = field(
+        default="early",
+        metadata={
+            "help": "mllama on sdpa: the decoder's padding mask is read on the host before the vision tower "
+            "is launched, not after it, so the host does not wait for the tower (same attention); model: "
+            "transformers reads it in the text model"
+        },
+    )
     vision_attention: Literal["batched", "model"] = field(
         default="batched",
         metadata={

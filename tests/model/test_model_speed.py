@@ -175,10 +175,13 @@ def test_apply_speed_installs_what_the_section_asks():
     model, processor = _targeted("mllama", {"language": LORA})
     cmap = find_components(model.get_base_model())
     patches = apply_speed(model, SpeedConfig(), ModelConfig(), cmap)
-    assert len(patches.handles) == 3 and patches.checkpointed == {}
+    assert len(patches.handles) == 4 and patches.checkpointed == {}
     patches.remove()
     plain = apply_speed(
-        model, SpeedConfig(loss="model", padding_tiles="keep", vision_states="model"), ModelConfig(), cmap
+        model,
+        SpeedConfig(loss="model", padding_tiles="keep", vision_states="model", padding_read="model"),
+        ModelConfig(),
+        cmap,
     )
     assert plain.handles == []
     assert model(**make_batch("mllama", processor)).logits is not None

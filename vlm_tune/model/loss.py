@@ -32,12 +32,24 @@ def _chunk_loss_sum(head: nn.Module, softcap: Optional[float], hidden: torch.Ten
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, targets) of the positions whose shifted label is not -100, each [N].
+
+    Finding them reads the labels on the host (a `nonzero`), so the chunked loss does it before the forward: on
+    a GPU that read waits for every kernel launched before it.
+    """
+    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
+    rows, columns = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)  # [N], [N]
+    return rows, columns, targets[rows, columns]
+
+
 def label_positions_loss(
     hidden: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor],
     head: nn.Module,
     chunk_tokens: int = 1024,
     softcap: Optional[float] = None,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose (shifted) label is not -100.
 
@@ -47,19 +59,19 @@ def label_positions_loss(
         head: the output head (any module mapping [n, D] to [n, V], LoRA-wrapped or not).
         chunk_tokens: label positions per chunk; only one chunk's logits exist at a time.
         softcap: the model's final logit soft-capping (Gemma), if any.
+        positions: `label_positions(labels)`, found earlier; then `labels` is not read.
     Returns:
         The loss (float32 scalar); 0 with a graph when no position carries a label.
     """
-    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
-    mask = targets != IGNORE_INDEX
-    rows = hidden[:, :-1][mask]  # [N, D]
-    targets = targets[mask]  # [N]
+    rows, columns, targets = positions if positions is not None else label_positions(labels)
     if targets.numel() == 0:
         return hidden.sum() * 0.0
+    picked = hidden[rows.to(hidden.device), columns.to(hidden.device)]  # [N, D]; integer indices: no host read
+    targets = targets.to(hidden.device)
     chunk_sum = functools.partial(_chunk_loss_sum, head, softcap)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
-        part = (rows[start : start + chunk_tokens], targets[start : start + chunk_tokens])
+        part = (picked[start : start + chunk_tokens], targets[start : start + chunk_tokens])
         total = total + (
             checkpoint(chunk_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else chunk_sum(*part)
         )
@@ -81,6 +93,7 @@ class _KeepHidden(nn.Module):
 @dataclass
 class _Call:
     labels: Optional[torch.Tensor] = None
+    positions: Optional[tuple] = None
     keeper: _KeepHidden = field(default_factory=_KeepHidden)
 
 
@@ -127,18 +140,19 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> ChunkedL
         if kwargs.get("labels") is None:
             return None
         call.labels = kwargs.pop("labels")
+        call.positions = label_positions(call.labels)  # before the forward's kernels: the host read waits for none
         setattr(parent, attr, call.keeper)
         return args, kwargs
 
     def after(module, args, kwargs, output):
         if call.labels is None:
             return None
-        labels, call.labels = call.labels, None
+        positions, call.labels, call.positions = call.positions, None, None
         setattr(parent, attr, head)
         hidden, call.keeper.hidden = call.keeper.hidden, None
         if hidden is None or output is None:  # the forward raised; the head is back in place
             return None
-        output.loss = label_positions_loss(hidden, labels.to(hidden.device), head, chunk_tokens, softcap)
+        output.loss = label_positions_loss(hidden, None, head, chunk_tokens, softcap, positions=positions)
         output.logits = None
         return output
 

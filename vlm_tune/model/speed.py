@@ -102,7 +102,9 @@ def keep_lora_inputs_16bit(model: nn.Module) -> _InputCasts:
 
 
 def _mllama_levers(model: nn.Module, speed: SpeedConfig) -> list:
-    """mllama's own levers: padding tiles skip the projector, the vision encoders keep only what is read."""
+    """mllama's own levers: padding tiles skip the projector, the vision encoders keep only what is read, the
+    padding mask is read before the vision tower."""
+    from vlm_tune.model.decoder_mask import install_early_padding_read
     from vlm_tune.model.tiles import install_padding_tile_drop
     from vlm_tune.model.vision_states import keep_needed_vision_states
 
@@ -111,6 +113,8 @@ def _mllama_levers(model: nn.Module, speed: SpeedConfig) -> list:
         handles.append(install_padding_tile_drop(model))
     if speed.vision_states == "needed":
         handles.append(keep_needed_vision_states(model))
+    if speed.padding_read == "early":
+        handles.append(install_early_padding_read(model))
     return handles
 
 

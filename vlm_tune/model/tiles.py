@@ -40,16 +40,19 @@ def real_tile_inputs(
         (cross_attention_states [B, R * P, D], cross_attention_mask [B, T, 1, R]) with R the most real tiles of
         one sample in the batch and P the tokens per tile.
     """
+    batch, images, tiles = aspect_ratio_mask.shape
+    # The host reads the tile mask (compact, nonzero) before the tower is launched, so it does not wait for it.
+    index, valid = compact(aspect_ratio_mask.reshape(batch, images * tiles).bool())  # [B, R]: real tiles in order
+    sample, slot = torch.nonzero(valid, as_tuple=True)  # [n_real]: each real tile's sample and place in [B, R]
+    tile = index[sample, slot]  # [n_real]: its tile in [B, I * G]
     vision = inner.vision_model(
         pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
     ).last_hidden_state  # [B, I, G, P, Dv]
-    batch, images, tiles, per_tile, _ = vision.shape
-    index, valid = compact(aspect_ratio_mask.reshape(batch, images * tiles).bool())  # [B, R]: real tiles in order
-    rows = torch.arange(batch, device=index.device)[:, None].expand_as(index)
-    real = vision.reshape(batch, images * tiles, per_tile, -1)[rows[valid], index[valid]]  # [n_real, P, Dv]
+    per_tile = vision.shape[3]
+    real = vision.reshape(batch, images * tiles, per_tile, -1)[sample, tile]  # [n_real, P, Dv]
     projected = inner.multi_modal_projector(real)  # [n_real, P, D]
     states = projected.new_zeros(*index.shape, per_tile, projected.shape[-1])  # [B, R, P, D]
-    states = states.index_put((rows[valid], torch.nonzero(valid)[:, 1]), projected)
+    states = states.index_put((sample, slot), projected)
     text_length = cross_attention_mask.shape[1]
     columns = cross_attention_mask.reshape(batch, text_length, images * tiles)  # [B, T, I * G]
     mask = torch.gather(columns, 2, index[:, None, :].expand(-1, text_length, -1))  # [B, T, R]
