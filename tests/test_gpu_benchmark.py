@@ -18,6 +18,7 @@ from gpu_plans import (  # noqa: E402
     liger_specs,
     lora_input_specs,
     memory_specs,
+    padding_read_specs,
     unsloth_summary,
     vision_cache_specs,
     vision_states_specs,
@@ -292,11 +293,12 @@ def test_train_command_windows_and_its_reference_is_the_model_path_compiled_alik
     assert "- train command, idefics3: 20% of its step time waiting for the data loader" in lines
 
 
-def test_vision_states_plan_compares_the_encoders_outputs_on_mllama_only():
-    assert vision_states_specs(["qwen2_5_vl", "idefics3"], batch_size=4) == []
-    (spec,) = vision_states_specs(["mllama", "qwen2_5_vl"], batch_size=4)
+@pytest.mark.parametrize("plan, lever", [(vision_states_specs, "vision_states"), (padding_read_specs, "padding_read")])
+def test_mllama_lever_plans_compare_the_lever_with_transformers_path_on_mllama_only(plan, lever):
+    assert plan(["qwen2_5_vl", "idefics3"], batch_size=4) == []
+    (spec,) = plan(["mllama", "qwen2_5_vl"], batch_size=4)
     assert (spec["model"], spec["setting"], spec["checkpointing"]) == ("mllama", "bf16", True)
-    assert [v["speed"] for v in spec["variants"]] == [{}, {"vision_states": "model"}, {}]  # A/B/A
+    assert [v["speed"] for v in spec["variants"]] == [{}, {lever: "model"}, {}]  # A/B/A
 
 
 def test_lora_input_and_memory_plans_share_one_loaded_model_per_family():
