@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from gpu_measure import autocast, count_flops, memory_at_peak, profile_steps, sync, time_steps  # noqa: E402
+from gpu_plans import PLAIN  # noqa: E402
 
 LORA = {"mode": "lora", "rank": 16, "alpha": 32.0, "targets": ["attention", "mlp"]}
 QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
@@ -112,9 +113,7 @@ def run_vlm_tune(spec: dict) -> list[dict]:
     from vlm_tune.model.speed import apply_speed, build_optimizer, checkpoint_layers
     from vlm_tune.recipe import RelevanceConfig, recipe_from_dict
 
-    off = {"loss": "model", "padding_tiles": "keep", "vision_states": "model", "vision_attention": "model"}
-    off["padding_read"] = "model"
-    recipe = recipe_from_dict(recipe_dict(spec, {**off, "lora_input": "fp32"}))  # levers per variant
+    recipe = recipe_from_dict(recipe_dict(spec, PLAIN))  # the levers come per variant
     device = "cuda" if torch.cuda.is_available() else "cpu"
     built = build_model(recipe, training=True)  # the builder the train command uses
     model, processor, cmap, groups = built.model, built.processor, built.components, built.groups

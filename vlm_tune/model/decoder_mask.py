@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vlm_tune.model.tiles import mllama_inner
+
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T] boolean mask, True where query t may attend to key s: s <= t and key s is not padding.
@@ -47,9 +49,6 @@ def install_early_padding_read(model: nn.Module):
     Raises:
         ValueError: the model is not an mllama model.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    if getattr(base.config, "model_type", None) != "mllama" or not hasattr(inner, "language_model"):
-        raise ValueError(f"decoder mask: {type(base).__name__} is not an mllama model")
+    inner = mllama_inner(model, "decoder mask")
     # first of the model's pre-hooks: speed.padding_tiles' hook runs the vision tower
     return inner.register_forward_pre_hook(_read_padding_early, with_kwargs=True, prepend=True)

@@ -92,8 +92,7 @@ class _KeepHidden(nn.Module):
 
 @dataclass
 class _Call:
-    labels: Optional[torch.Tensor] = None
-    positions: Optional[tuple] = None
+    positions: Optional[tuple] = None  # label_positions of the call under way; None: no labels given
     keeper: _KeepHidden = field(default_factory=_KeepHidden)
 
 
@@ -139,15 +138,14 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> ChunkedL
     def before(module, args, kwargs):
         if kwargs.get("labels") is None:
             return None
-        call.labels = kwargs.pop("labels")
-        call.positions = label_positions(call.labels)  # before the forward's kernels: the host read waits for none
+        call.positions = label_positions(kwargs.pop("labels"))  # before the forward's kernels: the read waits for none
         setattr(parent, attr, call.keeper)
         return args, kwargs
 
     def after(module, args, kwargs, output):
-        if call.labels is None:
+        if call.positions is None:
             return None
-        positions, call.labels, call.positions = call.positions, None, None
+        positions, call.positions = call.positions, None
         setattr(parent, attr, head)
         hidden, call.keeper.hidden = call.keeper.hidden, None
         if hidden is None or output is None:  # the forward raised; the head is back in place

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vlm_tune.model.wrapping import base_model
 from vlm_tune.relevance.sequence import compact
 
 
@@ -77,6 +78,19 @@ def _drop_padding_tiles(inner: nn.Module, args, kwargs) -> Optional[tuple]:
     return args, kwargs
 
 
+def mllama_inner(model: nn.Module, lever: str) -> nn.Module:
+    """The `MllamaModel` inside an mllama model (under any PEFT wrapper), where the mllama levers hook in.
+
+    Raises:
+        ValueError: the model is not an mllama model (the message starts with `lever`).
+    """
+    base = base_model(model)
+    inner = getattr(base, "model", None)
+    if getattr(base.config, "model_type", None) != "mllama" or not hasattr(inner, "multi_modal_projector"):
+        raise ValueError(f"{lever}: {type(base).__name__} is not an mllama model")
+    return inner
+
+
 def install_padding_tile_drop(model: nn.Module):
     """Patch an mllama model (under any PEFT wrapper) so that training skips padding tiles after the vision tower.
 
@@ -85,8 +99,4 @@ def install_padding_tile_drop(model: nn.Module):
     Raises:
         ValueError: the model is not an mllama model.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    if getattr(base.config, "model_type", None) != "mllama" or not hasattr(inner, "multi_modal_projector"):
-        raise ValueError(f"padding tiles: {type(base).__name__} is not an mllama model")
-    return inner.register_forward_pre_hook(_drop_padding_tiles, with_kwargs=True)
+    return mllama_inner(model, "padding tiles").register_forward_pre_hook(_drop_padding_tiles, with_kwargs=True)
